@@ -1,0 +1,94 @@
+"""Uncertainty measures and evaluation metrics, in numpy.
+
+One implementation for every caller (training, the exported runtime, evaluation
+reports), so that a number means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "ECE_BINS",
+    "classification_metrics",
+    "expected_calibration_error",
+    "gradient_cosine_distance",
+    "uncertainty",
+]
+
+ECE_BINS = 15
+_TINY = 1e-12
+
+
+def _entropy(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy in nats over the last axis."""
+    return -np.sum(probs * np.log(np.clip(probs, _TINY, None)), axis=-1)
+
+
+def uncertainty(member_probs: np.ndarray) -> dict[str, np.ndarray]:
+    """Ensemble uncertainty from member probabilities `[batch, members, classes]`.
+
+    Returns `[batch]` arrays: `predictive_entropy` (total), `expected_entropy`
+    (aleatoric), `mutual_information` (epistemic = total - aleatoric) and
+    `vote_disagreement` (fraction of members whose top class differs from the
+    ensemble's top class).
+    """
+    probs = member_probs.mean(axis=1)
+    predictive = _entropy(probs)
+    expected = _entropy(member_probs).mean(axis=1)
+    votes = member_probs.argmax(axis=-1)
+    disagreement = (votes != probs.argmax(axis=-1)[:, None]).mean(axis=1)
+    return {
+        "predictive_entropy": predictive,
+        "expected_entropy": expected,
+        "mutual_information": np.maximum(predictive - expected, 0.0),
+        "vote_disagreement": disagreement,
+    }
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE with `bins` equal-width confidence bins; `probs` is `[batch, classes]`."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    # Bin b holds confidences in (b/bins, (b+1)/bins]; confidence is never below 1/classes > 0.
+    bin_index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = bin_index == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def gradient_cosine_distance(input_gradients: np.ndarray) -> float:
+    """Mean over inputs and member pairs i < j of 1 - cos(g_i, g_j).
+
+    `input_gradients` is `[batch, members, ...]` (each member's gradient for one
+    class per input); this is the paper's measure of input-gradient diversity.
+    """
+    batch, members = input_gradients.shape[:2]
+    if members < 2:
+        raise ValueError(f"gradient_cosine_distance needs at least 2 members, got {members}")
+    flat = input_gradients.reshape(batch, members, -1).astype(np.float64)
+    unit = flat / np.sqrt(np.sum(flat**2, axis=-1, keepdims=True) + _TINY)
+    cosine = np.einsum("bid,bjd->bij", unit, unit)
+    upper = np.triu_indices(members, k=1)
+    return float(np.mean(1.0 - cosine[:, upper[0], upper[1]]))
+
+
+def classification_metrics(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, NLL, ECE, Brier and mean mutual information of the ensemble.
+
+    `member_probs` is `[batch, members, classes]`, `labels` is `[batch]` ints.
+    """
+    probs = member_probs.mean(axis=1)
+    rows = np.arange(len(labels))
+    onehot = np.zeros_like(probs)
+    onehot[rows, labels] = 1.0
+    return {
+        "accuracy": float(np.mean(probs.argmax(axis=1) == labels)),
+        "nll": float(-np.mean(np.log(np.clip(probs[rows, labels], _TINY, None)))),
+        "ece": expected_calibration_error(probs, labels),
+        "brier": float(np.mean(np.sum((probs - onehot) ** 2, axis=1))),
+        "mutual_information": float(np.mean(uncertainty(member_probs)["mutual_information"])),
+    }

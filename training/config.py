@@ -1,0 +1,145 @@
+"""Training configuration: one frozen pydantic model per TOML section, validated at load.
+
+A config file is read once (`load_config`), command-line overrides are applied
+(`with_overrides`), and the resolved config is written into the run folder, so a
+run can be rebuilt from its folder alone.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "with_overrides"]
+
+Arch = Literal["mlp", "cnn", "resnet18", "preact_resnet18"]
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    arch: Arch = "cnn"  # mlp | cnn | resnet18 | preact_resnet18
+    width: int = Field(32, gt=0)  # channels of the first conv (cnn) or hidden units (mlp)
+    depth: int = Field(2, gt=0)  # hidden layers of the mlp; ignored by the others
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits", "cifar10", "cifar100"] = "digits"
+    root: str | None = None  # folder holding CIFAR in torchvision's layout; unused for digits
+    augment: bool = True  # random crop (padding 4) + horizontal flip; CIFAR only
+    split_seed: int = 0  # the fixed train/validation/test split of digits
+
+    @model_validator(mode="after")
+    def _cifar_needs_root(self) -> DataConfig:
+        if self.dataset != "digits" and not self.root:
+            raise ValueError(f"dataset {self.dataset!r} is read from a local folder: set data.root")
+        return self
+
+
+class EnsembleConfig(_Section):
+    method: Literal["forde", "de"] = "forde"  # de = deep ensemble, the repulsion switched off
+    members: int = Field(8, ge=1, le=256)
+
+
+class FordeConfig(_Section):
+    lengthscale: Literal["pca", "identity", "tuned"] = "pca"
+    alpha: float = Field(0.5, ge=0.0, le=1.0)  # tuned mix: 1 = pca, 0 = identity
+    every: int = Field(1, ge=1)  # compute the repulsion every k-th step (paper's cost cut)
+    batch: int | None = Field(None, ge=2)  # repulsion on the first N inputs of each batch
+    eps: float = Field(1e-12, gt=0.0)  # added to ||u||^2 when normalizing onto the sphere
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(0.1, gt=0.0)
+    lr_ratio: float = Field(0.01, gt=0.0, le=1.0)  # final lr = lr_ratio * lr (from 90% of training)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0.0)  # the Gaussian prior, added to the gradient
+
+
+class TrainConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+    forde: FordeConfig = FordeConfig()
+    optim: OptimConfig = OptimConfig()
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _forde_needs_two_members(self) -> TrainConfig:
+        if self.ensemble.method == "forde" and self.ensemble.members < 2:
+            raise ValueError(
+                f"ensemble.members: FoRDE repels members from each other, so it needs at least 2, "
+                f"got {self.ensemble.members}"
+            )
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(), indent=2)
+
+
+_OVERRIDE_FIELDS = {
+    "method": ("ensemble", "method"),
+    "members": ("ensemble", "members"),
+    "epochs": ("optim", "epochs"),
+    "seed": (None, "seed"),
+    "device": (None, "device"),
+}
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    """One actionable line per validation failure: field, what was expected, what came."""
+    parts = []
+    for err in error.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown field {field!r}")
+        elif err["type"] == "value_error":
+            parts.append(str(err["ctx"]["error"]) if "ctx" in err else err["msg"])
+        else:
+            parts.append(f"{field}: {err['msg'].lower()}, got {err.get('input')!r}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _validate(data: dict[str, Any], source: str) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a TOML (or a run folder's resolved JSON) training config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {err}") from None
+    return _validate(data, str(path))
+
+
+def with_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
+    """Apply command-line overrides (`method`, `members`, `epochs`, `seed`, `device`); None = keep."""
+    data = config.model_dump()
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        section, field = _OVERRIDE_FIELDS[name]
+        (data[section] if section else data)[field] = value
+    return _validate(data, "command-line overrides")

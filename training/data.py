@@ -1,0 +1,167 @@
+"""Datasets as in-memory tensors in their raw input space (the space the exported model accepts).
+
+- digits: scikit-learn's bundled 8x8 handwritten digits, `[1, 8, 8]` floats 0..16, with a fixed
+  stratified train / validation / test split (70 / 10 / 20).
+- cifar10 / cifar100: RGB floats in [0, 1], `[3, 32, 32]`, read from a local folder in
+  torchvision's on-disk layout; never downloaded. 5000 training images are held out (fixed by
+  `split_seed`) as the validation split.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.config import DataConfig
+
+__all__ = ["Dataset", "DatasetError", "augment_batch", "load_dataset"]
+
+_CIFAR_VALIDATION = 5000
+
+
+class DatasetError(ValueError):
+    """A dataset folder that is missing or not in the expected layout."""
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor  # [N, *input_shape] float32, raw input space
+    y: torch.Tensor  # [N] int64
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    mean: tuple[float, ...]  # per channel, of the training split
+    std: tuple[float, ...]
+    train: Split
+    val: Split
+    test: Split
+    augment: bool  # random crop (padding 4) + horizontal flip on training batches
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    per_channel = x.transpose(0, 1).flatten(1).double()
+    return tuple(per_channel.mean(1).tolist()), tuple(per_channel.std(1).clamp_min(1e-6).tolist())
+
+
+def _split_indices(labels: np.ndarray, fractions: tuple[float, float], seed: int):
+    """Stratified split into train / validation / test index arrays, fixed by `seed`."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(labels))
+    val_fraction, test_fraction = fractions
+    rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
+    train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction),
+                                  stratify=labels[rest], random_state=seed)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def _digits(config: DataConfig) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32)).unsqueeze(1)  # [N, 1, 8, 8], 0..16
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    train, val, test = _split_indices(bunch.target, (0.1, 0.2), config.split_seed)
+    mean, std = _channel_stats(x[train])
+    return Dataset("digits", tuple(str(c) for c in bunch.target_names), (1, 8, 8), mean, std,
+                   Split(x[train], y[train]), Split(x[val], y[val]), Split(x[test], y[test]), augment=False)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR's python version is pickled dicts of numpy arrays: allow exactly that, nothing else."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR batch file")
+        return super().find_class(module, name)
+
+
+def _read_batch(path: Path) -> dict:
+    if not path.is_file():
+        raise DatasetError(f"missing CIFAR file {path}")
+    try:
+        with path.open("rb") as f:
+            return _ArrayUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise DatasetError(f"{path} is not a CIFAR batch file in torchvision's python format: {err}") from None
+
+
+_CIFAR_LAYOUT = {
+    # name: (folder, train files, test file, meta file, label key, class-names key)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
+                "batches.meta", "labels", "label_names"),
+    "cifar100": ("cifar-100-python", ["train"], "test", "meta", "fine_labels", "fine_label_names"),
+}
+
+
+def _cifar_folder(name: str, root: Path) -> Path:
+    folder_name = _CIFAR_LAYOUT[name][0]
+    for candidate in (root / folder_name, root):
+        if (candidate / _CIFAR_LAYOUT[name][2]).is_file():
+            return candidate
+    raise DatasetError(
+        f"{name} not found under {str(root)!r}: put torchvision's '{folder_name}' folder there "
+        f"(the python version of the dataset, extracted), e.g. {root / folder_name / _CIFAR_LAYOUT[name][2]}; "
+        "nothing is downloaded at run time"
+    )
+
+
+def _cifar(config: DataConfig) -> Dataset:
+    folder = _cifar_folder(config.dataset, Path(config.root).expanduser())
+    _, train_files, test_file, meta_file, label_key, names_key = _CIFAR_LAYOUT[config.dataset]
+
+    def images_and_labels(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = [_read_batch(folder / f) for f in files]
+        try:
+            data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+            labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        except KeyError as err:
+            raise DatasetError(f"CIFAR batch file in {folder} lacks the key {err}") from None
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+            raise DatasetError(f"CIFAR data in {folder}: expected [N, 3072] images with N labels, "
+                               f"got {list(data.shape)} images and {len(labels)} labels")
+        x = torch.from_numpy(data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
+        return x, torch.from_numpy(labels)
+
+    x, y = images_and_labels(train_files)
+    test_x, test_y = images_and_labels([test_file])
+    class_names = tuple(_read_batch(folder / meta_file).get(names_key, []))
+    held_out = min(_CIFAR_VALIDATION, len(x) // 10)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.split_seed))
+    val_index, train_index = order[:held_out].sort().values, order[held_out:].sort().values
+    mean, std = _channel_stats(x[train_index])
+    return Dataset(config.dataset, class_names, (3, 32, 32), mean, std,
+                   Split(x[train_index], y[train_index]), Split(x[val_index], y[val_index]),
+                   Split(test_x, test_y), augment=config.augment)
+
+
+def load_dataset(config: DataConfig) -> Dataset:
+    """Load the configured dataset into memory (raw input space)."""
+    return _digits(config) if config.dataset == "digits" else _cifar(config)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, per image, on `[B, C, H, W]`."""
+    batch, channels, height, width = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    offset_y = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(x.device)
+    offset_x = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(x.device)
+    rows = (offset_y[:, None] + torch.arange(height, device=x.device))[:, None, :, None]
+    cols = (offset_x[:, None] + torch.arange(width, device=x.device))[:, None, None, :]
+    crops = padded[torch.arange(batch, device=x.device)[:, None, None, None],
+                   torch.arange(channels, device=x.device)[None, :, None, None], rows, cols]
+    flip = (torch.rand(batch, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], crops.flip(3), crops)

@@ -1,0 +1,256 @@
+"""The training loop, top to bottom: FoRDE, or a deep ensemble when the repulsion is off.
+
+Per step (DESIGN.md section 3): loss = sum_i mean_b CE(f_i(x_b), y_b) + R, where R is the
+input-gradient repulsion (`training.forde.repulsion_term`). SGD with Nesterov momentum,
+weight decay as the Gaussian prior, the paper's learning-rate schedule. One checkpoint per
+epoch, written atomically, so a killed run resumes from its last finished epoch and ends
+exactly where an uninterrupted run would (same seed, CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from forde_serve._io import atomic_write_text
+from forde_serve.metrics import classification_metrics
+from training import run as run_files
+from training.config import OptimConfig, TrainConfig
+from training.data import Dataset, augment_batch, load_dataset
+from training.ensemble import Ensemble
+from training.evaluation import clean_metrics, member_probabilities
+from training.forde import lengthscale_scales, member_input_gradients, pca_basis, repulsion_with_bandwidth
+
+__all__ = ["Repulsion", "TrainingError", "learning_rate", "loss_terms", "resolve_device", "train"]
+
+
+class TrainingError(ValueError):
+    """A run that cannot start or continue as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Repulsion:
+    """What the FoRDE term needs besides the gradients: basis `[D, K]`, scales `[K]`, subset size."""
+
+    basis: torch.Tensor | None
+    scales: torch.Tensor | None
+    eps: float
+    batch: int | None  # repulsion on the first `batch` inputs only; None = the whole batch
+
+
+def learning_rate(optim: OptimConfig, epoch: int) -> float:
+    """Constant for the first 50% of epochs, linear decay to lr_ratio * lr at 90%, constant after."""
+    progress = epoch / optim.epochs
+    if progress <= 0.5:
+        factor = 1.0
+    elif progress <= 0.9:
+        factor = 1.0 - (1.0 - optim.lr_ratio) * (progress - 0.5) / 0.4
+    else:
+        factor = optim.lr_ratio
+    return optim.lr * factor
+
+
+def loss_terms(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
+               repulsion: Repulsion | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(sum over members of the batch-mean CE, R or None, bandwidths `[M, B']` or None) for raw `x`."""
+    z = ensemble.normalize(x)
+    subset = None if repulsion is None or not repulsion.batch or repulsion.batch >= len(x) else repulsion.batch
+    if repulsion is None or subset is not None:
+        logits = ensemble(x)
+    if repulsion is not None:
+        # With a subset, the gradients come from a second, smaller forward (the paper's cost cut).
+        rows = slice(None) if subset is None else slice(0, subset)
+        subset_logits, grads = member_input_gradients(ensemble, z[rows], y[rows], create_graph=True)
+        if subset is None:
+            logits = subset_logits
+        r, bandwidth = repulsion_with_bandwidth(grads.flatten(2).transpose(0, 1), repulsion.basis,
+                                                repulsion.scales, repulsion.eps)
+    else:
+        r = bandwidth = None
+    members = logits.shape[1]
+    ce = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(members)) * members
+    return ce, r, bandwidth
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device: 'cuda' was asked for but torch sees no usable CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def _repulsion_for(config: TrainConfig, data: Dataset, ensemble: Ensemble, run_dir: Path,
+                   resume: bool, device: torch.device) -> Repulsion | None:
+    if config.ensemble.method == "de":
+        return None
+    basis = scales = None
+    if config.forde.lengthscale != "identity":
+        if resume:
+            pca = run_files.read_pca(run_dir)
+        else:
+            with torch.no_grad():
+                pca = pca_basis(ensemble.normalize(data.train.x.to(device)))
+            run_files.write_pca(run_dir, pca)
+        basis = pca.eigenvectors.to(device)
+        scales = lengthscale_scales(config.forde.lengthscale, pca.eigenvalues, config.forde.alpha).to(device)
+    return Repulsion(basis, scales, config.forde.eps, config.forde.batch)
+
+
+def _save_checkpoint(run_dir: Path, epoch: int, ensemble: Ensemble, optimizer: torch.optim.Optimizer,
+                     generator: torch.Generator) -> None:
+    tensors = {f"model/{k}": v for k, v in ensemble.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        tensors |= {f"optim/{index}/{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    tensors["rng/data"] = generator.get_state()
+    tensors["rng/torch"] = torch.get_rng_state()
+    run_files.write_tensors(run_dir / run_files.CHECKPOINT, tensors, {"epoch": str(epoch)})
+
+
+def _load_checkpoint(run_dir: Path, ensemble: Ensemble, optimizer: torch.optim.Optimizer,
+                     generator: torch.Generator) -> int:
+    """Restore the state after the last finished epoch; returns how many epochs are done."""
+    path = run_dir / run_files.CHECKPOINT
+    tensors = run_files.read_tensors(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        epochs_done = int(f.metadata()["epoch"])
+    device = next(ensemble.parameters()).device
+    ensemble.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, index, name = key.split("/", 2)
+            state.setdefault(int(index), {})[name] = value.to(device)
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    generator.set_state(tensors["rng/data"])
+    torch.set_rng_state(tensors["rng/torch"])
+    return epochs_done
+
+
+def _read_log(run_dir: Path, epochs_done: int) -> list[dict]:
+    """Log lines of the finished epochs; a line written after the last checkpoint is dropped (redone)."""
+    path = run_dir / run_files.LOG
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [line for line in lines if line["epoch"] <= epochs_done]
+
+
+def _validation_scores(ensemble: Ensemble, data: Dataset) -> dict[str, float]:
+    ensemble.eval()
+    scores = classification_metrics(member_probabilities(ensemble, data.val.x), data.val.y.numpy())
+    ensemble.train()
+    return {"val_accuracy": scores["accuracy"], "val_nll": scores["nll"]}
+
+
+def _prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> None:
+    if resume:
+        if not (run_dir / run_files.CONFIG).is_file():
+            raise TrainingError(f"--resume {run_dir}: not a training run folder ({run_files.CONFIG} is missing)")
+        return
+    if (run_dir / run_files.CHECKPOINT).exists() or (run_dir / run_files.WEIGHTS).exists():
+        raise TrainingError(f"{run_dir} already holds a training run: continue it with `forde train --resume "
+                            f"{run_dir}` or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / run_files.CONFIG, config.to_json())
+
+
+def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+          console: Console | None = None) -> dict[str, float]:
+    """Train (or continue) the run in `run_dir`; returns the clean test metrics written to metrics.json."""
+    run_dir = Path(run_dir)
+    console = console or Console(stderr=True)
+    device = resolve_device(config.device)
+    _prepare_run_dir(config, run_dir, resume)
+
+    torch.manual_seed(config.seed)
+    data = load_dataset(config.data)
+    info = run_files.DatasetInfo(data.name, data.class_names, data.input_shape, data.mean, data.std)
+    if not resume:
+        info.write(run_dir)
+    ensemble = run_files.new_ensemble(config, info).to(device)
+    repulsion = _repulsion_for(config, data, ensemble, run_dir, resume, device)
+    optim = config.optim
+    optimizer = torch.optim.SGD(ensemble.parameters(), lr=optim.lr, momentum=optim.momentum,
+                                nesterov=optim.nesterov, weight_decay=optim.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)  # shuffling + augmentation, on the CPU
+    epochs_done, log = 0, []
+    if resume:
+        epochs_done = _load_checkpoint(run_dir, ensemble, optimizer, generator)
+        log = _read_log(run_dir, epochs_done)
+        console.print(f"resuming {run_dir} after epoch {epochs_done}/{optim.epochs}")
+
+    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
+    steps_per_epoch = math.ceil(len(train_x) / optim.batch_size)
+    step = epochs_done * steps_per_epoch
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
+        epoch_task = bar.add_task("epochs", total=optim.epochs, completed=epochs_done)
+        for epoch in range(epochs_done, optim.epochs):
+            started = time.perf_counter()
+            lr = learning_rate(optim, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ensemble.train()
+            totals = {"ce": 0.0, "repulsion": 0.0, "bandwidth": 0.0, "rows": 0, "repulsion_steps": 0}
+            order = torch.randperm(len(train_x), generator=generator).to(device)
+            step_task = bar.add_task(f"epoch {epoch + 1}", total=steps_per_epoch)
+            for start in range(0, len(train_x), optim.batch_size):
+                index = order[start:start + optim.batch_size]
+                if len(index) < 2:  # batch norm and the median bandwidth need two inputs
+                    continue
+                x, y = train_x[index], train_y[index]
+                if data.augment:
+                    x = augment_batch(x, generator)
+                use_repulsion = repulsion is not None and step % config.forde.every == 0
+                ce, r, bandwidth = loss_terms(ensemble, x, y, repulsion if use_repulsion else None)
+                loss = ce if r is None else ce + r
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                totals["ce"] += ce.item() / ensemble.members * len(x)
+                totals["rows"] += len(x)
+                if r is not None:
+                    totals["repulsion"] += r.item()
+                    totals["bandwidth"] += bandwidth.median().item()
+                    totals["repulsion_steps"] += 1
+                bar.advance(step_task)
+            bar.remove_task(step_task)
+            if not math.isfinite(totals["ce"]):
+                raise TrainingError(f"training diverged in epoch {epoch + 1} (cross-entropy is not finite); "
+                                    f"lower optim.lr (now {optim.lr})")
+            n_rep = totals["repulsion_steps"]
+            entry = {
+                "epoch": epoch + 1,
+                "ce": totals["ce"] / totals["rows"],
+                "repulsion": totals["repulsion"] / n_rep if n_rep else None,
+                "bandwidth": totals["bandwidth"] / n_rep if n_rep else None,
+                "lr": lr,
+                **_validation_scores(ensemble, data),
+                "seconds": time.perf_counter() - started,
+            }
+            log.append(entry)
+            # Log first, checkpoint second: a log line without its checkpoint is dropped on resume.
+            atomic_write_text(run_dir / run_files.LOG, "".join(json.dumps(line) + "\n" for line in log))
+            _save_checkpoint(run_dir, epoch + 1, ensemble, optimizer, generator)
+            bar.advance(epoch_task)
+            if progress:
+                rep = "" if entry["repulsion"] is None else f" repulsion {entry['repulsion']:.4f}"
+                console.print(f"epoch {epoch + 1:>3}/{optim.epochs} ce {entry['ce']:.4f}{rep} lr {lr:.4g} "
+                              f"val acc {entry['val_accuracy']:.4f} ({entry['seconds']:.1f}s)")
+
+    ensemble.eval()
+    metrics = clean_metrics(ensemble, data.test.x.to(device), data.test.y)
+    run_files.write_weights(run_dir, ensemble)
+    atomic_write_text(run_dir / run_files.METRICS, json.dumps(metrics, indent=2))
+    return metrics
+
