@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "Ensemble", "build_ensemble"]
+__all__ = ["ARCHITECTURES", "Ensemble", "build_ensemble", "member_state_dict"]
 
 
 def _uniform_fan_in_(tensor: torch.Tensor, fan_in: int) -> None:
@@ -219,3 +219,10 @@ def build_ensemble(arch: str, members: int, input_shape: Sequence[int], classes:
     else:
         raise ValueError(f"model.arch: expected one of {', '.join(ARCHITECTURES)}, got {arch!r}")
     return Ensemble(body, members, input_shape, classes, mean, std)
+
+
+def member_state_dict(ensemble: Ensemble, index: int) -> dict[str, torch.Tensor]:
+    """Member `index`'s weights as the state dict of a one-member ensemble of the same architecture."""
+    shared = {"mean", "std"}  # normalization statistics are not per member
+    return {name: value if name in shared else value[index:index + 1].clone()
+            for name, value in ensemble.state_dict().items()}

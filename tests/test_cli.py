@@ -1,0 +1,46 @@
+"""The `forde` command as a user meets it: help that teaches, one-line errors with exit code 2."""
+
+import pytest
+
+from conftest import run_forde
+
+
+def test_help_explains_every_option():
+    text = run_forde("train", "--help").stdout
+    for option in ("--out", "--resume", "--method", "--members", "--epochs", "--seed", "--device", "--quiet"):
+        assert option in text
+    assert "forde train training/configs/digits.toml" in run_forde("--help").stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train"], "missing CONFIG"),
+    (["train", "no/such.toml"], "does not exist"),
+    (["train", "training/configs/digits.toml", "--members", "0"], "0 is not in the range x>=1"),
+    (["train", "training/configs/digits.toml", "--members", "1"], "FoRDE repels members"),
+    (["train", "training/configs/digits.toml", "--method", "svgd"], "'svgd' is not one of 'forde', 'de'"),
+    (["train", "training/configs/digits.toml", "--resume", "runs/x"], "--resume continues a run with its own config"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, message):
+    result = run_forde(*args, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlr = 0\nmomentum = 1.5\n")
+    result = run_forde("train", bad, check=False)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "optim.lr" in lines[0] and "optim.momentum" in lines[0]
+
+
+def test_ci_runs_the_readme_test_command():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    command = "python3 -m venv .venv && .venv/bin/pip install -e '.[train,dev]' && .venv/bin/pytest"
+    assert f"```bash\n{command}\n```" in readme
+    assert command in (ROOT / ".ci" / "run").read_text()

@@ -1,0 +1,52 @@
+"""forde_serve never imports torch, and never imports training (only the CLI reaches both, lazily)."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision'):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_inference_package_imports_without_torch():
+    result = _run("""
+import pkgutil, importlib, forde_serve
+for info in pkgutil.walk_packages(forde_serve.__path__, 'forde_serve.'):
+    importlib.import_module(info.name)
+assert 'torch' not in sys.modules
+print('ok')
+""")
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_cli_without_torch_explains_what_to_install():
+    result = _run("""
+from forde_serve.cli import main
+sys.argv = ['forde', 'train', 'training/configs/digits.toml']
+main()
+""")
+    assert result.returncode == 1
+    assert "needs the training extra" in result.stderr and "forde-serve[train]" in result.stderr
+
+
+def test_only_the_cli_reaches_training():
+    for path in sorted((ROOT / "forde_serve").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        modules |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        roots = {m.split(".")[0] for m in modules}
+        assert "torch" not in roots, path
+        assert "training" not in roots, f"{path.relative_to(ROOT)} imports training; only the CLI may, lazily"
