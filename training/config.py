@@ -55,7 +55,7 @@ class FordeConfig(_Section):
     lengthscale: Literal["pca", "identity", "tuned"] = "pca"
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # tuned mix: 1 = pca, 0 = identity
     every: int = Field(1, ge=1)  # compute the repulsion every k-th step (paper's cost cut)
-    batch: int | None = Field(None, ge=2)  # repulsion on the first N inputs of each batch
+    batch: int | None = Field(None, ge=2)  # repulsion on the first N inputs of each batch (extra forward)
     eps: float = Field(1e-12, gt=0.0)  # added to ||u||^2 when normalizing onto the sphere
 
 

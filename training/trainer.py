@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -66,7 +67,8 @@ def loss_terms(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
     if repulsion is None or subset is not None:
         logits = ensemble(x)
     if repulsion is not None:
-        # With a subset, the gradients come from a second, smaller forward (the paper's cost cut).
+        # With a subset, the gradients come from a second, smaller forward (the paper's cost cut);
+        # with batch norm that forward also updates the running statistics, on the subset.
         rows = slice(None) if subset is None else slice(0, subset)
         subset_logits, grads = member_input_gradients(ensemble, z[rows], y[rows], create_graph=True)
         if subset is None:
@@ -120,8 +122,6 @@ def _load_checkpoint(run_dir: Path, ensemble: Ensemble, optimizer: torch.optim.O
     """Restore the state after the last finished epoch; returns how many epochs are done."""
     path = run_dir / run_files.CHECKPOINT
     tensors = run_files.read_tensors(path)
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         epochs_done = int(f.metadata()["epoch"])
     device = next(ensemble.parameters()).device
