@@ -104,5 +104,35 @@ def train(config: Path | None, out: Path | None, resume: Path | None, method: st
     console.print(f"run folder: {run_dir}")
 
 
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Predict graph to write, NAME.onnx; the explain graph goes beside it as NAME.explain.onnx.")
+@click.option("--target-risk", type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
+              default=0.01, show_default=True,
+              help="Error rate the accepted predictions should reach on the validation split; sets the "
+                   "abstention threshold on mutual information.")
+@click.option("--validation-inputs", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Validation inputs on which both files are checked against the PyTorch ensemble.")
+def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> None:
+    """Fuse a training RUN into one batched ONNX graph (NAME.onnx) and its explain twin.
+
+    Both files carry everything a server needs in their metadata (classes, input shape, members,
+    method, kernel, training config, metrics, abstention threshold). After writing, both are run
+    in onnxruntime on real validation inputs and compared output by output with the PyTorch
+    ensemble; if any output is off, the files are removed and the command exits 1.
+    """
+    if not out.name.endswith(".onnx") or out.name.endswith(".explain.onnx"):
+        raise BadInput(f"--out: expected a NAME.onnx path for the predict graph, got {str(out)!r}")
+    exporter = _training("training.export")
+    try:
+        exporter.export_run(run, out, target_risk=target_risk, validation_inputs=validation_inputs,
+                            echo=click.echo)
+    except (_training("training.run").RunError, _training("training.data").DatasetError) as err:
+        raise BadInput(str(err)) from None
+    except exporter.ExportValidationError as err:
+        raise click.ClickException(str(err)) from None
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -59,3 +59,11 @@ def quickstart_runs(tmp_path_factory):
 
 def read_metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def digits_export(quickstart_runs, tmp_path_factory):
+    """The quickstart FoRDE run exported once per session with the real `forde export`."""
+    path = tmp_path_factory.mktemp("exported") / "digits.onnx"
+    result = run_forde("export", quickstart_runs["forde"], "--out", path)
+    return path, result.stdout

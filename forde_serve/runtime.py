@@ -1,0 +1,213 @@
+"""One runtime object over an exported ensemble: the HTTP service, batch scoring and evaluation
+all go through `EnsembleRuntime`, so a number means the same everywhere. numpy + onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
+
+from forde_serve.contract import EXPLAIN_OUTPUTS, FORMAT_VERSION, INPUT, METADATA_KEYS, PREDICT_OUTPUTS, TARGET, explain_path
+
+__all__ = ["EnsembleRuntime", "InvalidInput", "ModelFileError", "ModelCard"]
+
+log = logging.getLogger(__name__)
+
+_REQUIRED = ("format_version", "class_names", "input_shape", "members", "method", "abstain_threshold")
+
+
+class ModelFileError(ValueError):
+    """An exported file that cannot be served: missing, not ONNX, unknown format or missing metadata."""
+
+
+class InvalidInput(ValueError):
+    """A caller's input that does not fit the model; the message names the field, expected and got."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What an exported file says about itself (its metadata_props)."""
+
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    input_space: str
+    members: int
+    method: str
+    kernel: dict | None
+    metrics: dict
+    abstain_threshold: float  # abstain when mutual_information > this
+    abstain_coverage: float | None
+    abstain_target_risk: float | None
+    training_config: dict
+    format_version: str
+
+
+def _open_session(path: Path, providers: Sequence[str], options: ort.SessionOptions) -> ort.InferenceSession:
+    if not path.is_file():
+        raise ModelFileError(f"model file {str(path)!r} does not exist")
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except (RuntimeError, _ort_errors.Fail, _ort_errors.InvalidProtobuf, _ort_errors.InvalidGraph,
+            _ort_errors.NoSuchFile, _ort_errors.InvalidArgument) as err:
+        raise ModelFileError(f"{path} is not a loadable ONNX model: {str(err).splitlines()[0]}") from None
+
+
+def _choose_providers(requested: Sequence[str] | None) -> list[str]:
+    available = ort.get_available_providers()
+    if requested is not None:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise ValueError(f"providers: {', '.join(missing)} not available in this onnxruntime; "
+                             f"available: {', '.join(available)}")
+        return list(requested)
+    # CUDA only where the GPU build is installed; CPU-only builds never try (and never log) it.
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available \
+        else ["CPUExecutionProvider"]
+
+
+def _card(path: Path, meta: dict[str, str]) -> ModelCard:
+    missing = [METADATA_KEYS[k] for k in _REQUIRED if METADATA_KEYS[k] not in meta]
+    if METADATA_KEYS["format_version"] in meta and meta[METADATA_KEYS["format_version"]] != FORMAT_VERSION:
+        raise ModelFileError(f"{path}: format version {meta[METADATA_KEYS['format_version']]!r} is not one this "
+                             f"forde-serve knows (it reads {FORMAT_VERSION!r}); re-export it or upgrade forde-serve")
+    if missing:
+        raise ModelFileError(f"{path} is not a forde-serve export: metadata {', '.join(missing)} missing "
+                             "(export it with `forde export`)")
+
+    def get(key: str, default=None):
+        return meta.get(METADATA_KEYS[key], default)
+
+    def number(key: str) -> float | None:
+        return None if get(key) is None else float(get(key))
+
+    try:
+        return ModelCard(
+            class_names=tuple(json.loads(get("class_names"))),
+            input_shape=tuple(int(d) for d in json.loads(get("input_shape"))),
+            input_space=get("input_space", ""),
+            members=int(get("members")),
+            method=get("method"),
+            kernel=json.loads(get("kernel", "null")),
+            metrics=json.loads(get("metrics", "{}")),
+            abstain_threshold=float(get("abstain_threshold")),
+            abstain_coverage=number("abstain_coverage"),
+            abstain_target_risk=number("abstain_target_risk"),
+            training_config=json.loads(get("training_config", "{}")),
+            format_version=get("format_version"),
+        )
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise ModelFileError(f"{path}: broken metadata ({err}); re-export the model") from None
+
+
+class EnsembleRuntime:
+    """An exported ensemble (`NAME.onnx` + `NAME.explain.onnx`) ready to answer.
+
+    `predict(x)` and `explain(x, target)` take raw inputs `[batch, *input_shape]` and return
+    the contract's outputs (DESIGN.md section 5) plus `predicted_class`, `confidence` and
+    `abstain`, all batch first.
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
+                 max_batch: int = 4096):
+        self.path = Path(path)
+        self.max_batch = max_batch
+        try:
+            self.explain_path = Path(explain_path(str(self.path)))
+        except ValueError as err:
+            raise ModelFileError(str(err)) from None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # provider fallbacks are reported below, once, in plain words
+        if threads:
+            options.intra_op_num_threads = threads
+        self._options = options
+        self._providers = _choose_providers(providers)
+        self._predict = _open_session(self.path, self._providers, options)
+        self.card = _card(self.path, self._predict.get_modelmeta().custom_metadata_map)
+        self._check_io(self._predict, [INPUT], PREDICT_OUTPUTS, self.path)
+        if "CUDAExecutionProvider" in self._providers and "CUDAExecutionProvider" not in self.providers:
+            log.warning("CUDAExecutionProvider is installed but could not start; running on %s",
+                        ", ".join(self.providers))
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the predict session really runs on."""
+        return self._predict.get_providers()
+
+    @cached_property
+    def _explain(self) -> ort.InferenceSession:
+        session = _open_session(self.explain_path, self._providers, self._options)
+        self._check_io(session, [INPUT, TARGET], EXPLAIN_OUTPUTS, self.explain_path)
+        return session
+
+    def _check_io(self, session: ort.InferenceSession, inputs: list[str], outputs: tuple[str, ...], path: Path) -> None:
+        got_in = [i.name for i in session.get_inputs()]
+        got_out = tuple(o.name for o in session.get_outputs())
+        if got_in != inputs or got_out != outputs:
+            raise ModelFileError(f"{path}: graph inputs {got_in} / outputs {list(got_out)} do not follow the "
+                                 f"contract (inputs {inputs}, outputs {list(outputs)})")
+        shape = session.get_inputs()[0].shape[1:]
+        if [int(d) for d in shape] != list(self.card.input_shape):
+            raise ModelFileError(f"{path}: graph input shape {shape} disagrees with its metadata "
+                                 f"{list(self.card.input_shape)}")
+
+    def validate(self, x, field: str = "input") -> np.ndarray:
+        """Check a batch of raw inputs and return it as float32 `[batch, *input_shape]`."""
+        array = np.asarray(x)
+        if array.dtype.kind not in "fiu":
+            raise InvalidInput(f"{field}: expected numbers (float32), got dtype {array.dtype}")
+        expected = list(self.card.input_shape)
+        if array.ndim != len(expected) + 1 or list(array.shape[1:]) != expected:
+            raise InvalidInput(f"{field}: expected shape [batch, {', '.join(map(str, expected))}], "
+                               f"got {list(array.shape)}")
+        if len(array) == 0:
+            raise InvalidInput(f"{field}: expected at least one input, got an empty batch")
+        if len(array) > self.max_batch:
+            raise InvalidInput(f"{field}: expected at most {self.max_batch} inputs per call, got {len(array)}")
+        array = array.astype(np.float32, copy=False)
+        if not np.isfinite(array).all():
+            bad = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
+            raise InvalidInput(f"{field}: expected finite values, got NaN or infinity in row(s) "
+                               f"{', '.join(map(str, bad[:10]))}")
+        return np.ascontiguousarray(array)
+
+    def _target(self, target, batch: int) -> np.ndarray:
+        if target is None:
+            return np.full(batch, -1, dtype=np.int64)
+        array = np.asarray(target)
+        if array.ndim == 0:
+            array = np.full(batch, int(array))
+        if array.shape != (batch,) or array.dtype.kind not in "iu":
+            raise InvalidInput(f"target: expected {batch} class indices (int), got shape {list(array.shape)} "
+                               f"dtype {array.dtype}")
+        classes = len(self.card.class_names)
+        if ((array < -1) | (array >= classes)).any():
+            raise InvalidInput(f"target: expected class indices in [0, {classes - 1}] or -1 (the prediction), "
+                               f"got {array[(array < -1) | (array >= classes)][:5].tolist()}")
+        return array.astype(np.int64)
+
+    def _finish(self, names: tuple[str, ...], values: list[np.ndarray]) -> dict[str, np.ndarray]:
+        out = dict(zip(names, values))
+        out["predicted_class"] = out["probs"].argmax(1)
+        out["confidence"] = out["probs"].max(1)
+        out["abstain"] = out["mutual_information"] > self.card.abstain_threshold
+        return out
+
+    def predict(self, x) -> dict[str, np.ndarray]:
+        """Raw inputs `[batch, *input_shape]` -> outputs, each `[batch, ...]`."""
+        batch = self.validate(x)
+        return self._finish(PREDICT_OUTPUTS, self._predict.run(None, {INPUT: batch}))
+
+    def explain(self, x, target=None) -> dict[str, np.ndarray]:
+        """`predict` plus `input_gradients` `[batch, members, *input_shape]` of each member's logit of
+        `target` (`[batch]` class indices; None or -1 = the ensemble's predicted class)."""
+        batch = self.validate(x)
+        feed = {INPUT: batch, TARGET: self._target(target, len(batch))}
+        return self._finish(EXPLAIN_OUTPUTS, self._explain.run(None, feed))

@@ -1,0 +1,182 @@
+"""The exporter: one fused graph, a symbolic batch axis, exact in-graph gradients, complete metadata."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import run_forde
+from forde_serve.contract import EXPLAIN_OUTPUTS, METADATA_KEYS, PREDICT_OUTPUTS
+from forde_serve.runtime import EnsembleRuntime
+from training.ensemble import EnsembleConv2d, EnsembleLinear, build_ensemble
+from training.export import ExportContract, ExportValidationError, abstention_threshold, export_ensemble
+from training.run import load_run
+
+
+def _ops(path):
+    return [node for node in onnx.load(str(path)).graph.node]
+
+
+def test_export_prints_a_passing_check_for_every_output(digits_export):
+    path, stdout = digits_export
+    for name in EXPLAIN_OUTPUTS:
+        assert f"✓ explain  {name}" in stdout
+    for name in PREDICT_OUTPUTS:
+        assert f"✓ predict  {name}" in stdout
+    assert "✗" not in stdout
+    assert path.stat().st_size + path.with_name("digits.explain.onnx").stat().st_size < 5_000_000
+
+
+def test_members_are_fused_not_copied(digits_export, quickstart_runs):
+    path, _ = digits_export
+    ensemble = load_run(quickstart_runs["forde"]).ensemble
+    conv_layers = sum(isinstance(m, EnsembleConv2d) for m in ensemble.modules())
+    predict = [n for n in _ops(path) if n.op_type == "Conv"]
+    assert len(predict) == conv_layers == 4
+    for node in predict:  # each Conv runs all 8 members as one grouped convolution
+        assert {a.name: a.i for a in node.attribute}["group"] == 8
+    explain = _ops(path.with_name("digits.explain.onnx"))
+    assert sum(n.op_type == "Conv" for n in explain) == conv_layers
+    assert sum(n.op_type == "ConvTranspose" for n in explain) == conv_layers
+    assert not any(n.op_type in ("Loop", "Scan", "If") for n in explain)
+
+
+def test_batch_axis_is_symbolic(digits_export):
+    path, _ = digits_export
+    graph_input = onnx.load(str(path)).graph.input[0]
+    assert graph_input.type.tensor_type.shape.dim[0].dim_param == "batch"
+    runtime = EnsembleRuntime(path)
+    x = np.random.default_rng(0).uniform(0, 16, (4096, 1, 8, 8)).astype(np.float32)
+    big = runtime.predict(x)
+    one = runtime.predict(x[:1])
+    assert big["probs"].shape == (4096, 10)
+    np.testing.assert_allclose(one["probs"][0], big["probs"][0], atol=1e-6)
+    assert runtime.explain(x[:1])["input_gradients"].shape == (1, 8, 1, 8, 8)
+
+
+def test_metadata_holds_what_a_server_needs(digits_export, quickstart_runs):
+    path, _ = digits_export
+    run = quickstart_runs["forde"]
+    for graph, file in (("predict", path), ("explain", path.with_name("digits.explain.onnx"))):
+        props = {p.key: p.value for p in onnx.load(str(file)).metadata_props}
+        assert set(METADATA_KEYS.values()) <= set(props), set(METADATA_KEYS.values()) - set(props)
+        assert props["forde.graph"] == graph
+    card = EnsembleRuntime(path).card
+    assert card.class_names == tuple(str(i) for i in range(10)) and card.input_shape == (1, 8, 8)
+    assert (card.members, card.method) == (8, "forde")
+    assert card.kernel["lengthscale"] == "identity"
+    assert card.training_config == json.loads((run / "config.json").read_text())
+    assert card.metrics == json.loads((run / "metrics.json").read_text())
+    assert card.abstain_target_risk == 0.01 and 0 < card.abstain_coverage <= 1
+    assert "0 to 16" in card.input_space
+
+
+def _directional_check(runtime, x, targets, h):
+    """Central differences of the predict graph's member logits along each member's own gradient
+    direction u = g / |g|, against |g| from the explain graph; returns the worst relative error.
+
+    Along u the derivative is largest, so float32 noise matters least, and the check still sees
+    any error e in g: the finite difference measures <g_true, u>, which equals |g| only when
+    g = g_true (e orthogonal to g_true shows up as a relative error of about |e|^2 / |g|^2, a
+    scrambled or transposed map as far more). Random directions, on a ReLU network with this
+    many kinks, sit at a float32 noise floor of a few percent and would test little.
+    """
+    gradients = runtime.explain(x, targets)["input_gradients"].astype(np.float64)  # [B, M, ...]
+    batch, members = gradients.shape[:2]
+    norms = np.linalg.norm(gradients.reshape(batch, members, -1), axis=-1)
+    rows = np.arange(batch)
+    worst = 0.0
+    for m in range(members):
+        direction = gradients[:, m] / norms[:, m].reshape(-1, *[1] * (x.ndim - 1))
+        plus = runtime.predict((x + h * direction).astype(np.float32))["member_logits"][rows, m, targets]
+        minus = runtime.predict((x - h * direction).astype(np.float32))["member_logits"][rows, m, targets]
+        numeric = (plus.astype(np.float64) - minus) / (2 * h)
+        worst = max(worst, float(np.max(np.abs(numeric - norms[:, m]) / norms[:, m])))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def untrained_exports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("untrained")
+    paths = {}
+    for arch, shape, members in (("mlp", (1, 8, 8), 3), ("resnet18", (3, 32, 32), 2)):
+        torch.manual_seed(0)
+        channels = shape[0]
+        ensemble = build_ensemble(arch, members, shape, 10, [0.5] * channels, [0.25] * channels, width=16)
+        with torch.no_grad():  # settle batch-norm statistics, as any trained model has them
+            ensemble.train()
+            for _ in range(30):
+                ensemble(torch.rand(32, *shape))
+        x = torch.rand(6, *shape)
+        paths[arch] = export_ensemble(ensemble, out / f"{arch}.onnx", {}, x, torch.full((6,), -1), echo=lambda s: None)
+        # a bare export has no model card: add the minimum the runtime reads
+        for file in paths[arch].values():
+            model = onnx.load(str(file))
+            for key, value in {"class_names": json.dumps([str(i) for i in range(10)]),
+                               "input_shape": json.dumps(list(shape)), "members": str(members),
+                               "method": "de", "abstain_threshold": "1.0"}.items():
+                entry = model.metadata_props.add()
+                entry.key, entry.value = METADATA_KEYS[key], value
+            onnx.save(model, str(file))
+    return paths
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("arch", ["cnn", "mlp", "resnet18"])
+def test_gradients_match_finite_differences(arch, batch, digits_export, untrained_exports):
+    rng = np.random.default_rng(batch)
+    if arch == "cnn":  # the trained quickstart ensemble, on real digits-range inputs
+        runtime, x, h = EnsembleRuntime(digits_export[0]), rng.uniform(0, 16, (batch, 1, 8, 8)), 1e-3
+    else:
+        runtime = EnsembleRuntime(untrained_exports[arch]["predict"])
+        x, h = rng.uniform(0, 1, (batch, *runtime.card.input_shape)), 1e-3
+    targets = rng.integers(0, 10, batch)
+    assert _directional_check(runtime, x, targets, h) < 1e-2
+
+
+def test_mlp_graph_uses_one_matmul_per_layer(untrained_exports):
+    ensemble = build_ensemble("mlp", 3, (1, 8, 8), 10, [0.5], [0.25], width=16)
+    layers = sum(isinstance(m, EnsembleLinear) for m in ensemble.modules())
+    assert sum(n.op_type == "MatMul" for n in _ops(untrained_exports["mlp"]["predict"])) == layers
+
+
+def test_a_failed_check_removes_the_files_and_lists_every_failure(tmp_path):
+    torch.manual_seed(0)
+    ensemble = build_ensemble("mlp", 2, (1, 8, 8), 10, [0.0], [1.0], width=8)
+    strict = ExportContract()
+    strict.tolerances.update({"probs": (-1.0, 0.0), "input_gradients": (-1.0, -1.0)})
+    with pytest.raises(ExportValidationError) as err:
+        export_ensemble(ensemble, tmp_path / "m.onnx", {}, torch.rand(4, 1, 8, 8), torch.full((4,), -1),
+                        contract=strict, echo=lambda s: None)
+    message = str(err.value)
+    assert "probs" in message and "input_gradients" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_incomplete_or_corrupt_runs_are_named(quickstart_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(quickstart_runs["de"], run)
+    (run / "metrics.json").write_text("{not json")
+    result = run_forde("export", run, "--out", tmp_path / "m.onnx", check=False)
+    assert result.returncode == 2 and "metrics.json is broken" in result.stderr
+    (run / "members.safetensors").unlink()
+    result = run_forde("export", run, "--out", tmp_path / "m.onnx", check=False)
+    assert result.returncode == 2 and "no members.safetensors" in result.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_abstention_threshold_by_hand():
+    mi = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    correct = np.array([True, True, False, True, False])
+    # accept MI <= 0.2: 0 errors / 2; <= 0.4: 1 / 4 = 25 %; <= 0.5: 2 / 5
+    assert abstention_threshold(mi, correct, 0.0) == {"threshold": 0.2, "coverage": 0.4, "risk": 0.0}
+    assert abstention_threshold(mi, correct, 0.25) == {"threshold": 0.4, "coverage": 0.8, "risk": 0.25}
+    assert abstention_threshold(mi, correct, 0.5)["coverage"] == 1.0
+    none = abstention_threshold(mi, ~np.ones(5, bool), 0.1)
+    assert none["coverage"] == 0.0 and none["threshold"] < 0.1
+    # equal MI values are accepted together or not at all
+    tied = abstention_threshold(np.array([0.1, 0.1, 0.2]), np.array([True, False, True]), 0.0)
+    assert tied["coverage"] == 0.0

@@ -1,0 +1,143 @@
+"""EnsembleRuntime: the one object over an exported file (real onnxruntime sessions, no torch inside)."""
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import ROOT
+from forde_serve.metrics import uncertainty
+from forde_serve.runtime import EnsembleRuntime, InvalidInput, ModelFileError
+from training.data import load_dataset
+from training.run import load_run
+
+
+@pytest.fixture(scope="module")
+def runtime(digits_export):
+    return EnsembleRuntime(digits_export[0])
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from training.config import DataConfig
+    return load_dataset(DataConfig(dataset="digits"))
+
+
+def test_predictions_equal_the_torch_ensemble(runtime, quickstart_runs, digits):
+    run = load_run(quickstart_runs["forde"])
+    x = digits.test.x
+    got = runtime.predict(x.numpy())
+    with torch.no_grad():
+        member_probs = run.ensemble(x).softmax(-1).double().numpy()
+    np.testing.assert_allclose(got["member_probs"], member_probs, atol=1e-5)
+    np.testing.assert_allclose(got["probs"], member_probs.mean(1), atol=1e-5)
+    for name, value in uncertainty(member_probs).items():
+        np.testing.assert_allclose(got[name], value, atol=1e-4, err_msg=name)
+    accuracy = np.mean(got["predicted_class"] == digits.test.y.numpy())
+    assert accuracy == pytest.approx(run.metrics["accuracy"], abs=1e-9)
+    np.testing.assert_array_equal(got["abstain"], got["mutual_information"] > runtime.card.abstain_threshold)
+    np.testing.assert_allclose(got["confidence"], got["probs"].max(1))
+
+
+def test_explain_targets(runtime, digits):
+    x = digits.test.x[:5].numpy()
+    default = runtime.explain(x)
+    predicted = runtime.explain(x, target=[-1] * 5)
+    np.testing.assert_array_equal(default["input_gradients"], predicted["input_gradients"])
+    chosen = (default["predicted_class"] + 1) % 10
+    other = runtime.explain(x, target=chosen)
+    assert not np.allclose(other["input_gradients"], default["input_gradients"])
+    np.testing.assert_array_equal(runtime.explain(x, target=3)["input_gradients"],
+                                  runtime.explain(x, target=[3] * 5)["input_gradients"])
+    np.testing.assert_allclose(other["probs"], default["probs"])
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda x: x[0], "input: expected shape [batch, 1, 8, 8], got [1, 8, 8]"),
+    (lambda x: x.reshape(2, 64), "input: expected shape [batch, 1, 8, 8], got [2, 64]"),
+    (lambda x: x > 3, "input: expected numbers (float32), got dtype bool"),
+    (lambda x: np.full(x.shape, "a"), "input: expected numbers (float32), got dtype <U1"),
+    (lambda x: np.where(np.arange(2)[:, None, None, None] == 1, np.nan, x), "NaN or infinity in row(s) 1"),
+    (lambda x: x * np.inf, "expected finite values"),
+    (lambda x: x[:0], "got an empty batch"),
+    (lambda x: np.zeros((5000, 1, 8, 8)), "expected at most 4096 inputs per call, got 5000"),
+])
+def test_bad_inputs_are_named(runtime, make, message):
+    x = np.ones((2, 1, 8, 8), dtype=np.float32)
+    with pytest.raises(InvalidInput) as err:
+        runtime.predict(make(x))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("target,message", [
+    ([0, 10], "target: expected class indices in [0, 9] or -1"),
+    ([0, -2], "got [-2]"),
+    ([0], "target: expected 2 class indices (int), got shape [1]"),
+    ([0.5, 1.0], "dtype float64"),
+])
+def test_bad_targets_are_named(runtime, target, message):
+    with pytest.raises(InvalidInput) as err:
+        runtime.explain(np.ones((2, 1, 8, 8), dtype=np.float32), target)
+    assert message in str(err.value)
+
+
+def test_integer_inputs_are_accepted_as_numbers(runtime, digits):
+    x = digits.test.x[:3].numpy()
+    np.testing.assert_array_equal(runtime.predict(x.astype(np.int64))["probs"], runtime.predict(x)["probs"])
+
+
+def _copy_with_metadata(src, dst_dir, change):
+    dst = dst_dir / "m.onnx"
+    for suffix in (".onnx", ".explain.onnx"):
+        model = onnx.load(str(src.with_name(src.name.replace(".onnx", suffix))))
+        props = {p.key: p.value for p in model.metadata_props}
+        change(props)
+        del model.metadata_props[:]
+        for key, value in props.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(model, str(dst.with_name(dst.name.replace(".onnx", suffix))))
+    return dst
+
+
+def test_unknown_format_version_is_refused(digits_export, tmp_path):
+    path = _copy_with_metadata(digits_export[0], tmp_path, lambda p: p.update({"forde.format_version": "99"}))
+    with pytest.raises(ModelFileError, match="format version '99' is not one this forde-serve knows"):
+        EnsembleRuntime(path)
+
+
+def test_missing_metadata_is_refused(digits_export, tmp_path):
+    path = _copy_with_metadata(digits_export[0], tmp_path, lambda p: p.pop("forde.abstain_threshold"))
+    with pytest.raises(ModelFileError, match="forde.abstain_threshold missing"):
+        EnsembleRuntime(path)
+
+
+def test_broken_model_files(digits_export, tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        EnsembleRuntime(tmp_path / "none.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelFileError, match="is not a loadable ONNX model"):
+        EnsembleRuntime(tmp_path / "junk.onnx")
+    with pytest.raises(ModelFileError, match="expected NAME.onnx"):
+        EnsembleRuntime(tmp_path / "model.pt")
+    shutil.copy(digits_export[0], tmp_path / "alone.onnx")  # the explain twin is missing
+    alone = EnsembleRuntime(tmp_path / "alone.onnx")
+    alone.predict(np.ones((1, 1, 8, 8), dtype=np.float32))
+    with pytest.raises(ModelFileError, match="alone.explain.onnx' does not exist"):
+        alone.explain(np.ones((1, 1, 8, 8), dtype=np.float32))
+
+
+def test_providers_are_checked(digits_export):
+    with pytest.raises(ValueError, match="TensorrtExecutionProvider not available in this onnxruntime; available:"):
+        EnsembleRuntime(digits_export[0], providers=["TensorrtExecutionProvider"])
+    assert EnsembleRuntime(digits_export[0], providers=["CPUExecutionProvider"]).providers == ["CPUExecutionProvider"]
+
+
+def test_the_committed_default_model_serves(digits):
+    runtime = EnsembleRuntime(ROOT / "exported" / "digits.onnx")
+    assert (runtime.card.method, runtime.card.members) == ("forde", 8)
+    got = runtime.predict(digits.test.x.numpy())
+    assert np.mean(got["predicted_class"] == digits.test.y.numpy()) >= 0.95
+    assert runtime.explain(digits.test.x[:2].numpy())["input_gradients"].shape == (2, 8, 1, 8, 8)
