@@ -116,7 +116,10 @@ class EnsembleRuntime:
     """
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                 max_batch: int = 4096):
+                 max_batch: int = 4096, spin: bool = True):
+        """`threads`: intra-op threads (default: onnxruntime's choice); `max_batch`: inputs per call;
+        `spin=False` lets idle worker threads sleep instead of spin-waiting, for processes that
+        share their cores with other work (costs a little latency)."""
         self.path = Path(path)
         self.max_batch = max_batch
         try:
@@ -127,6 +130,8 @@ class EnsembleRuntime:
         options.log_severity_level = 3  # provider fallbacks are reported below, once, in plain words
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._options = options
         self._providers = _choose_providers(providers)
         self._predict = _open_session(self.path, self._providers, options)

@@ -39,9 +39,22 @@ def test_members_are_fused_not_copied(digits_export, quickstart_runs):
     for node in predict:  # each Conv runs all 8 members as one grouped convolution
         assert {a.name: a.i for a in node.attribute}["group"] == 8
     explain = _ops(path.with_name("digits.explain.onnx"))
-    assert sum(n.op_type == "Conv" for n in explain) == conv_layers
-    assert sum(n.op_type == "ConvTranspose" for n in explain) == conv_layers
+    # forward convolutions plus one backward convolution each (stride 1: a Conv with the kernel
+    # flipped; strided: a ConvTranspose), every one of them over all members at once
+    convolutions = [n for n in explain if n.op_type in ("Conv", "ConvTranspose")]
+    assert len(convolutions) == 2 * conv_layers
+    assert all({a.name: a.i for a in n.attribute}["group"] == 8 for n in convolutions)
     assert not any(n.op_type in ("Loop", "Scan", "If") for n in explain)
+
+
+def test_strided_backward_convolutions_are_conv_transpose(untrained_exports):
+    ensemble = build_ensemble("resnet18", 2, (3, 32, 32), 10, [0.5] * 3, [0.25] * 3)
+    strided = sum(isinstance(m, EnsembleConv2d) and m.stride == 2 for m in ensemble.modules())
+    conv_layers = sum(isinstance(m, EnsembleConv2d) for m in ensemble.modules())
+    assert sum(n.op_type == "Conv" for n in _ops(untrained_exports["resnet18"]["predict"])) == conv_layers == 20
+    explain = _ops(untrained_exports["resnet18"]["explain"])
+    assert sum(n.op_type == "ConvTranspose" for n in explain) == strided == 6
+    assert sum(n.op_type == "Conv" for n in explain) == 2 * conv_layers - strided
 
 
 def test_batch_axis_is_symbolic(digits_export):
