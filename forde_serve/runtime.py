@@ -127,7 +127,9 @@ class EnsembleRuntime:
         except ValueError as err:
             raise ModelFileError(str(err)) from None
         options = ort.SessionOptions()
-        options.log_severity_level = 3  # provider fallbacks are reported below, once, in plain words
+        # Fatal only: a CUDA provider that cannot start would otherwise print its load errors;
+        # the fallback is reported below, once, in plain words.
+        options.log_severity_level = 4
         if threads:
             options.intra_op_num_threads = threads
         if not spin:

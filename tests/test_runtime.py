@@ -141,3 +141,18 @@ def test_the_committed_default_model_serves(digits):
     got = runtime.predict(digits.test.x.numpy())
     assert np.mean(got["predicted_class"] == digits.test.y.numpy()) >= 0.95
     assert runtime.explain(digits.test.x[:2].numpy())["input_gradients"].shape == (2, 8, 1, 8, 8)
+
+
+def test_cuda_that_cannot_start_falls_back_with_one_warning(digits_export, monkeypatch, caplog):
+    # MOCK: no GPU on this machine. onnxruntime is made to list the CUDA provider (as the GPU
+    # build does on a machine where CUDA cannot start); the real session then runs on the CPU.
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with caplog.at_level("WARNING", logger="forde_serve.runtime"):
+        runtime = EnsembleRuntime(digits_export[0])
+    assert runtime.providers == ["CPUExecutionProvider"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "CUDAExecutionProvider is installed but could not start; running on CPUExecutionProvider"]
+    assert runtime.predict(np.ones((1, 1, 8, 8), dtype=np.float32))["probs"].shape == (1, 10)

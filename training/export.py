@@ -277,6 +277,7 @@ def export_ensemble(ensemble: Ensemble, path: str | Path, metadata: dict[str, st
 
     `metadata` maps METADATA_KEYS names (without the `forde.` prefix) to strings; the format
     version and graph kind are added here. On a failed validation both files are removed.
+    The ensemble is switched to eval mode, float32, on the CPU (in place).
     """
     ensemble = ensemble.eval().cpu().float()
     path = Path(path)
