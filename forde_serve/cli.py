@@ -134,5 +134,35 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
         raise click.ClickException(str(err)) from None
 
 
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--port", type=click.IntRange(1, 65535), default=3000, show_default=True, help="HTTP port.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
+def serve(model: Path | None, port: int, host: str) -> None:
+    """Serve an exported MODEL (NAME.onnx; default: exported/digits.onnx) over HTTP with BentoML.
+
+    The same as `FORDE_MODEL=MODEL bentoml serve forde_serve.service:FordeEnsemble --port PORT`.
+    Endpoints: /predict, /explain, /predict_image, /metadata (POST), /readyz, /metrics, /docs.
+    """
+    import os
+    import subprocess
+
+    from forde_serve.runtime import EnsembleRuntime, ModelFileError
+
+    env = dict(os.environ)
+    if model is not None:
+        try:
+            EnsembleRuntime(model, providers=["CPUExecutionProvider"])
+        except ModelFileError as err:
+            raise BadInput(str(err)) from None
+        env["FORDE_MODEL"] = str(model.resolve())
+    command = [sys.executable, "-m", "bentoml", "serve", "forde_serve.service:FordeEnsemble",
+               "--port", str(port), "--host", host]
+    try:
+        sys.exit(subprocess.call(command, env=env))
+    except KeyboardInterrupt:  # Ctrl+C reaches the server too; it shuts itself down
+        sys.exit(130)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -41,6 +41,7 @@ METADATA_KEYS = {
     "class_names": "forde.class_names",  # JSON list
     "input_shape": "forde.input_shape",  # JSON list, without the batch axis
     "input_space": "forde.input_space",  # what a raw input is, in words
+    "image": "forde.image",  # JSON or null: how an uploaded image becomes an input (mode, size, scale, invert)
     "members": "forde.members",
     "method": "forde.method",  # forde | de
     "kernel": "forde.kernel",  # JSON: lengthscale, alpha, every, batch

@@ -39,6 +39,7 @@ class ModelCard:
     class_names: tuple[str, ...]
     input_shape: tuple[int, ...]
     input_space: str
+    image: dict | None  # how an uploaded image becomes an input: mode, size [H, W], scale, invert
     members: int
     method: str
     kernel: dict | None
@@ -93,6 +94,7 @@ def _card(path: Path, meta: dict[str, str]) -> ModelCard:
             class_names=tuple(json.loads(get("class_names"))),
             input_shape=tuple(int(d) for d in json.loads(get("input_shape"))),
             input_space=get("input_space", ""),
+            image=json.loads(get("image", "null")),
             members=int(get("members")),
             method=get("method"),
             kernel=json.loads(get("kernel", "null")),

@@ -67,3 +67,59 @@ def digits_export(quickstart_runs, tmp_path_factory):
     path = tmp_path_factory.mktemp("exported") / "digits.onnx"
     result = run_forde("export", quickstart_runs["forde"], "--out", path)
     return path, result.stdout
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env_extra: dict | None = None, timeout: float = 90.0):
+    """`bentoml serve` as a real subprocess on a free port; returns (process, base url) once ready."""
+    import os
+    import time
+
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ) | {"FORDE_MODEL": str(ROOT / "exported" / "digits.onnx")} | (env_extra or {})
+    process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "forde_serve.service:FordeEnsemble",
+                                "--port", str(port), "--host", "127.0.0.1"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"bentoml serve exited: {process.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    stop_server(process)
+    raise AssertionError("bentoml serve did not become ready in time")
+
+
+def stop_server(process) -> None:
+    import os
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The default exported model behind a real `bentoml serve`, once per session."""
+    process, url = start_server()
+    yield url
+    stop_server(process)

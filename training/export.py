@@ -300,6 +300,14 @@ def export_ensemble(ensemble: Ensemble, path: str | Path, metadata: dict[str, st
     return paths
 
 
+# How an uploaded picture becomes a raw input: PIL mode, [height, width], multiply 0..255 by
+# scale, and invert first (digits are bright ink on black; photographed digits are dark on light).
+_IMAGE = {
+    "digits": {"mode": "L", "size": [8, 8], "scale": 16 / 255, "invert": True},
+    "cifar10": {"mode": "RGB", "size": [32, 32], "scale": 1 / 255, "invert": False},
+    "cifar100": {"mode": "RGB", "size": [32, 32], "scale": 1 / 255, "invert": False},
+}
+
 _INPUT_SPACE = {
     "digits": "scikit-learn load_digits().images as float32 [1, 8, 8], pixel counts 0 to 16",
     "cifar10": "RGB floats in [0, 1] as float32 [3, 32, 32] (channels first)",
@@ -325,6 +333,7 @@ def export_run(run_dir: str | Path, path: str | Path, target_risk: float = 0.01,
         "class_names": json.dumps(list(run.dataset.class_names)),
         "input_shape": json.dumps(list(run.dataset.input_shape)),
         "input_space": _INPUT_SPACE[run.dataset.name],
+        "image": json.dumps(_IMAGE[run.dataset.name]),
         "members": str(run.ensemble.members),
         "method": run.config.ensemble.method,
         "kernel": json.dumps({"lengthscale": forde.lengthscale, "alpha": forde.alpha, "every": forde.every,

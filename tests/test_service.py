@@ -1,0 +1,187 @@
+"""The HTTP service against a real `bentoml serve` subprocess and a real HTTP client."""
+
+import base64
+import io
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from forde_serve.runtime import EnsembleRuntime
+
+OUTPUTS = ("predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement")
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    return EnsembleRuntime(ROOT / "exported" / "digits.onnx")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images.astype(np.float32)[:, None], bunch.target
+
+
+def _post(url, endpoint, body, **kwargs):
+    return httpx.post(f"{url}/{endpoint}", json=body, timeout=30, **kwargs)
+
+
+def _assert_matches(row, expected, i):
+    assert row["predicted_class"] == int(expected["predicted_class"][i])
+    assert row["class_name"] == str(int(expected["predicted_class"][i]))
+    np.testing.assert_allclose(row["probs"], expected["probs"][i], atol=1e-6)
+    for name in OUTPUTS:
+        assert row[name] == pytest.approx(float(expected[name][i]), abs=1e-6)
+    assert row["abstain"] == bool(expected["abstain"][i])
+
+
+def test_predict_equals_the_in_process_runtime(server, runtime, digits):
+    x = digits[0][:5]
+    response = _post(server, "predict", {"inputs": [{"input": row.tolist(), "members": i == 0}
+                                                    for i, row in enumerate(x)]})
+    assert response.status_code == 200, response.text
+    rows, expected = response.json(), runtime.predict(x)
+    assert len(rows) == 5
+    for i, row in enumerate(rows):
+        _assert_matches(row, expected, i)
+    np.testing.assert_allclose(rows[0]["member_probs"], expected["member_probs"][0], atol=1e-6)
+    assert rows[1]["member_probs"] is None
+
+
+def test_explain_returns_every_members_gradient(server, runtime, digits):
+    x = digits[0][:2]
+    body = {"inputs": [{"input": x[0].tolist(), "saliency_png": True}, {"input": x[1].tolist(), "target": "7"}]}
+    response = _post(server, "explain", body)
+    assert response.status_code == 200, response.text
+    first, second = response.json()
+    expected = runtime.explain(x, target=[-1, 7])
+    np.testing.assert_allclose(first["input_gradients"], expected["input_gradients"][0], atol=1e-5)
+    np.testing.assert_allclose(second["input_gradients"], expected["input_gradients"][1], atol=1e-5)
+    np.testing.assert_allclose(second["mean_gradient"], expected["input_gradients"][1].mean(0), atol=1e-5)
+    assert (first["target"], second["target"]) == (first["predicted_class"], 7)
+    picture = Image.open(io.BytesIO(base64.b64decode(first["saliency_png"])))
+    assert picture.format == "PNG" and picture.width > 10 * picture.height / 2  # input, mean, 8 members
+    assert second["saliency_png"] is None
+
+
+def _png(array2d: np.ndarray, size: int = 64) -> bytes:
+    """A digit as a person would photograph it: dark ink on white, larger than 8x8."""
+    ink = np.uint8(255 - array2d / 16 * 255)
+    buffer = io.BytesIO()
+    Image.fromarray(ink).resize((size, size), Image.NEAREST).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_predict_image_converts_as_the_metadata_says(server, runtime, digits):
+    x, labels = digits
+    correct = 0
+    for i in range(10):
+        png = _png(x[i, 0])
+        response = httpx.post(f"{server}/predict_image", files={"image": ("d.png", png, "image/png")}, timeout=30)
+        assert response.status_code == 200, response.text
+        picture = Image.open(io.BytesIO(png)).convert("L").resize((8, 8), Image.BILINEAR)
+        converted = (255.0 - np.asarray(picture, dtype=np.float32)) * (16 / 255)
+        expected = runtime.predict(converted[None, None])
+        _assert_matches(response.json(), expected, 0)
+        correct += response.json()["predicted_class"] == labels[i]
+    assert correct >= 8
+
+
+def test_metadata_is_the_model_card(server, runtime):
+    card = _post(server, "metadata", {}).json()
+    assert card["class_names"] == list(runtime.card.class_names) and card["input_shape"] == [1, 8, 8]
+    assert (card["members"], card["method"]) == (8, "forde")
+    assert card["abstain_threshold"] == runtime.card.abstain_threshold
+    assert card["metrics"]["accuracy"] >= 0.95 and card["image"]["mode"] == "L"
+
+
+def test_builtin_endpoints_stay(server):
+    assert httpx.get(f"{server}/readyz").status_code == 200
+    assert httpx.get(f"{server}/livez").status_code == 200
+    assert "bentoml_service_request" in httpx.get(f"{server}/metrics").text
+    assert "/predict" in httpx.get(f"{server}/docs.json").json()["paths"]
+
+
+ROW = np.zeros((1, 8, 8)).tolist()
+
+
+def _raw_body(row_text: str) -> bytes:
+    return b'{"inputs": [{"input": ' + row_text.encode() + b"}]}"
+
+
+@pytest.mark.parametrize("send,status,message", [
+    (lambda u: _post(u, "predict", {"inputs": [{"input": np.zeros((8, 8)).tolist()}]}), 400,
+     "expected a nested list of numbers shaped [1, 8, 8], got shape [8, 8]"),
+    (lambda u: _post(u, "predict", {"inputs": [{"input": [[["x"] * 8] * 8]}]}), 400, "non-numeric"),
+    (lambda u: _post(u, "predict", {"inputs": [{"input": [[[0] * 8] * 7 + [[0] * 3]]}]}), 400, "ragged"),
+    (lambda u: httpx.post(f"{u}/predict", content=_raw_body("[[[NaN" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
+                          headers={"content-type": "application/json"}), 400, "expected finite numbers"),
+    (lambda u: httpx.post(f"{u}/predict", content=_raw_body("[[[1e999" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
+                          headers={"content-type": "application/json"}), 400, "expected finite numbers"),
+    (lambda u: _post(u, "predict", {"inputs": []}), 400, "at least 1 item"),
+    (lambda u: _post(u, "predict", {"inputs": [{"input": ROW}] * 257}), 400, "at most 256 items"),
+    (lambda u: httpx.post(f"{u}/predict", content=b'{"inputs": [', headers={"content-type": "application/json"}),
+     400, "Invalid JSON"),
+    (lambda u: httpx.post(f"{u}/predict", content=b"inputs=1", headers={"content-type": "text/plain"}), 400, "JSON"),
+    (lambda u: _post(u, "predict", {"inputs": "all of them"}), 400, "inputs"),
+    (lambda u: _post(u, "explain", {"inputs": [{"input": ROW, "target": "cat"}]}), 400, "unknown class 'cat'"),
+    (lambda u: _post(u, "explain", {"inputs": [{"input": ROW, "target": 10}]}), 400, "class index in [0, 9], got 10"),
+    (lambda u: httpx.post(f"{u}/predict_image", files={"image": ("x.png", b"\x89PNG not really", "image/png")}),
+     400, "expected a PNG or JPEG file"),
+])
+def test_bad_input_is_a_4xx_that_names_it_and_the_server_keeps_serving(server, send, status, message):
+    response = send(server)
+    assert response.status_code == status, response.text
+    assert message in response.text
+    assert _post(server, "predict", {"inputs": [{"input": ROW}]}).status_code == 200
+
+
+def test_oversized_image_is_refused(server):
+    buffer = io.BytesIO()
+    Image.new("L", (5000, 5000), 255).save(buffer, format="PNG")  # compresses to a few KB
+    response = httpx.post(f"{server}/predict_image", files={"image": ("big.png", buffer.getvalue(), "image/png")},
+                          timeout=30)
+    assert response.status_code == 413 and "expected at most" in response.text
+    assert _post(server, "predict", {"inputs": [{"input": ROW}]}).status_code == 200
+
+
+def test_oversized_body_is_refused_before_it_is_read(server):
+    # As an `Expect: 100-continue` client does: headers first, then read the answer.
+    parsed = urlparse(server)
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=10) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000000\r\n\r\n")
+        answer = b""
+        while b"request body" not in answer:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 413") and "request body: expected at most" in answer
+    assert _post(server, "predict", {"inputs": [{"input": ROW}]}).status_code == 200
+
+
+def test_64_concurrent_clients_each_get_their_own_answer(server, runtime, digits):
+    x = digits[0][:64]
+    expected = runtime.predict(x)
+
+    def call(i):
+        with httpx.Client(timeout=60) as client:
+            return i, client.post(f"{server}/predict", json={"inputs": [{"input": x[i].tolist()}]})
+
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(call, range(64)))
+    for i, response in answers:
+        assert response.status_code == 200, response.text
+        rows = response.json()
+        assert len(rows) == 1
+        _assert_matches(rows[0], expected, i)
