@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("model_or_run", type=Path, help="a training run folder, or an exported NAME.onnx")
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per batch size (fewer for 256)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="batch sizes to time")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: CUDA execution provider and torch on the GPU")
     args = parser.parse_args()
@@ -93,7 +94,7 @@ def main() -> None:
         high = 16.0 if "0 to 16" in runtime.card.input_space else 1.0
         rng = np.random.default_rng(0)
         results = []
-        for batch in BATCHES:
+        for batch in args.batches:
             x = rng.uniform(0, high, (batch, *shape)).astype(np.float32)
             variants = {
                 "fused_ms": lambda: runtime.predict(x),

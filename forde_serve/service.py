@@ -3,6 +3,9 @@
     bentoml serve                                  # from the repository root: exported/digits.onnx
     FORDE_MODEL=path/to/NAME.onnx bentoml serve    # another exported ensemble
 
+Settings (environment): FORDE_MODEL, FORDE_MAX_INPUTS (rows per request, 256),
+FORDE_MAX_BODY_BYTES (8 MiB), FORDE_BATCHING (1; 0 turns adaptive batching off).
+
 Endpoints (POST, JSON): `predict` (adaptive batching), `explain`, `predict_image` (file
 upload), `metadata`; BentoML's own `/readyz`, `/livez`, `/metrics` and `/docs` stay.
 Every row is validated when its request is parsed, before it can join a batch, so one
@@ -33,8 +36,9 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "exported" / "digits.onnx"
 MAX_INPUTS = int(os.environ.get("FORDE_MAX_INPUTS", "256"))  # rows per request
 MAX_BODY_BYTES = int(os.environ.get("FORDE_MAX_BODY_BYTES", str(8 * 1024 * 1024)))
 MAX_IMAGE_PIXELS = 4096 * 4096
+BATCHING = os.environ.get("FORDE_BATCHING", "1") != "0"  # adaptive batching of predict (0: off)
 
-MODEL_PATH = Path(os.environ.get(MODEL_ENV, DEFAULT_MODEL))
+MODEL_PATH = Path(os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
 # The card (shapes, class names) is read here so that request models can check rows at parse time.
 _CARD = EnsembleRuntime(MODEL_PATH, providers=["CPUExecutionProvider"]).card
 _SHAPE = list(_CARD.input_shape)
@@ -189,7 +193,7 @@ class FordeEnsemble:
     def __init__(self) -> None:
         self.runtime = EnsembleRuntime(MODEL_PATH, max_batch=max(MAX_INPUTS, 1024))
 
-    @bentoml.api(batchable=True, max_batch_size=1024, max_latency_ms=10_000)
+    @bentoml.api(batchable=BATCHING, max_batch_size=1024, max_latency_ms=10_000)
     def predict(self, inputs: Annotated[list[PredictRow], Field(min_length=1, max_length=MAX_INPUTS)]) -> list[Prediction]:
         """Class, probabilities, uncertainty and abstention for each input (adaptive batching)."""
         x = np.asarray([row.input for row in inputs], dtype=np.float32)

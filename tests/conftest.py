@@ -77,8 +77,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(env_extra: dict | None = None, timeout: float = 90.0):
-    """`bentoml serve` as a real subprocess on a free port; returns (process, base url) once ready."""
+def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: list[str] | None = None):
+    """`bentoml serve` (or `command` + `--port N`) as a real subprocess on a free port; returns
+    (process, base url) once /readyz answers."""
     import os
     import time
 
@@ -86,8 +87,9 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0):
 
     port = free_port()
     env = dict(os.environ) | {"FORDE_MODEL": str(ROOT / "exported" / "digits.onnx")} | (env_extra or {})
-    process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "forde_serve.service:FordeEnsemble",
-                                "--port", str(port), "--host", "127.0.0.1"], cwd=ROOT, env=env,
+    command = command or [sys.executable, "-m", "bentoml", "serve", "forde_serve.service:FordeEnsemble",
+                          "--host", "127.0.0.1"]
+    process = subprocess.Popen([*command, "--port", str(port)], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

@@ -170,9 +170,20 @@ def test_oversized_body_is_refused_before_it_is_read(server):
     assert _post(server, "predict", {"inputs": [{"input": ROW}]}).status_code == 200
 
 
+def _batches(url) -> tuple[float, float]:
+    """(rows, batches) that went through adaptive batching so far, from BentoML's /metrics."""
+    import re
+
+    text = httpx.get(f"{url}/metrics").text
+    rows = sum(float(v) for v in re.findall(r'^bentoml_service_adaptive_batch_size_sum\{[^}]*method_name="predict"[^}]*\} (\S+)', text, re.M))
+    count = sum(float(v) for v in re.findall(r'^bentoml_service_adaptive_batch_size_count\{[^}]*method_name="predict"[^}]*\} (\S+)', text, re.M))
+    return rows, count
+
+
 def test_64_concurrent_clients_each_get_their_own_answer(server, runtime, digits):
     x = digits[0][:64]
     expected = runtime.predict(x)
+    rows_before, batches_before = _batches(server)
 
     def call(i):
         with httpx.Client(timeout=60) as client:
@@ -185,3 +196,60 @@ def test_64_concurrent_clients_each_get_their_own_answer(server, runtime, digits
         rows = response.json()
         assert len(rows) == 1
         _assert_matches(rows[0], expected, i)
+    rows_after, batches_after = _batches(server)
+    assert rows_after - rows_before == 64
+    assert batches_after - batches_before < 64, "no two requests were batched together"
+
+
+def test_bentoml_build_packs_the_model_and_no_torch(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ) | {"BENTOML_HOME": str(tmp_path / "home"),
+                              "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (bento,) = [p for p in (tmp_path / "home" / "bentos" / "forde_ensemble").iterdir() if p.name != "latest"]
+    src = bento / "src"
+    assert (src / "exported" / "digits.onnx").is_file() and (src / "exported" / "digits.explain.onnx").is_file()
+    assert (src / "forde_serve" / "service.py").is_file() and not (src / "training").exists()
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "onnxruntime" in requirements and "torch" not in requirements
+    # the packed source serves without torch: import the service module there with torch blocked
+    from test_torch_free import BLOCK_TORCH
+
+    check = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "import forde_serve.service as s; "
+                            "print(s.__file__); print(s.FordeEnsemble.inner().runtime.card.members)"],
+                           cwd=src, capture_output=True, text=True, env=dict(os.environ) | {"PYTHONPATH": str(src)})
+    assert check.returncode == 0, check.stderr[-2000:]
+    module_file, members = check.stdout.split()
+    assert module_file.startswith(str(src)) and members == "8"
+
+
+@pytest.mark.parametrize("command", [["-m", "bentoml", "serve"], ["forde", "serve", "exported/digits.onnx"]],
+                         ids=["readme-bentoml-serve", "forde-serve"])
+def test_the_documented_ways_to_start_the_server(command):
+    import sys
+    from pathlib import Path
+
+    from conftest import start_server, stop_server
+
+    executable = [sys.executable] if command[0] == "-m" else [str(Path(sys.executable).with_name("forde"))]
+    process, url = start_server(command=executable + command[command[0] != "-m":],
+                                env_extra={"FORDE_MODEL": ""} if command[0] == "-m" else None)
+    try:
+        card = _post(url, "metadata", {}).json()
+        assert card["model"] == "digits.onnx" and card["members"] == 8
+    finally:
+        stop_server(process)
+
+
+def test_forde_serve_refuses_a_bad_model_file(tmp_path):
+    from conftest import run_forde
+
+    (tmp_path / "m.onnx").write_bytes(b"junk")
+    result = run_forde("serve", tmp_path / "m.onnx", check=False)
+    assert result.returncode == 2 and "is not a loadable ONNX model" in result.stderr
