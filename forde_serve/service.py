@@ -25,7 +25,7 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from bentoml.validators import ContentType
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from forde_serve.runtime import EnsembleRuntime, InvalidInput
 
@@ -51,6 +51,10 @@ def _raw_input(value: Any) -> list:
         raise ValueError(f"expected a nested list of numbers shaped {_SHAPE}, got ragged or non-numeric lists") from None
     if list(array.shape) != _SHAPE:
         raise ValueError(f"expected a nested list of numbers shaped {_SHAPE}, got shape {list(array.shape)}")
+    # numpy would read true as 1 and "1.5" as 1.5: refuse rather than guess.
+    kinds = {type(v) for v in np.asarray(value, dtype=object).ravel()} - {int, float}
+    if kinds:
+        raise ValueError(f"expected numbers, got {', '.join(sorted(k.__name__ for k in kinds))} values")
     if not np.isfinite(array).all():
         raise ValueError("expected finite numbers, got NaN or infinity")
     return value
@@ -69,6 +73,8 @@ def _class_index(value: int | str | None) -> int | None:
 
 
 class PredictRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
+
     input: list = Field(description=f"one raw input, nested lists shaped {_SHAPE}: {_CARD.input_space}")
     members: bool = Field(False, description="also return every member's probabilities")
 
