@@ -44,7 +44,8 @@ _CARD = EnsembleRuntime(MODEL_PATH, providers=["CPUExecutionProvider"]).card
 _SHAPE = list(_CARD.input_shape)
 
 
-def _raw_input(value: Any) -> list:
+def _raw_input(value: Any) -> np.ndarray:
+    """Check one row at parse time and hand on the float32 array built for the check."""
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -55,9 +56,12 @@ def _raw_input(value: Any) -> list:
     kinds = {type(v) for v in np.asarray(value, dtype=object).ravel()} - {int, float}
     if kinds:
         raise ValueError(f"expected numbers, got {', '.join(sorted(k.__name__ for k in kinds))} values")
+    # Checked after the cast: 1e39 is finite in float64 but infinite in the model's float32, and
+    # found only inside a batched call it would fail every request in that batch.
+    array = array.astype(np.float32)
     if not np.isfinite(array).all():
-        raise ValueError("expected finite numbers, got NaN or infinity")
-    return value
+        raise ValueError("expected finite float32 numbers, got NaN or infinity (or beyond +-3.4e38)")
+    return array
 
 
 def _class_index(value: int | str | None) -> int | None:
@@ -80,7 +84,7 @@ class PredictRow(BaseModel):
 
     @field_validator("input")
     @classmethod
-    def _check_input(cls, value: list) -> list:
+    def _check_input(cls, value: list) -> np.ndarray:
         return _raw_input(value)
 
 
@@ -202,13 +206,13 @@ class FordeEnsemble:
     @bentoml.api(batchable=BATCHING, max_batch_size=1024, max_latency_ms=10_000)
     def predict(self, inputs: Annotated[list[PredictRow], Field(min_length=1, max_length=MAX_INPUTS)]) -> list[Prediction]:
         """Class, probabilities, uncertainty and abstention for each input (adaptive batching)."""
-        x = np.asarray([row.input for row in inputs], dtype=np.float32)
+        x = np.stack([row.input for row in inputs])
         return _rows(self._run(self.runtime.predict, x), [row.members for row in inputs])
 
     @bentoml.api
     def explain(self, inputs: Annotated[list[ExplainRow], Field(min_length=1, max_length=MAX_INPUTS)]) -> list[Explanation]:
         """`predict` plus every member's input gradient for the predicted (or requested) class."""
-        x = np.asarray([row.input for row in inputs], dtype=np.float32)
+        x = np.stack([row.input for row in inputs])
         targets = np.asarray([-1 if row.target is None else row.target for row in inputs], dtype=np.int64)
         out = self._run(self.runtime.explain, x, targets)
         chosen = np.where(targets < 0, out["predicted_class"], targets)
