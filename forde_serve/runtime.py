@@ -169,9 +169,7 @@ class EnsembleRuntime:
 
     def validate(self, x, field: str = "input") -> np.ndarray:
         """Check a batch of raw inputs and return it as float32 `[batch, *input_shape]`."""
-        array = np.asarray(x)
-        if array.dtype.kind not in "fiu":
-            raise InvalidInput(f"{field}: expected numbers (float32), got dtype {array.dtype}")
+        array = self._numbers(x, field)
         expected = list(self.card.input_shape)
         if array.ndim != len(expected) + 1 or list(array.shape[1:]) != expected:
             raise InvalidInput(f"{field}: expected shape [batch, {', '.join(map(str, expected))}], "
@@ -180,11 +178,31 @@ class EnsembleRuntime:
             raise InvalidInput(f"{field}: expected at least one input, got an empty batch")
         if len(array) > self.max_batch:
             raise InvalidInput(f"{field}: expected at most {self.max_batch} inputs per call, got {len(array)}")
+        return self._finite_float32(array, field, batched=True)
+
+    def validate_one(self, x, field: str = "input") -> np.ndarray:
+        """Check one raw input `[*input_shape]` and return it as float32 (the service's per-row check)."""
+        array = self._numbers(x, field)
+        if list(array.shape) != list(self.card.input_shape):
+            raise InvalidInput(f"{field}: expected shape {list(self.card.input_shape)}, got {list(array.shape)}")
+        return self._finite_float32(array[None], field, batched=False)[0]
+
+    @staticmethod
+    def _numbers(x, field: str) -> np.ndarray:
+        array = np.asarray(x)
+        if array.dtype.kind not in "fiu":
+            raise InvalidInput(f"{field}: expected numbers (float32), got dtype {array.dtype}")
+        return array
+
+    @staticmethod
+    def _finite_float32(array: np.ndarray, field: str, batched: bool) -> np.ndarray:
+        # Cast first: 1e39 is finite as float64 and infinite in the model's float32.
         array = array.astype(np.float32, copy=False)
-        if not np.isfinite(array).all():
-            bad = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
-            raise InvalidInput(f"{field}: expected finite values, got NaN or infinity in row(s) "
-                               f"{', '.join(map(str, bad[:10]))}")
+        finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+        if not finite.all():
+            where = f" in row(s) {', '.join(map(str, np.flatnonzero(~finite)[:10]))}" if batched else ""
+            raise InvalidInput(f"{field}: expected finite float32 values, got NaN, infinity or a value "
+                               f"beyond +-3.4e38{where}")
         return np.ascontiguousarray(array)
 
     def _target(self, target, batch: int) -> np.ndarray:

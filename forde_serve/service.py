@@ -39,8 +39,10 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 BATCHING = os.environ.get("FORDE_BATCHING", "1") != "0"  # adaptive batching of predict (0: off)
 
 MODEL_PATH = Path(os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
-# The card (shapes, class names) is read here so that request models can check rows at parse time.
-_CARD = EnsembleRuntime(MODEL_PATH, providers=["CPUExecutionProvider"]).card
+# Opened here (CPU, in every process that parses requests) so that request models check each row
+# at parse time with the runtime's own rules; the service's runtime below may run on a GPU.
+_CHECK = EnsembleRuntime(MODEL_PATH, providers=["CPUExecutionProvider"])
+_CARD = _CHECK.card
 _SHAPE = list(_CARD.input_shape)
 
 
@@ -50,18 +52,14 @@ def _raw_input(value: Any) -> np.ndarray:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"expected a nested list of numbers shaped {_SHAPE}, got ragged or non-numeric lists") from None
-    if list(array.shape) != _SHAPE:
-        raise ValueError(f"expected a nested list of numbers shaped {_SHAPE}, got shape {list(array.shape)}")
-    # numpy would read true as 1 and "1.5" as 1.5: refuse rather than guess.
+    # JSON-specific: numpy would read true as 1 and "1.5" as 1.5; refuse rather than guess.
     kinds = {type(v) for v in np.asarray(value, dtype=object).ravel()} - {int, float}
     if kinds:
         raise ValueError(f"expected numbers, got {', '.join(sorted(k.__name__ for k in kinds))} values")
-    # Checked after the cast: 1e39 is finite in float64 but infinite in the model's float32, and
-    # found only inside a batched call it would fail every request in that batch.
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise ValueError("expected finite float32 numbers, got NaN or infinity (or beyond +-3.4e38)")
-    return array
+    try:
+        return _CHECK.validate_one(array)
+    except InvalidInput as err:
+        raise ValueError(str(err)) from None
 
 
 def _class_index(value: int | str | None) -> int | None:
@@ -97,6 +95,13 @@ class ExplainRow(PredictRow):
     @classmethod
     def _check_target(cls, value: int | str | None) -> int | None:
         return _class_index(value)
+
+    @field_validator("saliency_png")
+    @classmethod
+    def _check_saliency(cls, value: bool) -> bool:
+        if value and _CARD.image is None:
+            raise ValueError("expected false: this model's inputs are not images, so there is no saliency picture")
+        return value
 
 
 class Prediction(BaseModel):
@@ -144,12 +149,9 @@ def _saliency_png(x: np.ndarray, gradients: np.ndarray) -> str:
         low, high = float(map2d.min()), float(map2d.max())
         return np.uint8(255 * (map2d - low) / (high - low + 1e-12))
 
-    def to_2d(a: np.ndarray) -> np.ndarray:  # [C, H, W] -> [H, W]
-        return a.mean(0) if a.ndim == 3 else a.reshape(int(np.sqrt(a.size)), -1)
-
-    saliency = np.abs(gradients).max(axis=1) if gradients.ndim == 4 else np.abs(gradients)  # [M, H, W]
-    tiles = [tile(to_2d(x)), tile(saliency.mean(0).reshape(to_2d(x).shape))]
-    tiles += [tile(s.reshape(to_2d(x).shape)) for s in saliency]
+    # Image models only (checked at parse time): x is [C, H, W], gradients [M, C, H, W].
+    saliency = np.abs(gradients).max(axis=1)  # [M, H, W], strongest channel
+    tiles = [tile(x.mean(0)), tile(saliency.mean(0))] + [tile(s) for s in saliency]
     height = tiles[0].shape[0]
     scale = max(1, 96 // height)
     strip = np.concatenate([np.pad(t, ((0, 0), (0, 1)), constant_values=255) for t in tiles], axis=1)

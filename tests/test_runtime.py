@@ -59,8 +59,8 @@ def test_explain_targets(runtime, digits):
     (lambda x: x.reshape(2, 64), "input: expected shape [batch, 1, 8, 8], got [2, 64]"),
     (lambda x: x > 3, "input: expected numbers (float32), got dtype bool"),
     (lambda x: np.full(x.shape, "a"), "input: expected numbers (float32), got dtype <U1"),
-    (lambda x: np.where(np.arange(2)[:, None, None, None] == 1, np.nan, x), "NaN or infinity in row(s) 1"),
-    (lambda x: x * np.inf, "expected finite values"),
+    (lambda x: np.where(np.arange(2)[:, None, None, None] == 1, np.nan, x), "beyond +-3.4e38 in row(s) 1"),
+    (lambda x: x * np.inf, "expected finite float32 values"),
     (lambda x: x[:0], "got an empty batch"),
     (lambda x: np.zeros((5000, 1, 8, 8)), "expected at most 4096 inputs per call, got 5000"),
 ])
@@ -156,3 +156,14 @@ def test_cuda_that_cannot_start_falls_back_with_one_warning(digits_export, monke
     assert [r.getMessage() for r in caplog.records] == [
         "CUDAExecutionProvider is installed but could not start; running on CPUExecutionProvider"]
     assert runtime.predict(np.ones((1, 1, 8, 8), dtype=np.float32))["probs"].shape == (1, 10)
+
+
+def test_validate_one_checks_a_single_input(runtime):
+    row = np.ones((1, 8, 8))
+    assert runtime.validate_one(row).dtype == np.float32 and runtime.validate_one(row).shape == (1, 8, 8)
+    with pytest.raises(InvalidInput, match=r"input: expected shape \[1, 8, 8\], got \[8, 8\]"):
+        runtime.validate_one(row[0])
+    with pytest.raises(InvalidInput, match=r"beyond \+-3.4e38$"):  # finite in float64, not in float32
+        runtime.validate_one(np.full((1, 8, 8), 1e39))
+    with pytest.raises(InvalidInput, match="beyond .* in row\\(s\\) 0"):
+        runtime.validate(np.full((1, 1, 8, 8), 1e39))

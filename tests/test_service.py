@@ -119,7 +119,7 @@ def _raw_body(row_text: str) -> bytes:
 
 @pytest.mark.parametrize("send,status,message", [
     (lambda u: _post(u, "predict", {"inputs": [{"input": np.zeros((8, 8)).tolist()}]}), 400,
-     "expected a nested list of numbers shaped [1, 8, 8], got shape [8, 8]"),
+     "input: expected shape [1, 8, 8], got [8, 8]"),
     (lambda u: _post(u, "predict", {"inputs": [{"input": [[["x"] * 8] * 8]}]}), 400, "non-numeric"),
     (lambda u: _post(u, "predict", {"inputs": [{"input": [[[0] * 8] * 7 + [[0] * 3]]}]}), 400, "ragged"),
     (lambda u: _post(u, "predict", {"inputs": [{"input": [[[True] * 8] * 8]}]}), 400, "expected numbers, got bool"),
@@ -129,9 +129,9 @@ def _raw_body(row_text: str) -> bytes:
     (lambda u: httpx.post(f"{u}/predict_image", files={"image": ("a.txt", b"hello", "text/plain")}), 400,
      "Invalid content type text/plain"),
     (lambda u: httpx.post(f"{u}/predict", content=_raw_body("[[[NaN" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
-                          headers={"content-type": "application/json"}), 400, "expected finite float32 numbers"),
+                          headers={"content-type": "application/json"}), 400, "expected finite float32 values"),
     (lambda u: httpx.post(f"{u}/predict", content=_raw_body("[[[1e999" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
-                          headers={"content-type": "application/json"}), 400, "expected finite float32 numbers"),
+                          headers={"content-type": "application/json"}), 400, "expected finite float32 values"),
     (lambda u: httpx.post(f"{u}/predict", content=_raw_body("[[[1e39" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
                           headers={"content-type": "application/json"}), 400, "beyond +-3.4e38"),
     (lambda u: _post(u, "predict", {"inputs": []}), 400, "at least 1 item"),
@@ -261,3 +261,25 @@ def test_forde_serve_refuses_a_bad_model_file(tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"junk")
     result = run_forde("serve", tmp_path / "m.onnx", check=False)
     assert result.returncode == 2 and "is not a loadable ONNX model" in result.stderr
+
+
+def test_saliency_is_refused_for_models_without_images(digits_export, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_runtime import _copy_with_metadata
+
+    path = _copy_with_metadata(digits_export[0], tmp_path, lambda p: p.update({"forde.image": "null"}))
+    code = ("import pydantic, numpy as np\n"
+            "from forde_serve.service import ExplainRow\n"
+            "row = np.zeros((1, 8, 8)).tolist()\n"
+            "assert ExplainRow(input=row).saliency_png is False\n"
+            "try:\n"
+            "    ExplainRow(input=row, saliency_png=True)\n"
+            "except pydantic.ValidationError as err:\n"
+            "    print(err)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=dict(os.environ) | {"FORDE_MODEL": str(path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "saliency_png" in result.stdout and "inputs are not images" in result.stdout
