@@ -25,6 +25,11 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
+def _file_problem(err: OSError) -> BadInput:
+    """An unwritable or unreadable path (e.g. --out under a file) as one line, not a traceback."""
+    return BadInput(f"{err.filename}: {err.strerror or err}")
+
+
 def _training(module: str = "training"):
     """Import a torch-side module, or explain how to get it."""
     try:
@@ -93,6 +98,8 @@ def train(config: Path | None, out: Path | None, resume: Path | None, method: st
         metrics = training.train(resolved, run_dir, resume=resume is not None, progress=not quiet)
     except data_errors as err:
         raise BadInput(str(err)) from None
+    except OSError as err:
+        raise _file_problem(err) from None
 
     table = Table(title=f"{resolved.ensemble.method} x{resolved.ensemble.members}: clean test metrics")
     table.add_column("metric")
@@ -132,6 +139,8 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
         raise BadInput(str(err)) from None
     except exporter.ExportValidationError as err:
         raise click.ClickException(str(err)) from None
+    except OSError as err:
+        raise _file_problem(err) from None
 
 
 @main.command()

@@ -44,3 +44,14 @@ def test_ci_runs_the_readme_test_command():
     command = "python3 -m venv .venv && .venv/bin/pip install -e '.[train,dev]' && .venv/bin/pytest"
     assert f"```bash\n{command}\n```" in readme
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_an_unwritable_out_is_one_line_with_exit_2(tmp_path, tiny_config):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    run_forde("train", tiny_config(epochs=1), "--out", tmp_path / "run", "--quiet")
+    for args in (["train", "training/configs/digits.toml", "--out", blocker / "run"],
+                 ["export", tmp_path / "run", "--out", blocker / "m.onnx"]):
+        result = run_forde(*args, check=False)
+        assert result.returncode == 2, result.stderr
+        assert str(blocker) in result.stderr and "Traceback" not in result.stderr
