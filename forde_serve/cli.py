@@ -14,7 +14,9 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.progress import ProgressColumn
 from rich.table import Table
+from rich.text import Text
 
 __all__ = ["main"]
 
@@ -141,6 +143,100 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
         raise click.ClickException(str(err)) from None
     except OSError as err:
         raise _file_problem(err) from None
+
+
+SOME_ROWS_FAILED = 3  # `forde score` finished, but rows listed in the errors file were not scored
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("input", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Results: NAME.parquet (probs as a list column) or NAME.csv (one prob_<class> column each).")
+@click.option("--explain", is_flag=True,
+              help="Also write every member's input gradient to NAME.gradients.npy [rows, members, *input_shape], "
+                   "row i for input row i (NaN for rows that failed).")
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True,
+              help="Rows per onnxruntime call; memory follows this, not the input size.")
+@click.option("--part-rows", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Rows per output part: the unit that is redone after a kill.")
+@click.option("--key", help="Array name in a .npz, or column of a .parquet (default: the only one, or 'input').")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process. ray: Ray Data actors, one onnxruntime session each (pip install "
+                   "'forde-serve[ray]').")
+@click.option("--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Ray actors (default: one per GPU, else one per CPU); for a local cluster, also its CPUs.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT (and any unfinished parts) and start over.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
+def score(model: Path, input: Path, out: Path, explain: bool, batch_size: int, part_rows: int, key: str | None,
+          engine: str, address: str | None, workers: int | None, overwrite: bool, quiet: bool) -> None:
+    """Score every row of INPUT with an exported MODEL (NAME.onnx), without a server.
+
+    \b
+    INPUT is one of:
+      rows.npy      [rows, *input_shape], memory-mapped (files larger than RAM work)
+      rows.npz      one named array (--key NAME when it holds several)
+      rows.parquet  a column of number lists (--key COLUMN; default 'input')
+      images/       a folder of PNG/JPEG files, converted as the model's metadata says
+
+    Each output row holds row_id (input index, or file name for images), predicted_class,
+    class_name, confidence, probs, predictive_entropy, expected_entropy, mutual_information,
+    vote_disagreement and abstain. Rows that cannot be scored (non-finite values, unreadable
+    images) go to NAME.errors.csv with the reason.
+
+    Killed? Run the same command again: finished parts (NAME.parquet.parts/) are kept and the
+    rest is scored, each row exactly once.
+
+    Exit codes: 0 all rows scored; 2 bad arguments, model or input file (nothing scored);
+    3 finished, but some rows failed (see NAME.errors.csv).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from forde_serve.runtime import ModelFileError
+    from forde_serve.scoring import InputFileError, ScoreJob, ScoringError, score as run_score
+
+    columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+               _RowsPerSecond(), TimeElapsedColumn())
+    with Progress(*columns, disable=quiet, transient=False) as bar:
+        task = bar.add_task("score", total=None)
+
+        def on_rows(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            job = ScoreJob(model=model, input=input, out=out, key=key, explain=explain, batch_size=batch_size,
+                           part_rows=part_rows)
+            summary = run_score(job, engine=engine, address=address, workers=workers, overwrite=overwrite,
+                                on_rows=on_rows)
+        except (ModelFileError, InputFileError, ScoringError) as err:
+            raise BadInput(str(err)) from None
+        except OSError as err:
+            raise _file_problem(err) from None
+    if not quiet:
+        table = Table(title=f"scored {input} with {model.name}")
+        table.add_column("")
+        table.add_column("value", justify="right")
+        table.add_row("rows", str(summary.rows))
+        table.add_row("scored", str(summary.scored))
+        table.add_row("failed", str(summary.failed))
+        table.add_row("abstained", f"{summary.abstained} ({summary.abstained / max(summary.scored, 1):.1%})")
+        table.add_row("mean mutual information", f"{summary.mean_mutual_information:.4f}")
+        table.add_row("mean predictive entropy", f"{summary.mean_predictive_entropy:.4f}")
+        table.add_row("this run", f"{summary.rows_this_run} rows in {summary.seconds:.1f} s "
+                                  f"({summary.rows_per_second:,.0f} rows/s)")
+        for name, path in summary.outputs.items():
+            table.add_row(name, path)
+        Console().print(table)
+    if summary.failed:
+        click.echo(f"{summary.failed} of {summary.rows} rows could not be scored; see {summary.outputs['errors']}",
+                   err=True)
+        sys.exit(SOME_ROWS_FAILED)
+
+
+class _RowsPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} rows/s" if task.speed else "- rows/s")
 
 
 @main.command()

@@ -150,6 +150,10 @@ class EnsembleRuntime:
         """The execution providers the predict session really runs on."""
         return self._predict.get_providers()
 
+    def require_explain(self) -> None:
+        """Open the explain graph now rather than on first use; raises ModelFileError if it can't be."""
+        self._explain  # noqa: B018 (opening is the point)
+
     @cached_property
     def _explain(self) -> ort.InferenceSession:
         session = _open_session(self.explain_path, self._providers, self._options)

@@ -27,6 +27,7 @@ from bentoml.exceptions import BentoMLException, InvalidArgument
 from bentoml.validators import ContentType
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from forde_serve.images import ImageTooLarge, image_to_input
 from forde_serve.runtime import EnsembleRuntime, InvalidInput
 
 __all__ = ["FordeEnsemble"]
@@ -35,7 +36,6 @@ MODEL_ENV = "FORDE_MODEL"  # path of the exported NAME.onnx to serve
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "exported" / "digits.onnx"
 MAX_INPUTS = int(os.environ.get("FORDE_MAX_INPUTS", "256"))  # rows per request
 MAX_BODY_BYTES = int(os.environ.get("FORDE_MAX_BODY_BYTES", str(8 * 1024 * 1024)))
-MAX_IMAGE_PIXELS = 4096 * 4096
 BATCHING = os.environ.get("FORDE_BATCHING", "1") != "0"  # adaptive batching of predict (0: off)
 
 MODEL_PATH = Path(os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
@@ -252,25 +252,12 @@ class FordeEnsemble:
             raise InvalidArgument(str(err)) from None
 
     def _image_to_input(self, path: Path) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
-        spec = self.runtime.card.image
-        if spec is None:
-            raise InvalidArgument("image: this model takes arrays, not images; use the predict endpoint")
         try:
-            with Image.open(path) as picture:
-                if picture.width * picture.height > MAX_IMAGE_PIXELS:
-                    raise BentoMLException(f"image: expected at most {MAX_IMAGE_PIXELS} pixels, got "
-                                           f"{picture.width}x{picture.height}",
-                                           error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-                converted = picture.convert(spec["mode"]).resize(tuple(spec["size"][::-1]), Image.BILINEAR)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-            raise InvalidArgument(f"image: expected a PNG or JPEG file, got something that does not decode ({err})") from None
-        array = np.asarray(converted, dtype=np.float32)
-        if spec["invert"]:
-            array = 255.0 - array
-        array = array * spec["scale"]
-        return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+            return image_to_input(path, self.runtime.card.image)
+        except ImageTooLarge as err:
+            raise BentoMLException(str(err), error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
+        except InvalidInput as err:
+            raise InvalidArgument(str(err)) from None
 
 
 FordeEnsemble.add_asgi_middleware(_BodyLimit)

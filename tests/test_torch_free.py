@@ -50,3 +50,31 @@ def test_only_the_cli_reaches_training():
         roots = {m.split(".")[0] for m in modules}
         assert "torch" not in roots, path
         assert "training" not in roots, f"{path.relative_to(ROOT)} imports training; only the CLI may, lazily"
+
+
+def test_batch_scoring_runs_without_torch_and_ray_is_optional(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((5, 1, 8, 8), np.float32))
+    no_ray = BLOCK_TORCH.replace("('torch', 'torchvision')", "('torch', 'torchvision', 'ray')")
+    code = """
+from forde_serve.cli import main
+sys.argv = ['forde', 'score', 'exported/digits.onnx', {x!r}, '--out', {out!r}, '--quiet', *{extra!r}]
+try:
+    main()
+finally:
+    assert 'torch' not in sys.modules and 'ray' not in sys.modules
+"""
+
+    def score(extra, out):
+        return subprocess.run([sys.executable, "-c", no_ray + code.format(x=str(tmp_path / "x.npy"), out=str(out),
+                                                                          extra=extra)],
+                              capture_output=True, text=True, cwd=ROOT)
+
+    local = score([], tmp_path / "local.parquet")
+    assert local.returncode == 0, local.stderr
+    assert (tmp_path / "local.parquet").exists()
+    ray = score(["--engine", "ray"], tmp_path / "ray.parquet")
+    assert ray.returncode == 2
+    assert "--engine ray needs Ray, which is not installed: pip install 'forde-serve[ray]'" in ray.stderr
+    assert not (tmp_path / "ray.parquet.parts").exists()

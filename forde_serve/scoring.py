@@ -1,0 +1,398 @@
+"""Offline batch scoring of an exported ensemble, on this machine or on a Ray cluster.
+
+The input is cut into parts of `part_rows` rows. Each part is scored in batches through the one
+`EnsembleRuntime`, written to `OUTPUT.parts/part-K.parquet` with an atomic rename, and only then
+recorded in `OUTPUT.parts/manifest.json`. Running the same command again after a kill skips the
+recorded parts and redoes the rest, so the final output (parts concatenated in order, then the
+parts folder removed) holds every input row exactly once. Rows that cannot be scored are listed
+in `OUTPUT.errors.csv` instead of stopping the job.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from forde_serve._io import atomic_path, atomic_write_text
+from forde_serve._sources import InputFileError, open_source
+from forde_serve.runtime import EnsembleRuntime
+
+__all__ = ["InputFileError", "ScoreJob", "ScoreSummary", "ScoringError", "score"]
+
+OUTPUT_SUFFIXES = (".parquet", ".csv")
+UNCERTAINTY = ("predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement")
+
+
+class ScoringError(ValueError):
+    """A scoring job that cannot start as asked (output in the way, parts of another job, no Ray)."""
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """One `forde score` command, validated: what to score with what, and where the results go."""
+
+    model: Path
+    input: Path
+    out: Path  # NAME.parquet or NAME.csv
+    key: str | None = None  # array name in a .npz / column of a .parquet input
+    explain: bool = False  # also write every member's input gradient to NAME.gradients.npy
+    batch_size: int = 256
+    part_rows: int = 8192
+
+    def __post_init__(self):
+        if self.out.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ScoringError(f"--out: expected a .parquet or .csv file name, got {str(self.out)!r}")
+        if self.batch_size < 1 or self.part_rows < 1:
+            raise ScoringError(f"batch size and part rows must be positive, got {self.batch_size} and {self.part_rows}")
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.out.with_name(self.out.name + ".parts")
+
+    @property
+    def errors_path(self) -> Path:
+        return self.out.with_name(f"{self.out.stem}.errors.csv")
+
+    @property
+    def gradients_path(self) -> Path:
+        return self.out.with_name(f"{self.out.stem}.gradients.npy")
+
+
+@dataclass
+class ScoreSummary:
+    """What a finished job did: rows in, scored, failed, abstained, mean uncertainty, time."""
+
+    rows: int
+    scored: int = 0
+    failed: int = 0
+    abstained: int = 0
+    mean_mutual_information: float = float("nan")
+    mean_predictive_entropy: float = float("nan")
+    rows_this_run: int = 0  # rows scored by this invocation (fewer after a resume)
+    seconds: float = 0.0
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_this_run / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"rows_per_second": self.rows_per_second}
+
+
+def score(job: ScoreJob, engine: str = "local", address: str | None = None, workers: int | None = None,
+          overwrite: bool = False, on_rows: Callable[[int, int], None] | None = None) -> ScoreSummary:
+    """Score `job.input` into `job.out`, resuming an interrupted run of the same job.
+
+    `on_rows(done, total)` is called as rows finish (for a progress bar). Raises ModelFileError,
+    InputFileError or ScoringError before anything is written when the job cannot run.
+    """
+    started = time.perf_counter()
+    if engine not in ("local", "ray"):
+        raise ScoringError(f"--engine: expected local or ray, got {engine!r}")
+    if engine == "ray":
+        _import_ray()  # before anything is written
+    runtime = EnsembleRuntime(job.model, max_batch=job.batch_size)
+    if job.explain:
+        runtime.require_explain()
+    source = open_source(job.input, runtime.card, job.key)
+    manifest = _Manifest.open(job, _identity(job, source), source.rows, overwrite)
+    pending = [k for k in range(manifest.parts) if k not in manifest.done]
+    if job.explain and manifest.fresh:
+        gradients = np.lib.format.open_memmap(job.parts_dir / "gradients.npy", mode="w+", dtype=np.float32,
+                                              shape=(source.rows, runtime.card.members, *runtime.card.input_shape))
+        del gradients  # created sparse; parts fill their rows
+
+    already = sum(manifest.done[k]["rows"] for k in manifest.done)
+    progress = _Progress(on_rows, already, source.rows)
+    if engine == "local":
+        scorer = _PartScorer(job, runtime=runtime, source=source)
+        for k in pending:
+            manifest.record(k, scorer.score_part(k, progress.advance))
+    else:
+        _score_on_ray(job, pending, address, workers, manifest, progress)
+    summary = _finish(job, manifest, runtime.card.class_names, source)
+    summary.rows_this_run = progress.done - already
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+class _Progress:
+    def __init__(self, callback, done: int, total: int):
+        self.callback, self.done, self.total = callback, done, total
+        self.advance(0)
+
+    def advance(self, rows: int) -> None:
+        self.done += rows
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+def _identity(job: ScoreJob, source) -> dict:
+    """What makes two runs the same job: the model's bytes, the input as found, and the part size."""
+    digest = hashlib.sha256()
+    with job.model.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if job.input.is_dir():
+        files = sorted(p for p in job.input.rglob("*") if p.is_file())
+        stamp = hashlib.sha256(json.dumps([(p.relative_to(job.input).as_posix(), p.stat().st_size,
+                                            p.stat().st_mtime_ns) for p in files]).encode()).hexdigest()
+    else:
+        stat = job.input.stat()
+        stamp = f"{stat.st_size}-{stat.st_mtime_ns}"
+    return {"model_sha256": digest.hexdigest(), "input": str(job.input.resolve()), "input_stamp": stamp,
+            "key": job.key, "rows": source.rows, "part_rows": job.part_rows, "explain": job.explain,
+            "output": job.out.suffix.lower()}
+
+
+class _Manifest:
+    """`OUTPUT.parts/manifest.json`: the job's identity and the parts finished so far."""
+
+    def __init__(self, path: Path, identity: dict, done: dict[int, dict]):
+        self.path, self.identity, self.done = path, identity, done
+        self.parts = -(-identity["rows"] // identity["part_rows"])
+        self.fresh = not done
+
+    @classmethod
+    def open(cls, job: ScoreJob, identity: dict, rows: int, overwrite: bool) -> _Manifest:
+        path = job.parts_dir / "manifest.json"
+        if overwrite:
+            shutil.rmtree(job.parts_dir, ignore_errors=True)
+            for stale in (job.out, job.errors_path, job.gradients_path):
+                stale.unlink(missing_ok=True)
+        if path.exists():
+            saved = json.loads(path.read_text())
+            changed = [k for k in identity if saved["identity"].get(k) != identity[k]]
+            if changed:
+                raise ScoringError(f"{job.parts_dir} holds parts of a different job ({', '.join(changed)} changed); "
+                                   "run the same command to resume it, or pass --overwrite to start over")
+            return cls(path, identity, {int(k): v for k, v in saved["done"].items()})
+        if job.out.exists():
+            raise ScoringError(f"--out: {job.out} already exists; pass --overwrite to replace it")
+        if rows == 0:
+            raise InputFileError(f"{job.input}: expected at least one row, got none")
+        job.parts_dir.mkdir(parents=True, exist_ok=True)
+        manifest = cls(path, identity, {})
+        manifest._save()
+        return manifest
+
+    def record(self, part: int, result: dict) -> None:
+        self.done[part] = result
+        self._save()
+
+    def _save(self) -> None:
+        atomic_write_text(self.path, json.dumps({"identity": self.identity, "done": self.done}, indent=1))
+
+
+def _part_path(job: ScoreJob, part: int, kind: str = "parquet") -> Path:
+    return job.parts_dir / (f"part-{part:06d}.parquet" if kind == "parquet" else f"part-{part:06d}.errors.json")
+
+
+class _PartScorer:
+    """Scores whole parts: read a batch, drop bad rows, run the runtime, append to the part file.
+
+    Also the Ray actor: Ray Data calls it with batches of part numbers (see `_score_on_ray`).
+    """
+
+    def __init__(self, job: ScoreJob, runtime: EnsembleRuntime | None = None, source=None, threads: int | None = None):
+        self.job = job
+        self.runtime = runtime or EnsembleRuntime(job.model, max_batch=job.batch_size, threads=threads)
+        self.source = source or open_source(job.input, self.runtime.card, job.key)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = [self.score_part(int(k)) for k in batch["part"]]
+        return {"part": batch["part"], "rows": np.array([r["rows"] for r in results]),
+                "failed": np.array([r["failed"] for r in results])}
+
+    def score_part(self, part: int, advance: Callable[[int], None] | None = None) -> dict:
+        import pyarrow.parquet as pq
+
+        job, runtime = self.job, self.runtime
+        start = part * job.part_rows
+        stop = min(self.source.rows, start + job.part_rows)
+        gradients = (np.lib.format.open_memmap(job.parts_dir / "gradients.npy", mode="r+")
+                     if job.explain else None)
+        errors: list[dict] = []
+        with atomic_path(_part_path(job, part)) as tmp:
+            writer = None
+            for first in range(start, stop, job.batch_size):
+                last = min(stop, first + job.batch_size)
+                with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, refused just below
+                    x, bad = self.source.read(first, last)
+                finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+                for r in np.flatnonzero(~finite):
+                    bad.setdefault(int(r), "input: expected finite float32 values, got NaN, infinity or a "
+                                           "value beyond +-3.4e38")
+                ok = np.ones(len(x), dtype=bool)
+                ok[list(bad)] = False
+                ids = self.source.row_ids(first, last)
+                errors += [{"row": first + r, "row_id": _plain(ids[r]), "reason": bad[r]} for r in sorted(bad)]
+                out = self._run(x[ok]) if ok.any() else None
+                table = _table(out, ids[ok], np.flatnonzero(ok) + first, runtime.card.class_names,
+                               image_rows=self.source.row_ids(0, 0).dtype == object)
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                if gradients is not None:
+                    block = np.full((last - first, *gradients.shape[1:]), np.nan, dtype=np.float32)
+                    if out is not None:
+                        block[ok] = out["input_gradients"]
+                    gradients[first:last] = block
+                if advance is not None:
+                    advance(last - first)
+            writer.close()
+            if gradients is not None:
+                gradients.flush()
+                del gradients
+            atomic_write_text(_part_path(job, part, "errors"), json.dumps(errors))
+        return {"rows": stop - start, "failed": len(errors)}
+
+    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self.runtime.explain(x) if self.job.explain else self.runtime.predict(x)
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _table(out: dict[str, np.ndarray] | None, row_ids: np.ndarray, rows: np.ndarray, class_names, image_rows: bool):
+    """One output row per scored input (the schema is the same when nothing in the batch scored)."""
+    import pyarrow as pa
+
+    classes = len(class_names)
+    if out is None:
+        out = {"predicted_class": np.zeros(0, np.int64), "confidence": np.zeros(0, np.float32),
+               "probs": np.zeros((0, classes), np.float32), "abstain": np.zeros(0, bool)}
+        out |= {k: np.zeros(0, np.float32) for k in UNCERTAINTY}
+    columns = {}
+    if image_rows:
+        columns["row"] = pa.array(rows, pa.int64())
+        columns["row_id"] = pa.array(list(row_ids), pa.string())
+    else:
+        columns["row_id"] = pa.array(row_ids, pa.int64())
+    predicted = out["predicted_class"].astype(np.int32)
+    columns["predicted_class"] = pa.array(predicted)
+    columns["class_name"] = pa.array(np.asarray(class_names, dtype=object)[predicted].tolist(), pa.string())
+    columns["confidence"] = pa.array(out["confidence"].astype(np.float32))
+    columns["probs"] = pa.FixedSizeListArray.from_arrays(pa.array(out["probs"].astype(np.float32).ravel()), classes)
+    for name in UNCERTAINTY:
+        columns[name] = pa.array(out[name].astype(np.float32))
+    columns["abstain"] = pa.array(out["abstain"].astype(bool))
+    return pa.table(columns)
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ScoringError("--engine ray needs Ray, which is not installed: pip install 'forde-serve[ray]'") from None
+    return ray
+
+
+def _score_on_ray(job: ScoreJob, pending: list[int], address: str | None, workers: int | None,
+                  manifest: _Manifest, progress: _Progress) -> None:
+    """Parts as Ray Data items; a pool of actors, each with one onnxruntime session, scores them.
+
+    Actors write the part files (OUTPUT must be on storage every node sees); this driver records
+    each finished part in the manifest as results stream back, so a killed job resumes the same way.
+    """
+    import logging
+
+    ray = _import_ray()
+
+    # Ray Data's INFO lines (and its note that we drew our own progress bar) would bury ours.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, num_cpus=workers if address is None else None, include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        actors = workers or gpus or max(1, int(resources.get("CPU", 1)))
+        if not pending:
+            return
+        parts = ray.data.from_items([{"part": k} for k in pending], override_num_blocks=len(pending))
+        scored = parts.map_batches(
+            _PartScorer, fn_constructor_kwargs={"job": job, "threads": 1}, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0, batch_format="numpy",
+        )
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            for k, rows, failed in zip(batch["part"], batch["rows"], batch["failed"]):
+                manifest.record(int(k), {"rows": int(rows), "failed": int(failed)})
+                progress.advance(int(rows))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _finish(job: ScoreJob, manifest: _Manifest, class_names, source) -> ScoreSummary:
+    """Concatenate the parts in order into OUTPUT (atomically), gather errors, drop the parts."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    summary = ScoreSummary(rows=source.rows)
+    mi_sum = pe_sum = 0.0
+    errors: list[dict] = []
+    csv_out = job.out.suffix.lower() == ".csv"
+    with atomic_path(job.out) as tmp:
+        writer = None
+        for k in range(manifest.parts):
+            table = pq.read_table(_part_path(job, k))
+            errors += json.loads(_part_path(job, k, "errors").read_text())
+            summary.scored += table.num_rows
+            summary.abstained += int(np.count_nonzero(table["abstain"].to_numpy(zero_copy_only=False)))
+            mi_sum += float(np.sum(table["mutual_information"].to_numpy(), dtype=np.float64))
+            pe_sum += float(np.sum(table["predictive_entropy"].to_numpy(), dtype=np.float64))
+            if csv_out:
+                table = _flat_probs(table, class_names)
+                writer = writer or pacsv.CSVWriter(str(tmp), table.schema)
+            else:
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+        writer.close()
+    summary.failed = len(errors)
+    if summary.scored:
+        summary.mean_mutual_information = mi_sum / summary.scored
+        summary.mean_predictive_entropy = pe_sum / summary.scored
+    summary.outputs["scores"] = str(job.out)
+    if errors:
+        with atomic_path(job.errors_path) as tmp, tmp.open("w", newline="") as f:
+            out = csv.DictWriter(f, fieldnames=["row", "row_id", "reason"])
+            out.writeheader()
+            out.writerows(errors)
+        summary.outputs["errors"] = str(job.errors_path)
+    else:
+        job.errors_path.unlink(missing_ok=True)
+    if job.explain:
+        if (job.parts_dir / "gradients.npy").exists():  # absent when a kill came after this move
+            (job.parts_dir / "gradients.npy").replace(job.gradients_path)
+        summary.outputs["gradients"] = str(job.gradients_path)
+    shutil.rmtree(job.parts_dir)
+    return summary
+
+
+def _flat_probs(table, class_names):
+    """CSV has no list type: `probs` becomes one `prob_<class>` column per class."""
+    import pyarrow as pa
+
+    probs = table["probs"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, len(class_names))
+    at = table.schema.get_field_index("probs")
+    table = table.remove_column(at)
+    for i, name in enumerate(class_names):
+        table = table.add_column(at + i, f"prob_{name}", pa.array(probs[:, i]))
+    return table
