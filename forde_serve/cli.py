@@ -71,13 +71,20 @@ def main() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
               help="Override device; auto takes CUDA when torch sees a GPU.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this machine (torchrun --standalone): one per GPU, or CPU processes with Gloo. "
+                   "For several machines, run torchrun yourself (see the README).")
 def train(config: Path | None, out: Path | None, resume: Path | None, method: str | None, members: int | None,
-          epochs: int | None, seed: int | None, device: str | None, quiet: bool) -> None:
+          epochs: int | None, seed: int | None, device: str | None, quiet: bool, nproc: int) -> None:
     """Train an ensemble from a TOML CONFIG (see training/configs/) into a run folder.
 
     The run folder holds the resolved config, the PCA basis (FoRDE with pca/tuned lengthscales),
     member weights (safetensors), train_log.jsonl and metrics.json (clean test accuracy, NLL,
     ECE, Brier, gradient cosine distance). A checkpoint is written after every epoch.
+
+    With --nproc N (or `torchrun --nproc_per_node N -m training ...`) every process holds all
+    members and takes 1/N of each global batch; the repulsion still sees the whole global batch,
+    so the result does not depend on N. Only rank 0 writes the run folder.
     """
     training = _training()
     trainer = _training("training.trainer")
@@ -97,12 +104,18 @@ def train(config: Path | None, out: Path | None, resume: Path | None, method: st
             resolved = training.with_overrides(training.load_config(config), method=method, members=members,
                                                epochs=epochs, seed=seed, device=device)
             run_dir = out or Path("runs") / f"{config.stem}-{resolved.ensemble.method}-seed{resolved.seed}"
+        if nproc > 1:  # checked here, so that a mistake is one line rather than N ranks' failures
+            trainer.check_run_dir(resolved, run_dir, resume is not None, processes=nproc)
+            _launch_torchrun(nproc, config, out=None if resume else run_dir, resume=resume, method=method,
+                             members=members, epochs=epochs, seed=seed, device=device, quiet=quiet)
         metrics = training.train(resolved, run_dir, resume=resume is not None, progress=not quiet)
     except data_errors as err:
         raise BadInput(str(err)) from None
     except OSError as err:
         raise _file_problem(err) from None
 
+    if metrics is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     table = Table(title=f"{resolved.ensemble.method} x{resolved.ensemble.members}: clean test metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -111,6 +124,26 @@ def train(config: Path | None, out: Path | None, resume: Path | None, method: st
     console = Console()
     console.print(table)
     console.print(f"run folder: {run_dir}")
+
+
+def _launch_torchrun(nproc: int, config: Path | None, **options) -> None:
+    """Re-run this `forde train` as `torchrun --standalone --nproc_per_node N -m training ...` and exit with it."""
+    import subprocess
+
+    _training("torch")
+    args = [str(config)] if config is not None else []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value not in (None, False):
+            args += [flag, str(value)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "training", *args]
+    try:
+        sys.exit(subprocess.call(command))
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 @main.command()

@@ -57,6 +57,17 @@ def quickstart_runs(tmp_path_factory):
     return runs
 
 
+def epochs_checkpointed(run: Path) -> int:
+    """Epochs finished in a run's last checkpoint (0 before the first one)."""
+    from safetensors import safe_open
+
+    path = run / "checkpoint.safetensors"
+    if not path.exists():
+        return 0
+    with safe_open(str(path), "pt") as f:
+        return int(f.metadata()["epoch"])
+
+
 def read_metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 

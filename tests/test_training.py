@@ -8,10 +8,9 @@ import time
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import FORDE, ROOT, read_metrics, run_forde
+from conftest import FORDE, ROOT, epochs_checkpointed, read_metrics, run_forde
 from test_data import _write_cifar
 from training.config import OptimConfig, load_config
 from training.run import RunError, load_run
@@ -64,14 +63,6 @@ def test_pca_basis_is_saved_with_the_run(tmp_path, tiny_config):
     assert (pca["eigenvalues"][:-1] >= pca["eigenvalues"][1:]).all()
 
 
-def _epochs_checkpointed(run):
-    path = run / "checkpoint.safetensors"
-    if not path.exists():
-        return 0
-    with safe_open(str(path), "pt") as f:
-        return int(f.metadata()["epoch"])
-
-
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_config):
     config = tiny_config(epochs=10, lengthscale="pca")
     run_forde("train", config, "--out", tmp_path / "straight", "--quiet")
@@ -80,11 +71,11 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_config):
     process = subprocess.Popen([FORDE, "train", str(config), "--out", str(killed), "--quiet"], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while _epochs_checkpointed(killed) < 3 and time.monotonic() < deadline and process.poll() is None:
+    while epochs_checkpointed(killed) < 3 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    done = _epochs_checkpointed(killed)
+    done = epochs_checkpointed(killed)
     assert 3 <= done < 10 and not (killed / "members.safetensors").exists(), "the kill came too late to test"
 
     resumed = run_forde("train", "--resume", killed)

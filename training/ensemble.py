@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.distributed import is_distributed, synced_batch_norm
+
 __all__ = ["ARCHITECTURES", "Ensemble", "build_ensemble", "member_state_dict"]
 
 
@@ -79,6 +81,9 @@ class EnsembleBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(members, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and is_distributed():  # statistics of the global batch, as in one process
+            return synced_batch_norm(x, self.running_mean.view(-1), self.running_var.view(-1),
+                                     self.weight.flatten(), self.bias.flatten(), self.momentum, self.eps)
         # Flat views share storage, so batch_norm's in-place running-stat update lands in the buffers.
         return F.batch_norm(x, self.running_mean.view(-1), self.running_var.view(-1),
                             self.weight.flatten(), self.bias.flatten(),

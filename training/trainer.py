@@ -4,7 +4,9 @@ Per step (DESIGN.md section 3): loss = sum_i mean_b CE(f_i(x_b), y_b) + R, where
 input-gradient repulsion (`training.forde.repulsion_term`). SGD with Nesterov momentum,
 weight decay as the Gaussian prior, the paper's learning-rate schedule. One checkpoint per
 epoch, written atomically, so a killed run resumes from its last finished epoch and ends
-exactly where an uninterrupted run would (same seed, CPU).
+exactly where an uninterrupted run would (same seed, CPU). Under torchrun the same loop runs
+data-parallel (`training.distributed`): each rank computes its shard of every global batch and
+a step equals the one-process step; rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from forde_serve.metrics import classification_metrics
 from training import run as run_files
 from training.config import OptimConfig, TrainConfig
 from training.data import Dataset, augment_batch, load_dataset
+from training.distributed import SINGLE, World, all_sum, average_gradients, broadcast_state, gather_rows, init_world, shard
 from training.ensemble import Ensemble
 from training.evaluation import clean_metrics, member_probabilities
 from training.forde import lengthscale_scales, member_input_gradients, pca_basis, repulsion_with_bandwidth
 
-__all__ = ["Repulsion", "TrainingError", "learning_rate", "loss_terms", "resolve_device", "train"]
+__all__ = ["Repulsion", "TrainingError", "check_run_dir", "learning_rate", "loss_terms", "resolve_device", "train", "train_step"]
 
 
 class TrainingError(ValueError):
@@ -59,9 +62,14 @@ def learning_rate(optim: OptimConfig, epoch: int) -> float:
     return optim.lr * factor
 
 
-def loss_terms(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
-               repulsion: Repulsion | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(sum over members of the batch-mean CE, R or None, bandwidths `[M, B']` or None) for raw `x`."""
+def loss_terms(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, repulsion: Repulsion | None,
+               world: World = SINGLE, global_rows: int | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(sum over members of the batch-mean CE, R or None, bandwidths `[M, B']` or None) for raw `x`.
+
+    Under several processes `x`, `y` are this rank's shard of a global batch of `global_rows`:
+    the CE is over the shard, R over the whole global batch (gradient features all-gathered).
+    """
     z = ensemble.normalize(x)
     subset = None if repulsion is None or not repulsion.batch or repulsion.batch >= len(x) else repulsion.batch
     if repulsion is None or subset is not None:
@@ -73,13 +81,35 @@ def loss_terms(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor,
         subset_logits, grads = member_input_gradients(ensemble, z[rows], y[rows], create_graph=True)
         if subset is None:
             logits = subset_logits
-        r, bandwidth = repulsion_with_bandwidth(grads.flatten(2).transpose(0, 1), repulsion.basis,
-                                                repulsion.scales, repulsion.eps)
+        features = gather_rows(grads.flatten(2).transpose(0, 1), global_rows or len(x), world, dim=1)  # [M, B, D]
+        r, bandwidth = repulsion_with_bandwidth(features, repulsion.basis, repulsion.scales, repulsion.eps)
     else:
         r = bandwidth = None
     members = logits.shape[1]
     ce = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(members)) * members
     return ce, r, bandwidth
+
+
+def train_step(ensemble: Ensemble, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               repulsion: Repulsion | None, world: World = SINGLE,
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One optimizer step on the global batch `x` `[B, ...]`, `y` `[B]` (every rank passes the same).
+
+    Each rank differentiates its share of the global objective (its shard's CE, weighted by the
+    shard's size, plus R through its own rows); averaging the gradients over ranks then gives the
+    one-process gradient, whatever the number of ranks. Returns (this rank's share of the summed
+    member CE, R or None, bandwidths or None).
+    """
+    rows = len(x)
+    mine = shard(rows, world)
+    ce, r, bandwidth = loss_terms(ensemble, x[mine], y[mine], repulsion, world, rows)
+    ce = ce * ((mine.stop - mine.start) / rows)
+    loss = ce if r is None else ce + r
+    optimizer.zero_grad(set_to_none=True)
+    (loss * world.size if world.size > 1 else loss).backward()  # averaged over ranks just below
+    average_gradients(ensemble, world)
+    optimizer.step()
+    return ce.detach(), r, bandwidth
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,7 +121,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _repulsion_for(config: TrainConfig, data: Dataset, ensemble: Ensemble, run_dir: Path,
-                   resume: bool, device: torch.device) -> Repulsion | None:
+                   resume: bool, device: torch.device, world: World) -> Repulsion | None:
     if config.ensemble.method == "de":
         return None
     basis = scales = None
@@ -101,7 +131,8 @@ def _repulsion_for(config: TrainConfig, data: Dataset, ensemble: Ensemble, run_d
         else:
             with torch.no_grad():
                 pca = pca_basis(ensemble.normalize(data.train.x.to(device)))
-            run_files.write_pca(run_dir, pca)
+            if world.is_main:
+                run_files.write_pca(run_dir, pca)
         basis = pca.eigenvectors.to(device)
         scales = lengthscale_scales(config.forde.lengthscale, pca.eigenvalues, config.forde.alpha).to(device)
     return Repulsion(basis, scales, config.forde.eps, config.forde.batch)
@@ -151,42 +182,65 @@ def _validation_scores(ensemble: Ensemble, data: Dataset) -> dict[str, float]:
     return {"val_accuracy": scores["accuracy"], "val_nll": scores["nll"]}
 
 
-def _prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> None:
+def check_run_dir(config: TrainConfig, run_dir: Path, resume: bool, processes: int = 1) -> None:
+    """Raise TrainingError if `run_dir` cannot take this run (nothing is written)."""
+    if config.ensemble.method == "forde" and config.forde.batch and processes > 1:
+        raise TrainingError("forde.batch (repulsion on a subset of each batch) is not supported with several "
+                            "processes yet; remove it from the config or train in one process")
     if resume:
         if not (run_dir / run_files.CONFIG).is_file():
             raise TrainingError(f"--resume {run_dir}: not a training run folder ({run_files.CONFIG} is missing)")
-        return
-    if (run_dir / run_files.CHECKPOINT).exists() or (run_dir / run_files.WEIGHTS).exists():
+    elif (run_dir / run_files.CHECKPOINT).exists() or (run_dir / run_files.WEIGHTS).exists():
         raise TrainingError(f"{run_dir} already holds a training run: continue it with `forde train --resume "
                             f"{run_dir}` or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / run_files.CONFIG, config.to_json())
+
+
+def _prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool, world: World) -> None:
+    check_run_dir(config, run_dir, resume, world.size)
+    if not resume and world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / run_files.CONFIG, config.to_json())
 
 
 def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          console: Console | None = None) -> dict[str, float]:
-    """Train (or continue) the run in `run_dir`; returns the clean test metrics written to metrics.json."""
-    run_dir = Path(run_dir)
-    console = console or Console(stderr=True)
-    device = resolve_device(config.device)
-    _prepare_run_dir(config, run_dir, resume)
+          console: Console | None = None) -> dict[str, float] | None:
+    """Train (or continue) the run in `run_dir`; returns the clean test metrics written to metrics.json.
 
+    Launched by torchrun (WORLD_SIZE > 1), every rank runs this; rank 0 writes the run folder and
+    returns the metrics, the other ranks return None.
+    """
+    run_dir = Path(run_dir)
+    world, device_name = init_world(config.device)
+    try:
+        return _train(config, run_dir, resume, progress and world.is_main, console or Console(stderr=True),
+                      world, resolve_device(device_name))
+    finally:
+        if world.size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, console: Console, world: World,
+           device: torch.device) -> dict[str, float] | None:
+    _prepare_run_dir(config, run_dir, resume, world)
     torch.manual_seed(config.seed)
     data = load_dataset(config.data)
     info = run_files.DatasetInfo(data.name, data.class_names, data.input_shape, data.mean, data.std)
-    if not resume:
+    if not resume and world.is_main:
         info.write(run_dir)
     ensemble = run_files.new_ensemble(config, info).to(device)
-    repulsion = _repulsion_for(config, data, ensemble, run_dir, resume, device)
+    broadcast_state(ensemble, world)
+    repulsion = _repulsion_for(config, data, ensemble, run_dir, resume, device, world)
     optim = config.optim
     optimizer = torch.optim.SGD(ensemble.parameters(), lr=optim.lr, momentum=optim.momentum,
                                 nesterov=optim.nesterov, weight_decay=optim.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)  # shuffling + augmentation, on the CPU
+    # Shuffling + augmentation, on the CPU; every rank draws the same global batches.
+    generator = torch.Generator().manual_seed(config.seed)
     epochs_done, log = 0, []
     if resume:
         epochs_done = _load_checkpoint(run_dir, ensemble, optimizer, generator)
         log = _read_log(run_dir, epochs_done)
-        console.print(f"resuming {run_dir} after epoch {epochs_done}/{optim.epochs}")
+        if world.is_main:
+            console.print(f"resuming {run_dir} after epoch {epochs_done}/{optim.epochs}")
 
     train_x, train_y = data.train.x.to(device), data.train.y.to(device)
     steps_per_epoch = math.ceil(len(train_x) / optim.batch_size)
@@ -200,57 +254,56 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
             for group in optimizer.param_groups:
                 group["lr"] = lr
             ensemble.train()
-            totals = {"ce": 0.0, "repulsion": 0.0, "bandwidth": 0.0, "rows": 0, "repulsion_steps": 0}
+            ce_sum = rows = repulsion_sum = bandwidth_sum = 0.0
+            repulsion_steps = 0
             order = torch.randperm(len(train_x), generator=generator).to(device)
             step_task = bar.add_task(f"epoch {epoch + 1}", total=steps_per_epoch)
             for start in range(0, len(train_x), optim.batch_size):
                 index = order[start:start + optim.batch_size]
-                if len(index) < 2:  # batch norm and the median bandwidth need two inputs
+                if len(index) < max(2, world.size):  # batch norm and the median bandwidth need two inputs
                     continue
                 x, y = train_x[index], train_y[index]
                 if data.augment:
                     x = augment_batch(x, generator)
                 use_repulsion = repulsion is not None and step % config.forde.every == 0
-                ce, r, bandwidth = loss_terms(ensemble, x, y, repulsion if use_repulsion else None)
-                loss = ce if r is None else ce + r
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                ce, r, bandwidth = train_step(ensemble, optimizer, x, y, repulsion if use_repulsion else None, world)
                 step += 1
-                totals["ce"] += ce.item() / ensemble.members * len(x)
-                totals["rows"] += len(x)
+                ce_sum += ce.item() / ensemble.members * len(x)  # summed over ranks below
+                rows += len(x)
                 if r is not None:
-                    totals["repulsion"] += r.item()
-                    totals["bandwidth"] += bandwidth.median().item()
-                    totals["repulsion_steps"] += 1
+                    repulsion_sum += r.item()
+                    bandwidth_sum += bandwidth.median().item()
+                    repulsion_steps += 1
                 bar.advance(step_task)
             bar.remove_task(step_task)
-            if not math.isfinite(totals["ce"]):
+            (ce_sum,) = all_sum([ce_sum], world)
+            if not math.isfinite(ce_sum):
                 raise TrainingError(f"training diverged in epoch {epoch + 1} (cross-entropy is not finite); "
                                     f"lower optim.lr (now {optim.lr})")
-            n_rep = totals["repulsion_steps"]
-            entry = {
-                "epoch": epoch + 1,
-                "ce": totals["ce"] / totals["rows"],
-                "repulsion": totals["repulsion"] / n_rep if n_rep else None,
-                "bandwidth": totals["bandwidth"] / n_rep if n_rep else None,
-                "lr": lr,
-                **_validation_scores(ensemble, data),
-                "seconds": time.perf_counter() - started,
-            }
-            log.append(entry)
-            # Log first, checkpoint second: a log line without its checkpoint is dropped on resume.
-            atomic_write_text(run_dir / run_files.LOG, "".join(json.dumps(line) + "\n" for line in log))
-            _save_checkpoint(run_dir, epoch + 1, ensemble, optimizer, generator)
+            if world.is_main:
+                entry = {
+                    "epoch": epoch + 1,
+                    "ce": ce_sum / rows,
+                    "repulsion": repulsion_sum / repulsion_steps if repulsion_steps else None,
+                    "bandwidth": bandwidth_sum / repulsion_steps if repulsion_steps else None,
+                    "lr": lr,
+                    **_validation_scores(ensemble, data),
+                    "seconds": time.perf_counter() - started,
+                }
+                log.append(entry)
+                # Log first, checkpoint second: a log line without its checkpoint is dropped on resume.
+                atomic_write_text(run_dir / run_files.LOG, "".join(json.dumps(line) + "\n" for line in log))
+                _save_checkpoint(run_dir, epoch + 1, ensemble, optimizer, generator)
+                if progress:
+                    rep = "" if entry["repulsion"] is None else f" repulsion {entry['repulsion']:.4f}"
+                    console.print(f"epoch {epoch + 1:>3}/{optim.epochs} ce {entry['ce']:.4f}{rep} lr {lr:.4g} "
+                                  f"val acc {entry['val_accuracy']:.4f} ({entry['seconds']:.1f}s)")
             bar.advance(epoch_task)
-            if progress:
-                rep = "" if entry["repulsion"] is None else f" repulsion {entry['repulsion']:.4f}"
-                console.print(f"epoch {epoch + 1:>3}/{optim.epochs} ce {entry['ce']:.4f}{rep} lr {lr:.4g} "
-                              f"val acc {entry['val_accuracy']:.4f} ({entry['seconds']:.1f}s)")
 
+    if not world.is_main:
+        return None
     ensemble.eval()
     metrics = clean_metrics(ensemble, data.test.x.to(device), data.test.y)
     run_files.write_weights(run_dir, ensemble)
     atomic_write_text(run_dir / run_files.METRICS, json.dumps(metrics, indent=2))
     return metrics
-
