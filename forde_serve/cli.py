@@ -178,6 +178,114 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
         raise _file_problem(err) from None
 
 
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Choice(["digits", "cifar10", "cifar100"]), default="digits", show_default=True,
+              help="The dataset the model was trained on; its test split is evaluated clean and corrupted.")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding CIFAR (torchvision's layout).")
+@click.option("--corrupted-root", type=click.Path(file_okay=False),
+              help="Folder holding CIFAR-10-C / CIFAR-100-C (default: --data-root).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder to write.")
+@click.option("--ood", type=click.Path(dir_okay=False, path_type=Path),
+              help="Out-of-distribution inputs (.npy, raw input space) for the MI detection AUROC.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the digits-C corruptions.")
+@click.option("--per-severity", type=click.IntRange(min=1),
+              help="CIFAR-C: evaluate the first N images of each severity (default: all 10000).")
+@click.option("--gradient-rows", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Inputs per set whose member gradients are compared (cosine distance); 0 skips.")
+@click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True,
+              help="validation: measure the validation split (digits), to choose settings without the test split.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
+def evaluate(source: Path, data: str, data_root: str | None, corrupted_root: str | None, out: Path, ood: Path | None,
+             seed: int, per_severity: int | None, gradient_rows: int, split: str, quiet: bool) -> None:
+    """Measure an ensemble's robustness: SOURCE is a training run folder or an exported NAME.onnx.
+
+    \b
+    Clean and corrupted test data (digits: the digits-C suite, 11 corruptions x 5 severities;
+    CIFAR: CIFAR-10-C / CIFAR-100-C from a local folder), averaged over all corruption types and
+    severities. Writes to REPORT_DIR (--out):
+      metrics.json    accuracy, NLL, ECE, Brier, uncertainty decomposition, gradient cosine
+                      distance, risk-coverage area, accuracy at the model's abstention threshold,
+                      OOD AUROC; `corrupted`, `per_severity`, `per_corruption` and `per_set`
+      report.md       the same as tables, with the figures
+      *.png           reliability diagram, accuracy/NLL per severity, risk-coverage, saliency grid
+
+    An exported file is measured through the serving runtime, a run folder through PyTorch; the
+    two agree on the same model. Compare reports with `forde compare`.
+    """
+    evaluation_module = _training("training.evaluation")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from forde_serve.report import write_report
+    from forde_serve.runtime import ModelFileError
+
+    errors = (evaluation_module.EvaluationError, ModelFileError, _training("training.run").RunError,
+              _training("training.data").DatasetError)
+    with Progress(TextColumn("evaluating {task.fields[current]}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), disable=quiet, transient=True) as bar:
+        total = 1 + 55 if data == "digits" else None  # CIFAR-C: as many sets as files found
+        task = bar.add_task("sets", total=total, current="clean")
+
+        def on_set(name: str) -> None:
+            bar.update(task, advance=1, current=name)
+
+        try:
+            evaluation = evaluation_module.evaluate_source(source, data, data_root, corrupted_root, ood, seed,
+                                                           per_severity, gradient_rows, split=split, on_set=on_set)
+            paths = write_report(evaluation, out)
+        except errors as err:
+            raise BadInput(str(err)) from None
+        except OSError as err:
+            raise _file_problem(err) from None
+    if quiet:
+        return
+    metrics = evaluation.metrics
+    table = Table(title=f"{source.name}: {metrics['source']['data']}")
+    table.add_column("metric")
+    table.add_column("clean", justify="right")
+    table.add_column("corrupted", justify="right")
+    for key in ("accuracy", "nll", "ece", "brier", "mutual_information", "gradient_cosine_distance", "aurc"):
+        clean, corrupted = metrics.get(key), (metrics.get("corrupted") or {}).get(key)
+        table.add_row(key, "n/a" if clean is None else f"{clean:.4f}", "n/a" if corrupted is None else f"{corrupted:.4f}")
+    console = Console()
+    console.print(table)
+    if "ood" in metrics:
+        console.print(f"OOD AUROC (mutual information): {metrics['ood']['auroc_mutual_information']:.4f}")
+    console.print(f"report: {paths['report.md']}")
+
+
+@main.command()
+@click.argument("reports", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("comparison.md"),
+              show_default=True, help="Markdown file to write the table to.")
+def compare(reports: tuple[Path, ...], out: Path) -> None:
+    """Put evaluation REPORTS (folders written by `forde evaluate`) side by side, with each one's
+    difference to the first (e.g. `forde compare reports/de reports/forde`)."""
+    from forde_serve._io import atomic_write_text
+    from forde_serve.report import ReportError, compare_reports
+
+    if len(reports) < 2:
+        raise BadInput(f"REPORTS: expected at least two report folders to compare, got {len(reports)}")
+    try:
+        names, rows, markdown = compare_reports(list(reports))
+        atomic_write_text(out, markdown)
+    except ReportError as err:
+        raise BadInput(str(err)) from None
+    except OSError as err:
+        raise _file_problem(err) from None
+    table = Table(title="comparison")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    for name in names[1:]:
+        table.add_column(f"{name} - {names[0]}", justify="right")
+    for label, values, diffs in rows:
+        table.add_row(label, *["n/a" if v is None else f"{v:.4f}" for v in values],
+                      *["n/a" if d is None else f"{d:+.4f}" for d in diffs])
+    Console().print(table)
+    click.echo(f"written to {out}")
+
+
 SOME_ROWS_FAILED = 3  # `forde score` finished, but rows listed in the errors file were not scored
 
 

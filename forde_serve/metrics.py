@@ -10,9 +10,12 @@ import numpy as np
 
 __all__ = [
     "ECE_BINS",
+    "auroc",
     "classification_metrics",
     "expected_calibration_error",
     "gradient_cosine_distance",
+    "reliability_bins",
+    "risk_coverage",
     "uncertainty",
 ]
 
@@ -92,3 +95,40 @@ def classification_metrics(member_probs: np.ndarray, labels: np.ndarray) -> dict
         "brier": float(np.mean(np.sum((probs - onehot) ** 2, axis=1))),
         "mutual_information": float(np.mean(uncertainty(member_probs)["mutual_information"])),
     }
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict[str, np.ndarray]:
+    """Per confidence bin (the ECE's bins): `count`, `confidence` (mean) and `accuracy` `[bins]`."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    bin_index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    count = np.bincount(bin_index, minlength=bins).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"count": count,
+                "confidence": np.bincount(bin_index, confidence, bins) / count,
+                "accuracy": np.bincount(bin_index, correct.astype(float), bins) / count}
+
+
+def risk_coverage(uncertainty_score: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray | float]:
+    """Selective prediction: accept the k most certain inputs, k = 1..N.
+
+    Returns `coverage` and `risk` (error rate among the accepted) `[N]`, and `aurc`, the area
+    under the risk-coverage curve (mean risk over k; lower is better). Ties in the score are
+    broken by input order, so the curve is deterministic.
+    """
+    order = np.argsort(uncertainty_score, kind="stable")
+    errors = np.cumsum(~correct[order])
+    accepted = np.arange(1, len(order) + 1)
+    risk = errors / accepted
+    return {"coverage": accepted / len(order), "risk": risk, "aurc": float(risk.mean())}
+
+
+def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+    """Area under the ROC curve for telling out-of-distribution inputs (higher score) from
+    in-distribution ones: P(out > in) + P(out == in) / 2 (the Mann-Whitney statistic)."""
+    scores = np.concatenate([in_scores, out_scores])
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)
+    ranks = ((last - counts + 1 + last) / 2)[inverse]  # 1-based, ties share their mean rank
+    n_in, n_out = len(in_scores), len(out_scores)
+    return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))

@@ -147,3 +147,22 @@ def test_pca_basis_and_lengthscales():
 def test_forde_config_needs_two_members():
     with pytest.raises(ValueError, match="at least 2"):
         TrainConfig.model_validate({"ensemble": {"method": "forde", "members": 1}})
+
+
+def test_strength_scales_only_the_repulsion_in_the_step():
+    from training.trainer import train_step
+
+    def update(strength):
+        torch.manual_seed(0)
+        ensemble = build_ensemble("mlp", 3, (1, 8, 8), 10, [0.0], [1.0], width=8)
+        before = [p.detach().clone() for p in ensemble.parameters()]
+        optimizer = torch.optim.SGD(ensemble.parameters(), lr=0.1)
+        x, y = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10
+        train_step(ensemble, optimizer, x, y, Repulsion(None, None, 1e-12, None, strength))
+        return torch.cat([(p.detach() - b).flatten() for p, b in zip(ensemble.parameters(), before)])
+
+    # Plain SGD: the update is linear in the strength, and the repulsion's part is not zero.
+    step0, step1, step2 = update(0.0), update(1.0), update(2.0)
+    repulsion_part = step1 - step0
+    assert repulsion_part.abs().max() > 1e-5  # well above float32 rounding of the updates (~3e-8)
+    torch.testing.assert_close(step2 - step1, repulsion_part, rtol=1e-3, atol=1e-7)

@@ -57,6 +57,9 @@ class FordeConfig(_Section):
     every: int = Field(1, ge=1)  # compute the repulsion every k-th step (paper's cost cut)
     batch: int | None = Field(None, ge=2)  # repulsion on the first N inputs of each batch (extra forward)
     eps: float = Field(1e-12, gt=0.0)  # added to ||u||^2 when normalizing onto the sphere
+    # Multiplies R in the loss. 1 is the method as published (and the reference code); other
+    # values are for studying how much the repulsion matters (BENCHMARKS.md, digits-C).
+    strength: float = Field(1.0, gt=0.0)
 
 
 class OptimConfig(_Section):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from training.config import DataConfig
 
-__all__ = ["Dataset", "DatasetError", "augment_batch", "load_dataset"]
+__all__ = ["Dataset", "DatasetError", "augment_batch", "load_corrupted_cifar", "load_dataset"]
 
 _CIFAR_VALIDATION = 5000
 
@@ -152,6 +152,41 @@ def _cifar(config: DataConfig) -> Dataset:
 def load_dataset(config: DataConfig) -> Dataset:
     """Load the configured dataset into memory (raw input space)."""
     return _digits(config) if config.dataset == "digits" else _cifar(config)
+
+
+_CIFAR_C_FOLDER = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
+
+
+def load_corrupted_cifar(name: str, root: str | Path, per_severity: int | None = None):
+    """CIFAR-10-C / CIFAR-100-C in their published layout, as (corruption, severity, x, y) per set.
+
+    The folder (`root/CIFAR-10-C` or `root` itself) holds `labels.npy` and one `<corruption>.npy`
+    per corruption type: uint8 `[5 * n, 32, 32, 3]`, severities 1 to 5 one after another. Arrays
+    are memory-mapped; `per_severity` keeps the first that many images of each severity. Yields
+    raw inputs float32 `[n, 3, 32, 32]` in [0, 1] and labels int64 `[n]`.
+    """
+    root = Path(root).expanduser()
+    folder = next((c for c in (root / _CIFAR_C_FOLDER[name], root) if (c / "labels.npy").is_file()), None)
+    if folder is None:
+        raise DatasetError(f"{_CIFAR_C_FOLDER[name]} not found under {str(root)!r}: put the published folder "
+                           f"there (labels.npy and one <corruption>.npy per corruption); nothing is downloaded")
+    labels = np.load(folder / "labels.npy")
+    files = sorted(p for p in folder.glob("*.npy") if p.name != "labels.npy")
+    if not files:
+        raise DatasetError(f"{folder}: expected one <corruption>.npy per corruption beside labels.npy, found none")
+    if labels.ndim != 1 or len(labels) % 5:
+        raise DatasetError(f"{folder / 'labels.npy'}: expected [5 * n] labels (5 severities), got {list(labels.shape)}")
+    n = len(labels) // 5
+    keep = n if per_severity is None else min(per_severity, n)
+    for path in files:
+        images = np.load(path, mmap_mode="r")
+        if images.shape != (len(labels), 32, 32, 3) or images.dtype != np.uint8:
+            raise DatasetError(f"{path}: expected uint8 [{len(labels)}, 32, 32, 3] like labels.npy, "
+                               f"got {images.dtype} {list(images.shape)}")
+        for severity in range(1, 6):
+            rows = slice((severity - 1) * n, (severity - 1) * n + keep)
+            x = np.asarray(images[rows], dtype=np.float32).transpose(0, 3, 1, 2) / 255.0
+            yield path.stem, severity, np.ascontiguousarray(x), labels[rows].astype(np.int64)
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:

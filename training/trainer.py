@@ -48,6 +48,7 @@ class Repulsion:
     scales: torch.Tensor | None
     eps: float
     batch: int | None  # repulsion on the first `batch` inputs only; None = the whole batch
+    strength: float = 1.0  # R enters the loss multiplied by this (1 = the paper)
 
 
 def learning_rate(optim: OptimConfig, epoch: int) -> float:
@@ -104,7 +105,7 @@ def train_step(ensemble: Ensemble, optimizer: torch.optim.Optimizer, x: torch.Te
     mine = shard(rows, world)
     ce, r, bandwidth = loss_terms(ensemble, x[mine], y[mine], repulsion, world, rows)
     ce = ce * ((mine.stop - mine.start) / rows)
-    loss = ce if r is None else ce + r
+    loss = ce if r is None else ce + repulsion.strength * r
     optimizer.zero_grad(set_to_none=True)
     (loss * world.size if world.size > 1 else loss).backward()  # averaged over ranks just below
     average_gradients(ensemble, world)
@@ -135,7 +136,7 @@ def _repulsion_for(config: TrainConfig, data: Dataset, ensemble: Ensemble, run_d
                 run_files.write_pca(run_dir, pca)
         basis = pca.eigenvectors.to(device)
         scales = lengthscale_scales(config.forde.lengthscale, pca.eigenvalues, config.forde.alpha).to(device)
-    return Repulsion(basis, scales, config.forde.eps, config.forde.batch)
+    return Repulsion(basis, scales, config.forde.eps, config.forde.batch, config.forde.strength)
 
 
 def _save_checkpoint(run_dir: Path, epoch: int, ensemble: Ensemble, optimizer: torch.optim.Optimizer,

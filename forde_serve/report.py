@@ -1,0 +1,218 @@
+"""Evaluation reports a person reads at a glance: metrics.json, report.md and PNG figures; and
+side-by-side comparisons of several reports (`forde compare`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from forde_serve._io import atomic_path, atomic_write_text
+from forde_serve.evaluation import Evaluation
+
+__all__ = ["COMPARED", "ReportError", "compare_reports", "write_report"]
+
+# (label, path into metrics.json, lower is better?) for `forde compare`.
+COMPARED = (
+    ("clean accuracy", ("accuracy",), False),
+    ("clean NLL", ("nll",), True),
+    ("clean ECE", ("ece",), True),
+    ("clean Brier", ("brier",), True),
+    ("clean mutual information", ("mutual_information",), None),
+    ("gradient cosine distance", ("gradient_cosine_distance",), None),
+    ("clean AURC", ("aurc",), True),
+    ("corrupted accuracy", ("corrupted", "accuracy"), False),
+    ("corrupted NLL", ("corrupted", "nll"), True),
+    ("corrupted ECE", ("corrupted", "ece"), True),
+    ("corrupted Brier", ("corrupted", "brier"), True),
+    ("corrupted mutual information", ("corrupted", "mutual_information"), None),
+    ("corrupted AURC", ("corrupted", "aurc"), True),
+    ("OOD AUROC (mutual information)", ("ood", "auroc_mutual_information"), False),
+)
+
+
+class ReportError(ValueError):
+    """A report folder that cannot be read; the message names it."""
+
+
+def _figure(path: Path, draw) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = draw(plt)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def _reliability(evaluation: Evaluation):
+    def draw(plt):
+        figure, axis = plt.subplots(figsize=(4.5, 4.2))
+        axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+        for name, bins in evaluation.reliability.items():
+            used = bins["count"] > 0
+            axis.plot(bins["confidence"][used], bins["accuracy"][used], marker="o", label=name)
+        axis.set(xlabel="confidence (15 bins)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+                 title="Reliability diagram")
+        axis.legend(loc="upper left")
+        return figure
+    return draw
+
+
+def _severity(metrics: dict):
+    def draw(plt):
+        figure, axes = plt.subplots(1, 2, figsize=(8.5, 3.6))
+        levels = [0] + [int(s) for s in metrics["per_severity"]]
+        for axis, key, label in ((axes[0], "accuracy", "accuracy"), (axes[1], "nll", "NLL")):
+            values = [metrics[key]] + [metrics["per_severity"][str(s)][key] for s in levels[1:]]
+            axis.plot(levels, values, marker="o", color="black", label="mean over corruptions")
+            for name, rows in _by_corruption(metrics).items():
+                axis.plot(levels, [metrics[key]] + [r[key] for r in rows], alpha=0.35, linewidth=1)
+            axis.set(xlabel="severity (0 = clean)", ylabel=label, title=f"{label} per severity")
+            axis.set_xticks(levels)
+        axes[0].legend(loc="lower left")
+        return figure
+    return draw
+
+
+def _by_corruption(metrics: dict) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for row in metrics.get("per_set", []):
+        rows.setdefault(row["corruption"], []).append(row)
+    return {name: sorted(r, key=lambda row: row["severity"]) for name, r in rows.items()}
+
+
+def _risk_coverage(evaluation: Evaluation):
+    def draw(plt):
+        figure, axis = plt.subplots(figsize=(4.8, 3.8))
+        for name, curve in evaluation.risk_coverage.items():
+            axis.plot(curve["coverage"], curve["risk"], label=f"{name} (AURC {curve['aurc']:.4f})")
+        coverage = evaluation.metrics.get("abstain_coverage")
+        if coverage is not None:
+            axis.axvline(coverage, color="grey", linestyle=":", label="model's abstention threshold (clean)")
+        axis.set(xlabel="coverage (most certain first, by mutual information)", ylabel="error rate among accepted",
+                 title="Risk-coverage")
+        axis.legend(loc="upper left", fontsize="small")
+        return figure
+    return draw
+
+
+def _saliency(evaluation: Evaluation):
+    inputs, gradients = evaluation.saliency_inputs, evaluation.saliency_gradients
+
+    def draw(plt):
+        rows, members = gradients.shape[:2]
+        figure, axes = plt.subplots(rows, members + 2, figsize=(1.1 * (members + 2), 1.15 * rows), squeeze=False)
+        for r in range(rows):
+            saliency = np.abs(gradients[r]).max(axis=1)  # [M, H, W], strongest channel
+            image = inputs[r].transpose(1, 2, 0)
+            image = image[..., 0] if image.shape[-1] == 1 else np.clip(image / max(image.max(), 1e-12), 0, 1)
+            panels = [(image, "gray" if image.ndim == 2 else None, "input"), (saliency.mean(0), "magma", "ensemble")]
+            panels += [(saliency[m], "magma", f"member {m + 1}") for m in range(members)]
+            for c, (panel, cmap, title) in enumerate(panels):
+                axes[r, c].imshow(panel, cmap=cmap)
+                axes[r, c].set_xticks([])
+                axes[r, c].set_yticks([])
+                if r == 0:
+                    axes[r, c].set_title(title, fontsize=7)
+        figure.suptitle("|input gradient| of the predicted class: where each member looks", fontsize=9)
+        return figure
+    return draw
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _markdown(metrics: dict, figures: list[str]) -> str:
+    source = metrics.get("source", {})
+    lines = [f"# Evaluation: {source.get('name', 'ensemble')}", "",
+             f"{source.get('method', '?')} ensemble, {source.get('members', '?')} members, evaluated on "
+             f"{source.get('data', '?')} ({metrics.get('inputs', '?')} test inputs) through "
+             f"{source.get('engine', '?')}.", ""]
+    corrupted = metrics.get("corrupted")
+    lines += ["| metric | clean | corrupted |", "| --- | --- | --- |"]
+    for key, label in (("accuracy", "accuracy"), ("nll", "NLL"), ("ece", "ECE (15 bins)"), ("brier", "Brier"),
+                       ("predictive_entropy", "total uncertainty (predictive entropy)"),
+                       ("expected_entropy", "aleatoric (expected entropy)"),
+                       ("mutual_information", "epistemic (mutual information)"),
+                       ("gradient_cosine_distance", "members' gradient cosine distance"),
+                       ("aurc", "risk-coverage area (lower is better)"),
+                       ("abstain_coverage", "accepted at the model's threshold"),
+                       ("accuracy_when_accepted", "accuracy of the accepted")):
+        lines.append(f"| {label} | {_fmt(metrics.get(key))} | {_fmt(corrupted.get(key)) if corrupted else 'n/a'} |")
+    lines += ["", f"Abstention: the model abstains when mutual information > {metrics['abstain_threshold']:.4g}."]
+    if "ood" in metrics:
+        lines += ["", f"Out-of-distribution detection by mutual information ({metrics['ood']['inputs']} OOD inputs): "
+                      f"AUROC {metrics['ood']['auroc_mutual_information']:.4f}."]
+    if corrupted:
+        lines += ["", "## Per corruption (mean over severities 1-5)", "",
+                  "| corruption | accuracy | NLL | ECE | mutual information |", "| --- | --- | --- | --- | --- |"]
+        for name, row in metrics["per_corruption"].items():
+            lines.append(f"| {name} | {_fmt(row['accuracy'])} | {_fmt(row['nll'])} | {_fmt(row['ece'])} | "
+                         f"{_fmt(row['mutual_information'])} |")
+        lines += ["", "## Per severity (mean over corruptions)", "", "| severity | accuracy | NLL | ECE |",
+                  "| --- | --- | --- | --- |", f"| 0 (clean) | {_fmt(metrics['accuracy'])} | {_fmt(metrics['nll'])} | "
+                                                 f"{_fmt(metrics['ece'])} |"]
+        for severity, row in metrics["per_severity"].items():
+            lines.append(f"| {severity} | {_fmt(row['accuracy'])} | {_fmt(row['nll'])} | {_fmt(row['ece'])} |")
+    lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]:
+    """Write metrics.json, report.md and the figures into `out_dir`; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = evaluation.metrics
+    drawings = {"reliability.png": _reliability(evaluation), "risk_coverage.png": _risk_coverage(evaluation)}
+    if "per_severity" in metrics:
+        drawings["severity.png"] = _severity(metrics)
+    if len(evaluation.saliency_gradients) and len(evaluation.saliency_inputs[0].shape) == 3:
+        drawings["saliency.png"] = _saliency(evaluation)
+    paths = {}
+    for name, draw in drawings.items():
+        _figure(out_dir / name, draw)
+        paths[name] = out_dir / name
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(out_dir / "report.md", _markdown(metrics, list(drawings)))
+    return {"metrics.json": out_dir / "metrics.json", "report.md": out_dir / "report.md", **paths}
+
+
+def _lookup(metrics: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(metrics, dict) or key not in metrics:
+            return None
+        metrics = metrics[key]
+    return metrics
+
+
+def compare_reports(report_dirs: list[Path]) -> tuple[list[str], list[tuple[str, list, list]], str]:
+    """(names, rows, markdown): each row is (label, values per report, differences to the first)."""
+    metrics = []
+    for folder in report_dirs:
+        path = Path(folder) / "metrics.json"
+        try:
+            metrics.append(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise ReportError(f"{folder}: not an evaluation report (no metrics.json); make one with "
+                              "`forde evaluate`") from None
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{path}: not valid JSON ({err})") from None
+    names = [Path(folder).name for folder in report_dirs]
+    rows = []
+    for label, path, _ in COMPARED:
+        values = [_lookup(m, path) for m in metrics]
+        if all(v is None for v in values):
+            continue
+        diffs = [None if v is None or values[0] is None else v - values[0] for v in values[1:]]
+        rows.append((label, values, diffs))
+    header = ["metric", *names, *[f"{n} - {names[0]}" for n in names[1:]]]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for label, values, diffs in rows:
+        cells = [_fmt(v) for v in values] + ["n/a" if d is None else f"{d:+.4f}" for d in diffs]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return names, rows, "\n".join(lines) + "\n"

@@ -1,0 +1,214 @@
+"""Robustness evaluation: the digits-C suite, the selective-prediction and OOD maths by hand,
+`forde evaluate` on a run folder and on its export (they agree), CIFAR-C from a fake folder in
+the published layout, and `forde compare`."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_forde
+from forde_serve.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupted_versions
+from forde_serve.metrics import auroc, expected_calibration_error, reliability_bins, risk_coverage
+from test_data import _write_cifar
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    return load_digits().images.astype(np.float32)[:200, None]
+
+
+def test_digits_c_has_eleven_corruptions_at_five_severities_deterministically(digits):
+    sets = list(corrupted_versions(digits, seed=3))
+    assert len(CORRUPTIONS) >= 10 and len(sets) == len(CORRUPTIONS) * 5
+    for name, severity, x in sets:
+        assert x.shape == digits.shape and x.dtype == np.float32
+        assert 0.0 <= x.min() and x.max() <= 16.0, name
+        assert np.array_equal(x, corrupt(digits, name, severity, seed=3)), f"{name} {severity} not deterministic"
+    for name in CORRUPTIONS:
+        change = [np.abs(corrupt(digits, name, s, seed=3) - digits).mean() for s in SEVERITIES]
+        assert change[0] > 0 and change[4] > change[0], f"{name}: severity 5 should change more than 1: {change}"
+    assert not np.array_equal(corrupt(digits, "gaussian_noise", 3, seed=0), corrupt(digits, "gaussian_noise", 3, seed=1))
+    with pytest.raises(ValueError, match="expected one of"):
+        corrupt(digits, "fog", 1)
+    with pytest.raises(ValueError, match="severity: expected 1 to 5, got 6"):
+        corrupt(digits, "contrast", 6)
+
+
+def test_selective_prediction_and_auroc_by_hand():
+    # Most certain first: scores 0.1 (right), 0.2 (right), 0.5 (wrong): risks 0, 0, 1/3.
+    curve = risk_coverage(np.array([0.1, 0.5, 0.2]), np.array([True, False, True]))
+    np.testing.assert_allclose(curve["coverage"], [1 / 3, 2 / 3, 1])
+    np.testing.assert_allclose(curve["risk"], [0, 0, 1 / 3])
+    assert curve["aurc"] == pytest.approx(1 / 9)
+    assert auroc(np.array([0.0, 1.0, 2.0]), np.array([3.0, 4.0])) == 1.0
+    assert auroc(np.array([3.0, 4.0]), np.array([0.0, 1.0])) == 0.0
+    assert auroc(np.array([0.0, 2.0]), np.array([1.0, 3.0])) == pytest.approx(0.75)
+    assert auroc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == pytest.approx(0.5)  # ties count half
+
+
+def test_reliability_bins_add_up_to_the_ece():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(5) * 0.5, 400)
+    labels = rng.integers(0, 5, 400)
+    bins = reliability_bins(probs, labels)
+    used = bins["count"] > 0
+    ece = np.sum(bins["count"][used] / 400 * np.abs(bins["accuracy"][used] - bins["confidence"][used]))
+    assert ece == pytest.approx(expected_calibration_error(probs, labels))
+
+
+@pytest.fixture(scope="module")
+def reports(quickstart_runs, digits_export, tmp_path_factory):
+    """`forde evaluate` on the quickstart FoRDE run folder (torch), its export (onnxruntime) and the DE run."""
+    out = tmp_path_factory.mktemp("reports")
+    rng = np.random.default_rng(0)
+    np.save(out / "noise.npy", rng.uniform(0, 16, (100, 1, 8, 8)).astype(np.float32))
+    paths = {"forde-run": quickstart_runs["forde"], "forde-onnx": digits_export[0], "de-run": quickstart_runs["de"]}
+    results = {}
+    for name, source in paths.items():
+        results[name] = run_forde("evaluate", source, "--out", out / name, "--gradient-rows", 100,
+                                  "--ood", out / "noise.npy")
+    return out, results
+
+
+def test_report_folder_holds_metrics_markdown_and_figures(reports, quickstart_runs):
+    out, results = reports
+    folder = out / "forde-run"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    keys = ("accuracy", "nll", "ece", "brier", "gradient_cosine_distance", "mutual_information")
+    assert all(isinstance(metrics[k], float) for k in keys)
+    assert all(isinstance(metrics["corrupted"][k], float) for k in keys)
+    assert len(metrics["per_set"]) == 55 and set(metrics["per_severity"]) == {"1", "2", "3", "4", "5"}
+    assert set(metrics["per_corruption"]) == set(CORRUPTIONS)
+    # The corrupted block is the plain mean over the 55 sets.
+    assert metrics["corrupted"]["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in metrics["per_set"]]))
+    # Clean metrics are the ones training recorded (same test split, same maths).
+    trained = json.loads((quickstart_runs["forde"] / "metrics.json").read_text())
+    for key in ("accuracy", "nll", "ece", "brier", "mutual_information"):
+        assert metrics[key] == pytest.approx(trained[key], rel=1e-6), key
+    assert metrics["corrupted"]["accuracy"] < metrics["accuracy"]
+    assert metrics["expected_entropy"] + metrics["mutual_information"] == pytest.approx(metrics["predictive_entropy"])
+    assert 0.5 < metrics["ood"]["auroc_mutual_information"] <= 1.0
+    assert 0 < metrics["abstain_coverage"] <= 1
+
+    report = (folder / "report.md").read_text()
+    for figure in ("reliability.png", "severity.png", "risk_coverage.png", "saliency.png"):
+        assert f"]({figure})" in report
+        with Image.open(folder / figure) as image:
+            assert image.format == "PNG" and image.width > 300
+    assert "| gaussian_noise |" in report and "epistemic (mutual information)" in report
+    assert "corrupted" in results["forde-run"].stdout and "report:" in results["forde-run"].stdout
+
+
+def test_exported_file_and_run_folder_agree(reports):
+    out, _ = reports
+    run = json.loads((out / "forde-run" / "metrics.json").read_text())
+    onnx = json.loads((out / "forde-onnx" / "metrics.json").read_text())
+    assert onnx["source"]["engine"].startswith("the exported ONNX file")
+    assert run["source"]["engine"].startswith("the PyTorch ensemble")
+    # Same thresholds: the export's was chosen on the validation split exactly as evaluate does.
+    assert onnx["abstain_threshold"] == pytest.approx(run["abstain_threshold"], rel=1e-4)
+    for block in (lambda m: m, lambda m: m["corrupted"]):
+        for key in ("accuracy", "nll", "ece", "brier", "mutual_information", "gradient_cosine_distance", "aurc"):
+            assert block(onnx)[key] == pytest.approx(block(run)[key], rel=2e-3, abs=2e-4), key
+
+
+def test_compare_puts_reports_side_by_side(reports, tmp_path):
+    out, _ = reports
+    result = run_forde("compare", out / "de-run", out / "forde-run", "--out", tmp_path / "c.md")
+    table = (tmp_path / "c.md").read_text()
+    assert "| metric | de-run | forde-run | forde-run - de-run |" in table
+    de = json.loads((out / "de-run" / "metrics.json").read_text())
+    forde = json.loads((out / "forde-run" / "metrics.json").read_text())
+    line = next(row for row in table.splitlines() if row.startswith("| corrupted accuracy |"))
+    assert f"{forde['corrupted']['accuracy'] - de['corrupted']['accuracy']:+.4f}" in line
+    assert "corrupted accuracy" in result.stdout
+
+    one = run_forde("compare", out / "de-run", check=False)
+    assert one.returncode == 2 and "at least two report folders" in one.stderr
+    missing = run_forde("compare", out / "de-run", tmp_path, check=False)
+    assert missing.returncode == 2 and "not an evaluation report (no metrics.json)" in missing.stderr
+
+
+def _write_cifar_c(root, per_severity: int, corruptions=("fog", "snow"), classes=10):
+    folder = root / "CIFAR-10-C"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    np.save(folder / "labels.npy", np.tile(rng.integers(0, classes, per_severity), 5).astype(np.uint8))
+    for name in corruptions:
+        np.save(folder / f"{name}.npy", rng.integers(0, 256, (5 * per_severity, 32, 32, 3), dtype=np.uint8))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cifar_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    _write_cifar(root, "cifar10", [40] * 5, 30, 10)
+    config = root / "tiny.toml"
+    config.write_text(f'seed = 0\ndevice = "cpu"\n[model]\narch = "mlp"\nwidth = 8\n[data]\ndataset = "cifar10"\n'
+                      f'root = "{root}"\n[ensemble]\nmethod = "forde"\nmembers = 2\n[forde]\nlengthscale = "identity"\n'
+                      f'[optim]\nepochs = 1\nbatch_size = 32\n')
+    run_forde("train", config, "--out", root / "run", "--quiet")
+    return root
+
+
+def test_cifar_c_from_a_folder_in_the_published_layout(cifar_run, tmp_path):
+    import torch
+
+    from training.run import load_run
+
+    corrupted = _write_cifar_c(tmp_path, per_severity=6)
+    run_forde("evaluate", cifar_run / "run", "--data", "cifar10", "--data-root", cifar_run, "--corrupted-root",
+              tmp_path, "--out", tmp_path / "report", "--quiet")
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert [(r["corruption"], r["severity"]) for r in metrics["per_set"]] == \
+        [(c, s) for c in ("fog", "snow") for s in range(1, 6)]
+    assert metrics["corrupted"]["nll"] == pytest.approx(np.mean([r["nll"] for r in metrics["per_set"]]))
+
+    # One set by hand: snow at severity 3 is rows 12..17, HWC uint8 -> CHW floats in [0, 1].
+    images = np.load(corrupted / "snow.npy")[12:18].transpose(0, 3, 1, 2) / 255.0
+    labels = np.load(corrupted / "labels.npy")[12:18]
+    ensemble = load_run(cifar_run / "run").ensemble.eval()
+    with torch.no_grad():
+        probs = ensemble(torch.tensor(images, dtype=torch.float32)).softmax(-1).mean(1).numpy()
+    by_hand = float(np.mean(probs.argmax(1) == labels))
+    row = next(r for r in metrics["per_set"] if (r["corruption"], r["severity"]) == ("snow", 3))
+    assert row["accuracy"] == pytest.approx(by_hand)
+
+    run_forde("evaluate", cifar_run / "run", "--data", "cifar10", "--data-root", cifar_run, "--corrupted-root",
+              tmp_path, "--per-severity", 2, "--out", tmp_path / "small", "--quiet")
+    small = json.loads((tmp_path / "small" / "metrics.json").read_text())
+    assert len(small["per_set"]) == 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (lambda c, t: [c / "run", "--data", "cifar10"], "--data-root: cifar10 is read from a local folder"),
+    (lambda c, t: [c / "run", "--data", "digits"], "was trained on cifar10, got 'digits'"),
+    (lambda c, t: [c / "run", "--data", "cifar10", "--data-root", c, "--corrupted-root", t],
+     "CIFAR-10-C not found under"),
+    (lambda c, t: [t / "nope", "--data", "digits"], "does not exist"),
+    (lambda c, t: [c / "run", "--data", "cifar10", "--data-root", c, "--split", "validation"],
+     "CIFAR-C corrupts the test split only"),
+    (lambda c, t: ["exported/digits.onnx", "--ood", _save(t / "o.npy", np.zeros((3, 8, 8)))],
+     "--ood: expected numbers shaped [n, 1, 8, 8]"),
+])
+def test_bad_evaluate_arguments_exit_2(cifar_run, tmp_path, args, message):
+    result = run_forde("evaluate", *args(cifar_run, tmp_path), "--out", tmp_path / "r", check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def _save(path, array):
+    np.save(path, array)
+    return path
+
+
+def test_validation_split_for_choosing_settings_without_the_test_split(tmp_path):
+    run_forde("evaluate", "exported/digits.onnx", "--split", "validation", "--gradient-rows", 0,
+              "--out", tmp_path / "val", "--quiet")
+    metrics = json.loads((tmp_path / "val" / "metrics.json").read_text())
+    assert metrics["inputs"] == 180 and "validation split" in metrics["source"]["data"]
+    assert metrics["gradient_cosine_distance"] is None and len(metrics["per_set"]) == 55
