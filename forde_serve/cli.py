@@ -51,9 +51,14 @@ def main() -> None:
     """Train FoRDE ensembles, export them as one ONNX graph, serve them with honest uncertainty.
 
     \b
-    Quickstart (CPU, under a minute):
+    Quickstart (CPU, about three minutes):
       forde train training/configs/digits.toml --out runs/digits-forde
       forde train training/configs/digits.toml --method de --out runs/digits-de
+      forde evaluate runs/digits-forde --out reports/forde     # clean + digits-C report
+      forde evaluate runs/digits-de --out reports/de
+      forde compare reports/de reports/forde
+      forde export runs/digits-forde --out exported/mine.onnx
+      forde score exported/mine.onnx rows.npy --out scores.parquet
     """
 
 
