@@ -1,14 +1,16 @@
 """Inputs for batch scoring, read a row range at a time so memory follows the batch, not the file.
 
-Every source has `rows`, `row_ids(start, stop)` and `read(start, stop) -> (x, errors)`: `x` is
-float32 `[stop - start, *input_shape]` and `errors` maps a position in that range to why the row
+Every source has `rows`, `row_ids(start, stop)` and `read(start, stop) -> (x, errors)`: `x` holds
+numbers `[stop - start, *input_shape]` in the file's own dtype (the scorer casts to float32 and
+checks finiteness, as the runtime does) and `errors` maps a position in that range to why the row
 could not be read (its values in `x` are then zeros). Problems with the file as a whole raise
-`InputFileError` when the source is opened.
+`InputFileError`, when the source is opened or when a later read finds the file broken.
 """
 
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +71,14 @@ def _check_array(name: str, shape: tuple[int, ...], dtype: np.dtype, card: Model
                              f"got {list(shape)}")
 
 
-class _NpyFile:
+class _IndexedRows:
+    """Array inputs: a row's id is its index."""
+
+    def row_ids(self, start: int, stop: int) -> np.ndarray:
+        return np.arange(start, stop, dtype=np.int64)
+
+
+class _NpyFile(_IndexedRows):
     """A .npy file, memory-mapped one row range at a time (each map is dropped after its copy)."""
 
     def __init__(self, path: Path, card: ModelCard, shape, dtype, offset: int):
@@ -80,18 +89,15 @@ class _NpyFile:
         if path.stat().st_size < offset + self.rows * self._row_bytes:
             raise InputFileError(f"{path}: truncated: its header promises {self.rows} rows, the file is shorter")
 
-    def row_ids(self, start: int, stop: int) -> np.ndarray:
-        return np.arange(start, stop, dtype=np.int64)
-
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict[int, str]]:
         view = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset + start * self._row_bytes,
                          shape=(stop - start, *self.shape[1:]))
-        x = np.array(view, dtype=np.float32)
+        x = np.array(view)
         del view
         return x, {}
 
 
-class _NpzMember:
+class _NpzMember(_IndexedRows):
     """One array of a .npz (stored or compressed), read by seeking inside its zip member."""
 
     def __init__(self, path: Path, card: ModelCard, key: str | None):
@@ -113,22 +119,21 @@ class _NpzMember:
         self.rows = self.shape[0]
         self._row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
 
-    def row_ids(self, start: int, stop: int) -> np.ndarray:
-        return np.arange(start, stop, dtype=np.int64)
-
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict[int, str]]:
         where = self._data_start + start * self._row_bytes
-        if self._member.tell() != where:  # sequential reads never seek (a compressed seek re-inflates)
-            self._member.seek(where)
         wanted = (stop - start) * self._row_bytes
-        data = self._member.read(wanted)
+        try:
+            if self._member.tell() != where:  # sequential reads never seek (a compressed seek re-inflates)
+                self._member.seek(where)
+            data = self._member.read(wanted)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+            raise InputFileError(f"{self.path}[{self.key}]: unreadable at row {start} ({err})") from None
         if len(data) != wanted:
             raise InputFileError(f"{self.path}[{self.key}]: truncated at row {start + len(data) // self._row_bytes}")
-        x = np.frombuffer(data, dtype=self.dtype).reshape(stop - start, *self.shape[1:])
-        return x.astype(np.float32), {}
+        return np.frombuffer(data, dtype=self.dtype).reshape(stop - start, *self.shape[1:]), {}
 
 
-class _ParquetColumn:
+class _ParquetColumn(_IndexedRows):
     """A Parquet column of (nested) number lists, streamed by record batch within row groups."""
 
     _BATCH = 1024
@@ -142,8 +147,7 @@ class _ParquetColumn:
         except (pa.ArrowInvalid, OSError) as err:
             raise InputFileError(f"{path}: not a readable Parquet file ({err})") from None
         schema = self._file.schema_arrow
-        lists = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
-                 or pa.types.is_fixed_size_list(f.type)]
+        lists = [f.name for f in schema if _is_list(f.type)]
         if key is None:
             if "input" in schema.names:
                 key = "input"
@@ -154,9 +158,9 @@ class _ParquetColumn:
         if key not in schema.names:
             raise InputFileError(f"--key: {path} has no column {key!r}; it has {schema.names}")
         leaf = schema.field(key).type
-        while hasattr(leaf, "value_type"):
+        while _is_list(leaf):
             leaf = leaf.value_type
-        if not (pa.types.is_floating(leaf) or pa.types.is_integer(leaf)) or leaf == schema.field(key).type:
+        if not _is_list(schema.field(key).type) or not (pa.types.is_floating(leaf) or pa.types.is_integer(leaf)):
             raise InputFileError(f"{path}: column {key!r}: expected lists of numbers, got {schema.field(key).type}")
         self.path, self.key, self.card = path, key, card
         self.rows = self._file.metadata.num_rows
@@ -164,22 +168,26 @@ class _ParquetColumn:
         groups = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
         self._group_starts = np.concatenate([[0], np.cumsum(groups)]).astype(np.int64)
 
-    def row_ids(self, start: int, stop: int) -> np.ndarray:
-        return np.arange(start, stop, dtype=np.int64)
-
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict[int, str]]:
+        import pyarrow as pa
+
         first = int(np.searchsorted(self._group_starts, start, side="right") - 1)
         last = int(np.searchsorted(self._group_starts, stop, side="left"))
         position = int(self._group_starts[first])
-        x = np.zeros((stop - start, self._size), dtype=np.float32)
+        x = np.zeros((stop - start, self._size), dtype=np.float64)
         errors: dict[int, str] = {}
-        for batch in self._file.iter_batches(batch_size=self._BATCH, row_groups=range(first, last), columns=[self.key]):
-            lo, hi = max(start, position), min(stop, position + len(batch))
-            if lo < hi:
-                self._fill(batch.column(0).slice(lo - position, hi - lo), x[lo - start:hi - start], lo - start, errors)
-            position += len(batch)
-            if position >= stop:
-                break
+        batches = self._file.iter_batches(batch_size=self._BATCH, row_groups=range(first, last), columns=[self.key])
+        try:
+            for batch in batches:
+                lo, hi = max(start, position), min(stop, position + len(batch))
+                if lo < hi:
+                    self._fill(batch.column(0).slice(lo - position, hi - lo), x[lo - start:hi - start], lo - start,
+                               errors)
+                position += len(batch)
+                if position >= stop:
+                    break
+        except (pa.ArrowException, OSError) as err:
+            raise InputFileError(f"{self.path}: unreadable near row {position} ({err})") from None
         return x.reshape(stop - start, *self.card.input_shape), errors
 
     def _fill(self, column, out: np.ndarray, first: int, errors: dict[int, str]) -> None:
@@ -188,7 +196,7 @@ class _ParquetColumn:
         valid = np.asarray(column.is_valid())
         leaf, bounds = _leaf_values(column)
         leaf_valid = np.asarray(leaf.is_valid()) if leaf.null_count else None
-        numbers = np.asarray(leaf.fill_null(0) if leaf.null_count else leaf, dtype=np.float32)
+        numbers = np.asarray(leaf.fill_null(0) if leaf.null_count else leaf, dtype=np.float64)
         lengths = np.diff(bounds)
         shape = "x".join(map(str, self.card.input_shape))
         for r in range(len(out)):
@@ -202,6 +210,12 @@ class _ParquetColumn:
                 out[r] = numbers[bounds[r]:bounds[r + 1]]
 
 
+def _is_list(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type)
+
+
 def _leaf_values(column):
     """(leaf values, row bounds into them) of a list array nested to any depth: row r's numbers are
     leaf[bounds[r]:bounds[r + 1]]. Works on slices (offsets index the unsliced children)."""
@@ -209,8 +223,7 @@ def _leaf_values(column):
 
     bounds = np.arange(len(column) + 1, dtype=np.int64)
     values = column
-    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) \
-            or pa.types.is_fixed_size_list(values.type):
+    while _is_list(values.type):
         if pa.types.is_fixed_size_list(values.type):
             size = values.type.list_size
             offsets = np.arange(values.offset, values.offset + len(values) + 1, dtype=np.int64) * size

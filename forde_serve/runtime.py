@@ -17,11 +17,24 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
 from forde_serve.contract import EXPLAIN_OUTPUTS, FORMAT_VERSION, INPUT, METADATA_KEYS, PREDICT_OUTPUTS, TARGET, explain_path
 
-__all__ = ["EnsembleRuntime", "InvalidInput", "ModelFileError", "ModelCard"]
+__all__ = ["EnsembleRuntime", "InvalidInput", "ModelFileError", "ModelCard", "NOT_FINITE", "finite_float32_rows"]
 
 log = logging.getLogger(__name__)
 
 _REQUIRED = ("format_version", "class_names", "input_shape", "members", "method", "abstain_threshold")
+
+
+NOT_FINITE = "expected finite float32 values, got NaN, infinity or a value beyond +-3.4e38"
+
+
+def finite_float32_rows(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(`array` as float32, `[batch]` mask of rows whose values are all finite in float32).
+
+    Cast first: 1e39 is finite as float64 and infinite in the model's float32.
+    """
+    with np.errstate(over="ignore"):  # the overflow is what the mask reports
+        array = array.astype(np.float32, copy=False)
+    return array, np.isfinite(array.reshape(len(array), -1)).all(axis=1)
 
 
 class ModelFileError(ValueError):
@@ -200,13 +213,10 @@ class EnsembleRuntime:
 
     @staticmethod
     def _finite_float32(array: np.ndarray, field: str, batched: bool) -> np.ndarray:
-        # Cast first: 1e39 is finite as float64 and infinite in the model's float32.
-        array = array.astype(np.float32, copy=False)
-        finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+        array, finite = finite_float32_rows(array)
         if not finite.all():
             where = f" in row(s) {', '.join(map(str, np.flatnonzero(~finite)[:10]))}" if batched else ""
-            raise InvalidInput(f"{field}: expected finite float32 values, got NaN, infinity or a value "
-                               f"beyond +-3.4e38{where}")
+            raise InvalidInput(f"{field}: {NOT_FINITE}{where}")
         return np.ascontiguousarray(array)
 
     def _target(self, target, batch: int) -> np.ndarray:

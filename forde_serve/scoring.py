@@ -16,14 +16,14 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from forde_serve._io import atomic_path, atomic_write_text
 from forde_serve._sources import InputFileError, open_source
-from forde_serve.runtime import EnsembleRuntime
+from forde_serve.runtime import NOT_FINITE, EnsembleRuntime, finite_float32_rows
 
 __all__ = ["InputFileError", "ScoreJob", "ScoreSummary", "ScoringError", "score"]
 
@@ -83,9 +83,6 @@ class ScoreSummary:
     @property
     def rows_per_second(self) -> float:
         return self.rows_this_run / self.seconds if self.seconds > 0 else float("nan")
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"rows_per_second": self.rows_per_second}
 
 
 def score(job: ScoreJob, engine: str = "local", address: str | None = None, workers: int | None = None,
@@ -207,11 +204,17 @@ class _PartScorer:
         self.job = job
         self.runtime = runtime or EnsembleRuntime(job.model, max_batch=job.batch_size, threads=threads)
         self.source = source or open_source(job.input, self.runtime.card, job.key)
+        self._class_names = np.asarray(self.runtime.card.class_names, dtype=object)
+        self._named_rows = self.source.row_ids(0, 0).dtype == object  # image files: row ids are names
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [self.score_part(int(k)) for k in batch["part"]]
-        return {"part": batch["part"], "rows": np.array([r["rows"] for r in results]),
-                "failed": np.array([r["failed"] for r in results])}
+        results = []
+        for k in batch["part"]:
+            try:
+                results.append(self.score_part(int(k)) | {"problem": ""})
+            except InputFileError as err:  # returned, not raised: Ray's wrappers would lose its type and words
+                results.append({"rows": 0, "failed": 0, "problem": str(err)})
+        return {"part": batch["part"], **{key: np.array([r[key] for r in results]) for key in ("rows", "failed", "problem")}}
 
     def score_part(self, part: int, advance: Callable[[int], None] | None = None) -> dict:
         import pyarrow.parquet as pq
@@ -226,19 +229,16 @@ class _PartScorer:
             writer = None
             for first in range(start, stop, job.batch_size):
                 last = min(stop, first + job.batch_size)
-                with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, refused just below
-                    x, bad = self.source.read(first, last)
-                finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+                x, bad = self.source.read(first, last)
+                x, finite = finite_float32_rows(x)
                 for r in np.flatnonzero(~finite):
-                    bad.setdefault(int(r), "input: expected finite float32 values, got NaN, infinity or a "
-                                           "value beyond +-3.4e38")
+                    bad.setdefault(int(r), f"input: {NOT_FINITE}")
                 ok = np.ones(len(x), dtype=bool)
                 ok[list(bad)] = False
                 ids = self.source.row_ids(first, last)
                 errors += [{"row": first + r, "row_id": _plain(ids[r]), "reason": bad[r]} for r in sorted(bad)]
                 out = self._run(x[ok]) if ok.any() else None
-                table = _table(out, ids[ok], np.flatnonzero(ok) + first, runtime.card.class_names,
-                               image_rows=self.source.row_ids(0, 0).dtype == object)
+                table = _table(out, ids[ok], np.flatnonzero(ok) + first, self._class_names, self._named_rows)
                 writer = writer or pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
                 if gradients is not None:
@@ -263,7 +263,8 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _table(out: dict[str, np.ndarray] | None, row_ids: np.ndarray, rows: np.ndarray, class_names, image_rows: bool):
+def _table(out: dict[str, np.ndarray] | None, row_ids: np.ndarray, rows: np.ndarray, class_names: np.ndarray,
+           image_rows: bool):
     """One output row per scored input (the schema is the same when nothing in the batch scored)."""
     import pyarrow as pa
 
@@ -280,7 +281,7 @@ def _table(out: dict[str, np.ndarray] | None, row_ids: np.ndarray, rows: np.ndar
         columns["row_id"] = pa.array(row_ids, pa.int64())
     predicted = out["predicted_class"].astype(np.int32)
     columns["predicted_class"] = pa.array(predicted)
-    columns["class_name"] = pa.array(np.asarray(class_names, dtype=object)[predicted].tolist(), pa.string())
+    columns["class_name"] = pa.array(class_names[predicted].tolist(), pa.string())
     columns["confidence"] = pa.array(out["confidence"].astype(np.float32))
     columns["probs"] = pa.FixedSizeListArray.from_arrays(pa.array(out["probs"].astype(np.float32).ravel()), classes)
     for name in UNCERTAINTY:
@@ -332,7 +333,9 @@ def _score_on_ray(job: ScoreJob, pending: list[int], address: str | None, worker
             num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0, batch_format="numpy",
         )
         for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-            for k, rows, failed in zip(batch["part"], batch["rows"], batch["failed"]):
+            for k, rows, failed, problem in zip(batch["part"], batch["rows"], batch["failed"], batch["problem"]):
+                if problem:  # the input broke under an actor: stop as the local engine does
+                    raise InputFileError(str(problem))
                 manifest.record(int(k), {"rows": int(rows), "failed": int(failed)})
                 progress.advance(int(rows))
     finally:

@@ -273,6 +273,24 @@ def test_ray_engine_gives_the_same_rows_as_the_local_engine(rows, tmp_path):
     assert (tmp_path / "ray.errors.csv").read_text() == (tmp_path / "local.errors.csv").read_text()
     assert "rows/s" in result.stdout and "abstained" in result.stdout
 
+    # An input that breaks under an actor stops the job with the same one line as the local engine.
+    broken = _corrupted_npz(tmp_path / "broken.npz")
+    for engine in ("local", "ray"):
+        result = run_forde("score", MODEL, broken, "--out", tmp_path / f"broken-{engine}.parquet", "--part-rows", 2000,
+                           "--engine", engine, "--workers", 2, check=False)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "broken.npz[a]: unreadable at row" in result.stderr and "Traceback" not in result.stderr
+
+
+def _corrupted_npz(path):
+    """A compressed .npz whose header reads fine and whose data stops inflating half-way."""
+    np.savez_compressed(path, a=np.random.default_rng(0).random((20000, 1, 8, 8)).astype(np.float32) * 16)
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 2000):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    return path
+
 
 @pytest.mark.parametrize("make, message", [
     (lambda d: (d / "nope.onnx", d / "x.npy", []), "does not exist"),
