@@ -221,14 +221,15 @@ def evaluate(source: Path, data: str, data_root: str | None, corrupted_root: str
     evaluation_module = _training("training.evaluation")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from forde_serve.corruptions import CORRUPTIONS, SEVERITIES
     from forde_serve.report import write_report
-    from forde_serve.runtime import ModelFileError
+    from forde_serve.runtime import InvalidInput, ModelFileError
 
-    errors = (evaluation_module.EvaluationError, ModelFileError, _training("training.run").RunError,
+    errors = (evaluation_module.EvaluationError, ModelFileError, InvalidInput, _training("training.run").RunError,
               _training("training.data").DatasetError)
     with Progress(TextColumn("evaluating {task.fields[current]}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), disable=quiet, transient=True) as bar:
-        total = 1 + 55 if data == "digits" else None  # CIFAR-C: as many sets as files found
+        total = 1 + len(CORRUPTIONS) * len(SEVERITIES) if data == "digits" else None  # CIFAR-C: as files found
         task = bar.add_task("sets", total=total, current="clean")
 
         def on_set(name: str) -> None:

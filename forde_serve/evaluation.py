@@ -14,8 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from forde_serve.metrics import (auroc, classification_metrics, gradient_cosine_distance, reliability_bins,
-                                 risk_coverage, uncertainty)
+from forde_serve.metrics import (ECE_BINS, auroc, classification_metrics, gradient_cosine_distance,
+                                 reliability_bins, risk_coverage, uncertainty)
 from forde_serve.runtime import EnsembleRuntime
 
 __all__ = ["Evaluation", "Predictor", "RuntimePredictor", "SET_KEYS", "evaluate"]
@@ -58,9 +58,9 @@ class RuntimePredictor:
 class _Pooled:
     """Reliability-bin sums and per-input (MI, correct) pooled over many sets, for the figures."""
 
-    count: np.ndarray = field(default_factory=lambda: np.zeros(15))
-    confidence: np.ndarray = field(default_factory=lambda: np.zeros(15))
-    correct: np.ndarray = field(default_factory=lambda: np.zeros(15))
+    count: np.ndarray = field(default_factory=lambda: np.zeros(ECE_BINS))
+    confidence: np.ndarray = field(default_factory=lambda: np.zeros(ECE_BINS))
+    correct: np.ndarray = field(default_factory=lambda: np.zeros(ECE_BINS))
     scores: list = field(default_factory=list)
 
     def add(self, probs: np.ndarray, labels: np.ndarray, mi: np.ndarray) -> None:

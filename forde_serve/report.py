@@ -13,22 +13,22 @@ from forde_serve.evaluation import Evaluation
 
 __all__ = ["COMPARED", "ReportError", "compare_reports", "write_report"]
 
-# (label, path into metrics.json, lower is better?) for `forde compare`.
+# (label, path into metrics.json) of the rows `forde compare` shows.
 COMPARED = (
-    ("clean accuracy", ("accuracy",), False),
-    ("clean NLL", ("nll",), True),
-    ("clean ECE", ("ece",), True),
-    ("clean Brier", ("brier",), True),
-    ("clean mutual information", ("mutual_information",), None),
-    ("gradient cosine distance", ("gradient_cosine_distance",), None),
-    ("clean AURC", ("aurc",), True),
-    ("corrupted accuracy", ("corrupted", "accuracy"), False),
-    ("corrupted NLL", ("corrupted", "nll"), True),
-    ("corrupted ECE", ("corrupted", "ece"), True),
-    ("corrupted Brier", ("corrupted", "brier"), True),
-    ("corrupted mutual information", ("corrupted", "mutual_information"), None),
-    ("corrupted AURC", ("corrupted", "aurc"), True),
-    ("OOD AUROC (mutual information)", ("ood", "auroc_mutual_information"), False),
+    ("clean accuracy", ("accuracy",)),
+    ("clean NLL", ("nll",)),
+    ("clean ECE", ("ece",)),
+    ("clean Brier", ("brier",)),
+    ("clean mutual information", ("mutual_information",)),
+    ("gradient cosine distance", ("gradient_cosine_distance",)),
+    ("clean AURC", ("aurc",)),
+    ("corrupted accuracy", ("corrupted", "accuracy")),
+    ("corrupted NLL", ("corrupted", "nll")),
+    ("corrupted ECE", ("corrupted", "ece")),
+    ("corrupted Brier", ("corrupted", "brier")),
+    ("corrupted mutual information", ("corrupted", "mutual_information")),
+    ("corrupted AURC", ("corrupted", "aurc")),
+    ("OOD AUROC (mutual information)", ("ood", "auroc_mutual_information")),
 )
 
 
@@ -182,12 +182,13 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
     return {"metrics.json": out_dir / "metrics.json", "report.md": out_dir / "report.md", **paths}
 
 
-def _lookup(metrics: dict, path: tuple[str, ...]):
+def _lookup(metrics: dict, path: tuple[str, ...]) -> float | None:
+    """The number at `path`, or None where a report lacks it (or holds something else there)."""
     for key in path:
         if not isinstance(metrics, dict) or key not in metrics:
             return None
         metrics = metrics[key]
-    return metrics
+    return float(metrics) if isinstance(metrics, (int, float)) and not isinstance(metrics, bool) else None
 
 
 def compare_reports(report_dirs: list[Path]) -> tuple[list[str], list[tuple[str, list, list]], str]:
@@ -204,7 +205,7 @@ def compare_reports(report_dirs: list[Path]) -> tuple[list[str], list[tuple[str,
             raise ReportError(f"{path}: not valid JSON ({err})") from None
     names = [Path(folder).name for folder in report_dirs]
     rows = []
-    for label, path, _ in COMPARED:
+    for label, path in COMPARED:
         values = [_lookup(m, path) for m in metrics]
         if all(v is None for v in values):
             continue

@@ -129,6 +129,12 @@ def test_compare_puts_reports_side_by_side(reports, tmp_path):
 
     one = run_forde("compare", out / "de-run", check=False)
     assert one.returncode == 2 and "at least two report folders" in one.stderr
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "metrics.json").write_text(json.dumps({"accuracy": "high", "corrupted": [1]}))
+    table = run_forde("compare", out / "de-run", odd, "--out", tmp_path / "odd.md")
+    assert "| clean accuracy |" in (tmp_path / "odd.md").read_text() and "n/a" in table.stdout
+
     missing = run_forde("compare", out / "de-run", tmp_path, check=False)
     assert missing.returncode == 2 and "not an evaluation report (no metrics.json)" in missing.stderr
 
@@ -194,6 +200,8 @@ def test_cifar_c_from_a_folder_in_the_published_layout(cifar_run, tmp_path):
      "CIFAR-C corrupts the test split only"),
     (lambda c, t: ["exported/digits.onnx", "--ood", _save(t / "o.npy", np.zeros((3, 8, 8)))],
      "--ood: expected numbers shaped [n, 1, 8, 8]"),
+    (lambda c, t: ["exported/digits.onnx", "--ood", _save(t / "o.npy", np.full((3, 1, 8, 8), np.nan))],
+     "--ood: expected finite float32 values"),
 ])
 def test_bad_evaluate_arguments_exit_2(cifar_run, tmp_path, args, message):
     result = run_forde("evaluate", *args(cifar_run, tmp_path), "--out", tmp_path / "r", check=False)

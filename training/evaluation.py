@@ -75,10 +75,10 @@ def evaluate_source(source: str | Path, data: str, data_root: str | None = None,
     split), for choosing settings without looking at the test split."""
     from forde_serve.corruptions import corrupted_versions
     from forde_serve.evaluation import RuntimePredictor, evaluate
-    from forde_serve.runtime import EnsembleRuntime
+    from forde_serve.runtime import NOT_FINITE, EnsembleRuntime, finite_float32_rows
     from training.config import DataConfig
     from training.data import load_corrupted_cifar, load_dataset
-    from training.export import abstention_threshold
+    from training.export import validation_abstention
     from training.run import load_run
 
     source = Path(source)
@@ -110,11 +110,8 @@ def evaluate_source(source: str | Path, data: str, data_root: str | None = None,
     chosen = dataset.test if split == "test" else dataset.val
     x, y = chosen.x.numpy(), chosen.y.numpy()
     if threshold is None:  # a run folder: chosen on its validation split, as `forde export` does
-        val_probs = predictor.member_probs(dataset.val.x.numpy())
-        from forde_serve.metrics import uncertainty
-
-        threshold = abstention_threshold(uncertainty(val_probs)["mutual_information"],
-                                         val_probs.mean(1).argmax(1) == dataset.val.y.numpy(), target_risk)["threshold"]
+        threshold = validation_abstention(predictor.member_probs(dataset.val.x.numpy()), dataset.val.y.numpy(),
+                                          target_risk)["threshold"]
     if data == "digits":
         corrupted = ((name, severity, xc, y) for name, severity, xc in corrupted_versions(x, seed, 0.0, 16.0))
         suite = f"digits-C (seed {seed})"
@@ -131,7 +128,9 @@ def evaluate_source(source: str | Path, data: str, data_root: str | None = None,
         if ood_x.ndim != x.ndim or ood_x.shape[1:] != x.shape[1:] or ood_x.dtype.kind not in "fiu":
             raise EvaluationError(f"--ood: expected numbers shaped [n, {', '.join(map(str, x.shape[1:]))}] in the "
                                   f"model's raw input space, got {ood_x.dtype} {list(ood_x.shape)}")
-        ood_x = np.asarray(ood_x, dtype=np.float32)
+        ood_x, finite = finite_float32_rows(np.asarray(ood_x))
+        if not finite.all():
+            raise EvaluationError(f"--ood: {NOT_FINITE} in row(s) {np.flatnonzero(~finite)[:10].tolist()}")
     evaluation = evaluate(predictor, x, y, corrupted, abstain_threshold=threshold, ood_x=ood_x,
                           gradient_rows=gradient_rows, on_set=on_set)
     evaluation.metrics["source"] = {"name": source.name, "path": str(source), "method": method, "members": members,

@@ -27,7 +27,7 @@ from training.ensemble import Ensemble
 from training.forde import member_input_gradients
 
 __all__ = ["ExportContract", "ExportError", "ExportValidationError", "abstention_threshold", "export_ensemble",
-           "export_run", "write_predict_graph"]
+           "export_run", "validation_abstention", "write_predict_graph"]
 
 aten = torch.ops.aten
 
@@ -187,6 +187,12 @@ def write_predict_graph(ensemble: Ensemble, path: str | Path, metadata: dict[str
                 metadata or {})
 
 
+def validation_abstention(member_probs: np.ndarray, labels: np.ndarray, target_risk: float) -> dict[str, float]:
+    """`abstention_threshold` from member probabilities `[N, M, C]` and labels `[N]` of a validation split."""
+    correct = member_probs.mean(1).argmax(1) == labels
+    return abstention_threshold(uncertainty(member_probs)["mutual_information"], correct, target_risk)
+
+
 def abstention_threshold(mutual_information: np.ndarray, correct: np.ndarray, target_risk: float) -> dict[str, float]:
     """The largest mutual-information threshold whose accepted inputs (MI <= threshold) have an
     error rate at most `target_risk`; returns threshold, coverage and the achieved risk.
@@ -324,10 +330,7 @@ def export_run(run_dir: str | Path, path: str | Path, target_risk: float = 0.01,
 
     run = load_run(run_dir)
     data = load_dataset(run.config.data)
-    member_probs = member_probabilities(run.ensemble, data.val.x)
-    probs = member_probs.mean(1)
-    abstain = abstention_threshold(uncertainty(member_probs)["mutual_information"],
-                                   probs.argmax(1) == data.val.y.numpy(), target_risk)
+    abstain = validation_abstention(member_probabilities(run.ensemble, data.val.x), data.val.y.numpy(), target_risk)
     forde = run.config.forde
     metadata = {
         "class_names": json.dumps(list(run.dataset.class_names)),
