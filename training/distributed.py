@@ -80,8 +80,8 @@ def gather_rows(local: torch.Tensor, rows: int, world: World, dim: int = 0) -> t
     """
     if world.size == 1:
         return local
-    sizes = [shard(rows, World(r, world.size, 0)).stop - shard(rows, World(r, world.size, 0)).start
-             for r in range(world.size)]
+    shards = [shard(rows, World(r, world.size, 0)) for r in range(world.size)]
+    sizes = [s.stop - s.start for s in shards]
     longest = max(sizes)
     padding = [0, 0] * (local.dim() - dim - 1) + [0, longest - local.shape[dim]]
     padded = torch.nn.functional.pad(local.detach(), padding).contiguous()
