@@ -35,18 +35,42 @@ def main() -> None:
         for round_ in range(args.rounds):
             for n in args.nproc:
                 run = Path(tmp) / f"n{n}-r{round_}"
-                subprocess.run([FORDE, "train", str(args.config), "--out", str(run), "--epochs", str(args.epochs),
-                                "--nproc", str(n), "--device", args.device, "--quiet"], check=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    [
+                        FORDE,
+                        "train",
+                        str(args.config),
+                        "--out",
+                        str(run),
+                        "--epochs",
+                        str(args.epochs),
+                        "--nproc",
+                        str(n),
+                        "--device",
+                        args.device,
+                        "--quiet",
+                    ],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
                 seconds[n] += [line["seconds"] for line in log[1:]]
     epoch = {n: round(statistics.median(s), 3) for n, s in seconds.items()}
     base = epoch[args.nproc[0]]
-    print(json.dumps({
-        "device": f"{args.device} ({platform.machine()})", "config": str(args.config), "epochs": args.epochs,
-        "rounds": args.rounds, "epoch_seconds": epoch,
-        "speedup_over_first": {n: round(base / s, 3) for n, s in epoch.items()},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "device": f"{args.device} ({platform.machine()})",
+                "config": str(args.config),
+                "epochs": args.epochs,
+                "rounds": args.rounds,
+                "epoch_seconds": epoch,
+                "speedup_over_first": {n: round(base / s, 3) for n, s in epoch.items()},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

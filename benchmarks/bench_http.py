@@ -41,9 +41,24 @@ def _free_port() -> int:
 def _start(model: Path, batching: bool) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = dict(os.environ) | {"FORDE_MODEL": str(model), "FORDE_BATCHING": "1" if batching else "0"}
-    process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "forde_serve.service:FordeEnsemble",
-                                "--port", str(port), "--host", "127.0.0.1"], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "forde_serve.service:FordeEnsemble",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -84,8 +99,13 @@ async def _load(url: str, bodies: list[dict], clients: int, seconds: float, max_
         await asyncio.gather(*(client(client_http) for _ in range(clients)))
         elapsed = time.perf_counter() - started
     ms = np.array(latencies) * 1000
-    return {"rps": round(len(ms) / elapsed, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2), "requests": len(ms), "failures": failures}
+    return {
+        "rps": round(len(ms) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "requests": len(ms),
+        "failures": failures,
+    }
 
 
 def main() -> None:
@@ -97,8 +117,9 @@ def main() -> None:
 
     runtime = EnsembleRuntime(args.model)
     rng = np.random.default_rng(0)
-    inputs = rng.uniform(0, 16 if "0 to 16" in runtime.card.input_space else 1,
-                         (256, *runtime.card.input_shape)).astype(np.float32)
+    inputs = rng.uniform(
+        0, 16 if "0 to 16" in runtime.card.input_space else 1, (256, *runtime.card.input_shape)
+    ).astype(np.float32)
     bodies = [{"inputs": [{"input": x.tolist()}]} for x in inputs]
 
     calls, started = 0, time.perf_counter()
@@ -119,14 +140,19 @@ def main() -> None:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)
     at64 = {r["batching"]: r["rps"] for r in results if r["clients"] == 64}
-    print(json.dumps({
-        "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores; server and load generator share them)",
-        "model": str(args.model),
-        "results": results,
-        "in_process_rps": round(in_process_rps, 1),
-        "batching_over_no_batching_at_64": round(at64[True] / at64[False], 2),
-        "http_at_64_over_in_process": round(at64[True] / in_process_rps, 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores; server and load generator share them)",
+                "model": str(args.model),
+                "results": results,
+                "in_process_rps": round(in_process_rps, 1),
+                "batching_over_no_batching_at_64": round(at64[True] / at64[False], 2),
+                "http_at_64_over_in_process": round(at64[True] / in_process_rps, 3),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,16 @@ def _baselines(run_dir: Path, workdir: Path, device: str):
     config, info = run.config, run.dataset
     singles, sessions = [], []
     for m in range(run.ensemble.members):
-        single = build_ensemble(config.model.arch, 1, info.input_shape, len(info.class_names), info.mean,
-                                info.std, width=config.model.width, depth=config.model.depth)
+        single = build_ensemble(
+            config.model.arch,
+            1,
+            info.input_shape,
+            len(info.class_names),
+            info.mean,
+            info.std,
+            width=config.model.width,
+            depth=config.model.depth,
+        )
         single.load_state_dict(member_state_dict(run.ensemble, m))
         single.eval()
         singles.append(single.to(device))
@@ -71,8 +79,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per batch size (fewer for 256)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="batch sizes to time")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cuda: CUDA execution provider and torch on the GPU")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: CUDA execution provider and torch on the GPU"
+    )
     args = parser.parse_args()
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device == "cuda" else ["CPUExecutionProvider"]
@@ -97,21 +106,21 @@ def main() -> None:
         for batch in args.batches:
             x = rng.uniform(0, high, (batch, *shape)).astype(np.float32)
             variants = {
-                "fused_ms": lambda: runtime.predict(x),
-                "explain_ms": lambda: runtime.explain(x),
+                "fused_ms": lambda x=x: runtime.predict(x),
+                "explain_ms": lambda x=x: runtime.explain(x),
             }
             if is_run:
                 xt = torch.from_numpy(x).to(args.device)
 
-                def sessions() -> np.ndarray:
+                def sessions(x=x) -> np.ndarray:
                     return np.mean([s.run(["probs"], {"input": x})[0] for s in member_sessions], axis=0)
 
-                def eager() -> np.ndarray:
+                def eager(xt=xt) -> np.ndarray:
                     with torch.no_grad():
                         out = ensemble(xt).softmax(-1).mean(1)
                     return out.cpu().numpy()
 
-                def eager_loop() -> np.ndarray:
+                def eager_loop(xt=xt) -> np.ndarray:
                     with torch.no_grad():
                         out = torch.stack([s(xt)[:, 0].softmax(-1) for s in singles], 1).mean(1)
                     return out.cpu().numpy()
@@ -132,12 +141,17 @@ def main() -> None:
             row["explain_over_fused"] = round(row["explain_ms"] / row["fused_ms"], 3)
             results.append(row)
     device = "cpu" if args.device == "cpu" else "cuda"
-    print(json.dumps({
-        "device": f"{device} ({platform.machine()}), onnxruntime {ort.__version__} {runtime.providers[0]}",
-        "model": str(args.model_or_run),
-        "members": runtime.card.members,
-        "results": results,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "device": f"{device} ({platform.machine()}), onnxruntime {ort.__version__} {runtime.providers[0]}",
+                "model": str(args.model_or_run),
+                "members": runtime.card.members,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

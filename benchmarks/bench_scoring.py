@@ -51,7 +51,7 @@ def main() -> None:
 
     def predict() -> None:
         for start in range(0, len(x), args.batch_size):
-            runtime.predict(x[start:start + args.batch_size])
+            runtime.predict(x[start : start + args.batch_size])
 
     times: dict[str, list[float]] = {"predict": [], "local": []} | ({"ray": []} if with_ray else {})
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,10 +59,13 @@ def main() -> None:
         np.save(data, x)
         runs = {"predict": predict}
         for engine in ("local", "ray") if with_ray else ("local",):
+
             def run(engine=engine) -> None:
-                job = ScoreJob(model=args.model, input=data, out=Path(tmp) / f"{engine}.parquet",
-                               batch_size=args.batch_size)
+                job = ScoreJob(
+                    model=args.model, input=data, out=Path(tmp) / f"{engine}.parquet", batch_size=args.batch_size
+                )
                 score(job, engine=engine, workers=args.ray_workers, overwrite=True)
+
             runs[engine] = run
         predict()  # warm-up
         for _ in range(args.rounds):
@@ -73,7 +76,10 @@ def main() -> None:
     rows_per_s = {name: round(args.rows / statistics.median(t)) for name, t in times.items()}
     result = {
         "device": f"cpu ({platform.machine()}), onnxruntime {ort.__version__} {runtime.providers[0]}",
-        "model": str(args.model), "rows": args.rows, "batch_size": args.batch_size, "rounds": args.rounds,
+        "model": str(args.model),
+        "rows": args.rows,
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
         "rows_per_second": rows_per_s,
         "local_over_predict": round(rows_per_s["local"] / rows_per_s["predict"], 3),
         "local_overhead": round(1 - rows_per_s["local"] / rows_per_s["predict"], 3),

@@ -31,7 +31,7 @@ class _MemberLoop(nn.Module):
         self.members, self.normalize = len(singles), fused.normalize
 
     def forward_members(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.cat([single.forward_members(z[:, m:m + 1]) for m, single in enumerate(self.singles)], dim=1)
+        return torch.cat([single.forward_members(z[:, m : m + 1]) for m, single in enumerate(self.singles)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.normalize(x).unsqueeze(1)
@@ -46,6 +46,7 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repulsion: Repu
         optimizer.zero_grad(set_to_none=True)
         (ce if r is None else ce + r).backward()
         optimizer.step()
+
     return step
 
 
@@ -76,12 +77,12 @@ def main() -> None:
     torch.manual_seed(0)
     shape = tuple(args.input_shape)
     channels = shape[0]
-    fused = build_ensemble(args.arch, args.members, shape, args.classes, [0.0] * channels, [1.0] * channels,
-                           width=args.width).to(device)
+    fused = build_ensemble(
+        args.arch, args.members, shape, args.classes, [0.0] * channels, [1.0] * channels, width=args.width
+    ).to(device)
     singles = []
     for m in range(args.members):
-        single = build_ensemble(args.arch, 1, shape, args.classes, [0.0] * channels, [1.0] * channels,
-                                width=args.width)
+        single = build_ensemble(args.arch, 1, shape, args.classes, [0.0] * channels, [1.0] * channels, width=args.width)
         single.load_state_dict(member_state_dict(fused, m))
         singles.append(single.to(device))
     loop = _MemberLoop(fused, singles).to(device)
@@ -103,23 +104,31 @@ def main() -> None:
             times[name].append(_time_ms(step, device))
     median = {name: statistics.median(values) for name, values in times.items()}
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    print(json.dumps({
-        "device": device_name,
-        "model": f"{args.arch}{'' if args.arch.startswith(('resnet', 'preact')) else f'(width={args.width})'} "
-                 f"on {'x'.join(map(str, shape))}",
-        "members": args.members,
-        "batch": args.batch,
-        "forde_step_ms": round(median["forde"], 3),
-        "de_step_ms": round(median["de"], 3),
-        "forde_over_de": round(median["forde"] / median["de"], 3),
-        "vectorized_step_ms": round(median["forde"], 3),  # the FoRDE step, fused
-        "loop_step_ms": round(median["forde_loop"], 3),  # the same FoRDE step, one member at a time
-        "loop_over_vectorized": round(median["forde_loop"] / median["forde"], 3),
-        "rounds": args.rounds,
-        "torch": torch.__version__,
-    }, indent=2))
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    )
+    print(
+        json.dumps(
+            {
+                "device": device_name,
+                "model": f"{args.arch}{'' if args.arch.startswith(('resnet', 'preact')) else f'(width={args.width})'} "
+                f"on {'x'.join(map(str, shape))}",
+                "members": args.members,
+                "batch": args.batch,
+                "forde_step_ms": round(median["forde"], 3),
+                "de_step_ms": round(median["de"], 3),
+                "forde_over_de": round(median["forde"] / median["de"], 3),
+                "vectorized_step_ms": round(median["forde"], 3),  # the FoRDE step, fused
+                "loop_step_ms": round(median["forde_loop"], 3),  # the same FoRDE step, one member at a time
+                "loop_over_vectorized": round(median["forde_loop"] / median["forde"], 3),
+                "rounds": args.rounds,
+                "torch": torch.__version__,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

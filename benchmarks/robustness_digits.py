@@ -23,8 +23,16 @@ import sys
 from pathlib import Path
 
 FORDE = str(Path(sys.executable).with_name("forde"))
-COLUMNS = (("accuracy", ()), ("nll", ()), ("ece", ()), ("accuracy", ("corrupted",)), ("nll", ("corrupted",)),
-           ("ece", ("corrupted",)), ("aurc", ("corrupted",)), ("gradient_cosine_distance", ()))
+COLUMNS = (
+    ("accuracy", ()),
+    ("nll", ()),
+    ("ece", ()),
+    ("accuracy", ("corrupted",)),
+    ("nll", ("corrupted",)),
+    ("ece", ("corrupted",)),
+    ("aurc", ("corrupted",)),
+    ("gradient_cosine_distance", ()),
+)
 
 
 def main() -> None:
@@ -47,8 +55,10 @@ def main() -> None:
         for key, path in COLUMNS:
             values = [(r[path[0]] if path else r)[key] for r in reports]
             label = ".".join((*path, key))
-            row[label] = {"mean": round(statistics.mean(values), 4),
-                          "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
+            row[label] = {
+                "mean": round(statistics.mean(values), 4),
+                "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            }
         summary[name] = row
     header = ["variant", "seeds", *[".".join((*p, k)) for k, p in COLUMNS]]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]

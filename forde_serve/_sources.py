@@ -45,8 +45,10 @@ def open_source(path: str | Path, card: ModelCard, key: str | None = None):
         return _NpzMember(path, card, key)
     if suffix == ".parquet":
         return _ParquetColumn(path, card, key)
-    raise InputFileError(f"input {str(path)!r}: expected a .npy, .npz or .parquet file or a folder of "
-                         f"{'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} images, got a {suffix or 'suffix-less'} file")
+    raise InputFileError(
+        f"input {str(path)!r}: expected a .npy, .npz or .parquet file or a folder of "
+        f"{'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} images, got a {suffix or 'suffix-less'} file"
+    )
 
 
 def _npy_header(f, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -57,8 +59,9 @@ def _npy_header(f, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
     except ValueError as err:
         raise InputFileError(f"{name}: not a readable .npy array ({err})") from None
     if fortran and len(shape) > 1:
-        raise InputFileError(f"{name}: expected a C-ordered array, got a Fortran-ordered one "
-                             "(save it with np.ascontiguousarray)")
+        raise InputFileError(
+            f"{name}: expected a C-ordered array, got a Fortran-ordered one (save it with np.ascontiguousarray)"
+        )
     return tuple(shape), dtype, f.tell()
 
 
@@ -67,8 +70,9 @@ def _check_array(name: str, shape: tuple[int, ...], dtype: np.dtype, card: Model
         raise InputFileError(f"{name}: expected numbers (float32), got dtype {dtype}")
     expected = list(card.input_shape)
     if len(shape) != len(expected) + 1 or list(shape[1:]) != expected:
-        raise InputFileError(f"{name}: expected shape [rows, {', '.join(map(str, expected))}] for this model, "
-                             f"got {list(shape)}")
+        raise InputFileError(
+            f"{name}: expected shape [rows, {', '.join(map(str, expected))}] for this model, got {list(shape)}"
+        )
 
 
 class _IndexedRows:
@@ -90,8 +94,13 @@ class _NpyFile(_IndexedRows):
             raise InputFileError(f"{path}: truncated: its header promises {self.rows} rows, the file is shorter")
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict[int, str]]:
-        view = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset + start * self._row_bytes,
-                         shape=(stop - start, *self.shape[1:]))
+        view = np.memmap(
+            self.path,
+            dtype=self.dtype,
+            mode="r",
+            offset=self.offset + start * self._row_bytes,
+            shape=(stop - start, *self.shape[1:]),
+        )
         x = np.array(view)
         del view
         return x, {}
@@ -181,8 +190,9 @@ class _ParquetColumn(_IndexedRows):
             for batch in batches:
                 lo, hi = max(start, position), min(stop, position + len(batch))
                 if lo < hi:
-                    self._fill(batch.column(0).slice(lo - position, hi - lo), x[lo - start:hi - start], lo - start,
-                               errors)
+                    self._fill(
+                        batch.column(0).slice(lo - position, hi - lo), x[lo - start : hi - start], lo - start, errors
+                    )
                 position += len(batch)
                 if position >= stop:
                     break
@@ -204,10 +214,10 @@ class _ParquetColumn(_IndexedRows):
                 errors[first + r] = f"{self.key}: expected {self._size} numbers ({shape}), got null"
             elif lengths[r] != self._size:
                 errors[first + r] = f"{self.key}: expected {self._size} numbers ({shape}), got {lengths[r]}"
-            elif leaf_valid is not None and not leaf_valid[bounds[r]:bounds[r + 1]].all():
+            elif leaf_valid is not None and not leaf_valid[bounds[r] : bounds[r + 1]].all():
                 errors[first + r] = f"{self.key}: expected {self._size} numbers ({shape}), got nulls among them"
             else:
-                out[r] = numbers[bounds[r]:bounds[r + 1]]
+                out[r] = numbers[bounds[r] : bounds[r + 1]]
 
 
 def _is_list(arrow_type) -> bool:
@@ -239,11 +249,16 @@ class _ImageFolder:
 
     def __init__(self, path: Path, card: ModelCard):
         if card.image is None:
-            raise InputFileError(f"{path}: this model takes arrays, not images (its file has no image metadata); "
-                                 "give a .npy, .npz or .parquet input")
+            raise InputFileError(
+                f"{path}: this model takes arrays, not images (its file has no image metadata); "
+                "give a .npy, .npz or .parquet input"
+            )
         self.path, self.card = path, card
-        self._files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        self._files = sorted(
+            p.relative_to(path).as_posix()
+            for p in path.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
         if not self._files:
             raise InputFileError(f"{path}: expected PNG or JPEG images in this folder, found none")
         self.rows = len(self._files)

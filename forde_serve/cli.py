@@ -39,8 +39,7 @@ def _training(module: str = "training"):
     except ImportError as err:
         if err.name and err.name.split(".")[0] in {"torch", "torchvision", "sklearn"}:
             raise click.ClickException(
-                f"this command needs the training extra ({err.name} is not installed): "
-                "pip install 'forde-serve[train]'"
+                f"this command needs the training extra ({err.name} is not installed): pip install 'forde-serve[train]'"
             ) from None
         raise
 
@@ -64,23 +63,51 @@ def main() -> None:
 
 @main.command()
 @click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder to create. Default: runs/<config name>-<method>-seed<seed>.")
-@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), metavar="RUN",
-              help="Continue a killed run from its last finished epoch (its own config is used; give no CONFIG).")
-@click.option("--method", type=click.Choice(["forde", "de"]),
-              help="Override ensemble.method: forde (input-gradient repulsion) or de (deep-ensemble baseline).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder to create. Default: runs/<config name>-<method>-seed<seed>.",
+)
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="RUN",
+    help="Continue a killed run from its last finished epoch (its own config is used; give no CONFIG).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["forde", "de"]),
+    help="Override ensemble.method: forde (input-gradient repulsion) or de (deep-ensemble baseline).",
+)
 @click.option("--members", type=click.IntRange(min=1), help="Override ensemble.members (M).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Override optim.epochs.")
 @click.option("--seed", type=int, help="Override seed (model init, shuffling, augmentation).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
-              help="Override device; auto takes CUDA when torch sees a GPU.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="Override device; auto takes CUDA when torch sees a GPU.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes on this machine (torchrun --standalone): one per GPU, or CPU processes with Gloo. "
-                   "For several machines, run torchrun yourself (see the README).")
-def train(config: Path | None, out: Path | None, resume: Path | None, method: str | None, members: int | None,
-          epochs: int | None, seed: int | None, device: str | None, quiet: bool, nproc: int) -> None:
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes on this machine (torchrun --standalone): one per GPU, or CPU processes with Gloo. "
+    "For several machines, run torchrun yourself (see the README).",
+)
+def train(
+    config: Path | None,
+    out: Path | None,
+    resume: Path | None,
+    method: str | None,
+    members: int | None,
+    epochs: int | None,
+    seed: int | None,
+    device: str | None,
+    quiet: bool,
+    nproc: int,
+) -> None:
     """Train an ensemble from a TOML CONFIG (see training/configs/) into a run folder.
 
     The run folder holds the resolved config, the PCA basis (FoRDE with pca/tuned lengthscales),
@@ -93,26 +120,41 @@ def train(config: Path | None, out: Path | None, resume: Path | None, method: st
     """
     training = _training()
     trainer = _training("training.trainer")
-    data_errors = (training.ConfigError, trainer.TrainingError, _training("training.data").DatasetError,
-                   _training("training.run").RunError)
+    data_errors = (
+        training.ConfigError,
+        trainer.TrainingError,
+        _training("training.data").DatasetError,
+        _training("training.run").RunError,
+    )
     try:
         if resume is not None:
             if config is not None or any(v is not None for v in (out, method, members, epochs, seed)):
-                raise BadInput("--resume continues a run with its own config: give only the run folder "
-                               "(and optionally --device)")
+                raise BadInput(
+                    "--resume continues a run with its own config: give only the run folder (and optionally --device)"
+                )
             resolved = training.with_overrides(training.load_config(resume / "config.json"), device=device)
             run_dir = resume
         else:
             if config is None:
-                raise BadInput("missing CONFIG: give a TOML config (e.g. training/configs/digits.toml) "
-                               "or --resume RUN")
-            resolved = training.with_overrides(training.load_config(config), method=method, members=members,
-                                               epochs=epochs, seed=seed, device=device)
+                raise BadInput("missing CONFIG: give a TOML config (e.g. training/configs/digits.toml) or --resume RUN")
+            resolved = training.with_overrides(
+                training.load_config(config), method=method, members=members, epochs=epochs, seed=seed, device=device
+            )
             run_dir = out or Path("runs") / f"{config.stem}-{resolved.ensemble.method}-seed{resolved.seed}"
         if nproc > 1:  # checked here, so that a mistake is one line rather than N ranks' failures
             trainer.check_run_dir(resolved, run_dir, resume is not None, processes=nproc)
-            _launch_torchrun(nproc, config, out=None if resume else run_dir, resume=resume, method=method,
-                             members=members, epochs=epochs, seed=seed, device=device, quiet=quiet)
+            _launch_torchrun(
+                nproc,
+                config,
+                out=None if resume else run_dir,
+                resume=resume,
+                method=method,
+                members=members,
+                epochs=epochs,
+                seed=seed,
+                device=device,
+                quiet=quiet,
+            )
         metrics = training.train(resolved, run_dir, resume=resume is not None, progress=not quiet)
     except data_errors as err:
         raise BadInput(str(err)) from None
@@ -143,8 +185,16 @@ def _launch_torchrun(nproc: int, config: Path | None, **options) -> None:
             args.append(flag)
         elif value not in (None, False):
             args += [flag, str(value)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "training", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "training",
+        *args,
+    ]
     try:
         sys.exit(subprocess.call(command))
     except KeyboardInterrupt:
@@ -153,14 +203,27 @@ def _launch_torchrun(nproc: int, config: Path | None, **options) -> None:
 
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Predict graph to write, NAME.onnx; the explain graph goes beside it as NAME.explain.onnx.")
-@click.option("--target-risk", type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
-              default=0.01, show_default=True,
-              help="Error rate the accepted predictions should reach on the validation split; sets the "
-                   "abstention threshold on mutual information.")
-@click.option("--validation-inputs", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Validation inputs on which both files are checked against the PyTorch ensemble.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Predict graph to write, NAME.onnx; the explain graph goes beside it as NAME.explain.onnx.",
+)
+@click.option(
+    "--target-risk",
+    type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
+    default=0.01,
+    show_default=True,
+    help="Error rate the accepted predictions should reach on the validation split; sets the "
+    "abstention threshold on mutual information.",
+)
+@click.option(
+    "--validation-inputs",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Validation inputs on which both files are checked against the PyTorch ensemble.",
+)
 def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> None:
     """Fuse a training RUN into one batched ONNX graph (NAME.onnx) and its explain twin.
 
@@ -173,8 +236,7 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
         raise BadInput(f"--out: expected a NAME.onnx path for the predict graph, got {str(out)!r}")
     exporter = _training("training.export")
     try:
-        exporter.export_run(run, out, target_risk=target_risk, validation_inputs=validation_inputs,
-                            echo=click.echo)
+        exporter.export_run(run, out, target_risk=target_risk, validation_inputs=validation_inputs, echo=click.echo)
     except (_training("training.run").RunError, _training("training.data").DatasetError) as err:
         raise BadInput(str(err)) from None
     except exporter.ExportValidationError as err:
@@ -185,24 +247,59 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
 
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--data", type=click.Choice(["digits", "cifar10", "cifar100"]), default="digits", show_default=True,
-              help="The dataset the model was trained on; its test split is evaluated clean and corrupted.")
+@click.option(
+    "--data",
+    type=click.Choice(["digits", "cifar10", "cifar100"]),
+    default="digits",
+    show_default=True,
+    help="The dataset the model was trained on; its test split is evaluated clean and corrupted.",
+)
 @click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding CIFAR (torchvision's layout).")
-@click.option("--corrupted-root", type=click.Path(file_okay=False),
-              help="Folder holding CIFAR-10-C / CIFAR-100-C (default: --data-root).")
+@click.option(
+    "--corrupted-root",
+    type=click.Path(file_okay=False),
+    help="Folder holding CIFAR-10-C / CIFAR-100-C (default: --data-root).",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder to write.")
-@click.option("--ood", type=click.Path(dir_okay=False, path_type=Path),
-              help="Out-of-distribution inputs (.npy, raw input space) for the MI detection AUROC.")
+@click.option(
+    "--ood",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Out-of-distribution inputs (.npy, raw input space) for the MI detection AUROC.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the digits-C corruptions.")
-@click.option("--per-severity", type=click.IntRange(min=1),
-              help="CIFAR-C: evaluate the first N images of each severity (default: all 10000).")
-@click.option("--gradient-rows", type=click.IntRange(min=0), default=1000, show_default=True,
-              help="Inputs per set whose member gradients are compared (cosine distance); 0 skips.")
-@click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True,
-              help="validation: measure the validation split (digits), to choose settings without the test split.")
+@click.option(
+    "--per-severity",
+    type=click.IntRange(min=1),
+    help="CIFAR-C: evaluate the first N images of each severity (default: all 10000).",
+)
+@click.option(
+    "--gradient-rows",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Inputs per set whose member gradients are compared (cosine distance); 0 skips.",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["test", "validation"]),
+    default="test",
+    show_default=True,
+    help="validation: measure the validation split (digits), to choose settings without the test split.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
-def evaluate(source: Path, data: str, data_root: str | None, corrupted_root: str | None, out: Path, ood: Path | None,
-             seed: int, per_severity: int | None, gradient_rows: int, split: str, quiet: bool) -> None:
+def evaluate(
+    source: Path,
+    data: str,
+    data_root: str | None,
+    corrupted_root: str | None,
+    out: Path,
+    ood: Path | None,
+    seed: int,
+    per_severity: int | None,
+    gradient_rows: int,
+    split: str,
+    quiet: bool,
+) -> None:
     """Measure an ensemble's robustness: SOURCE is a training run folder or an exported NAME.onnx.
 
     \b
@@ -225,10 +322,21 @@ def evaluate(source: Path, data: str, data_root: str | None, corrupted_root: str
     from forde_serve.report import write_report
     from forde_serve.runtime import InvalidInput, ModelFileError
 
-    errors = (evaluation_module.EvaluationError, ModelFileError, InvalidInput, _training("training.run").RunError,
-              _training("training.data").DatasetError)
-    with Progress(TextColumn("evaluating {task.fields[current]}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), disable=quiet, transient=True) as bar:
+    errors = (
+        evaluation_module.EvaluationError,
+        ModelFileError,
+        InvalidInput,
+        _training("training.run").RunError,
+        _training("training.data").DatasetError,
+    )
+    with Progress(
+        TextColumn("evaluating {task.fields[current]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=quiet,
+        transient=True,
+    ) as bar:
         total = 1 + len(CORRUPTIONS) * len(SEVERITIES) if data == "digits" else None  # CIFAR-C: as files found
         task = bar.add_task("sets", total=total, current="clean")
 
@@ -236,8 +344,18 @@ def evaluate(source: Path, data: str, data_root: str | None, corrupted_root: str
             bar.update(task, advance=1, current=name)
 
         try:
-            evaluation = evaluation_module.evaluate_source(source, data, data_root, corrupted_root, ood, seed,
-                                                           per_severity, gradient_rows, split=split, on_set=on_set)
+            evaluation = evaluation_module.evaluate_source(
+                source,
+                data,
+                data_root,
+                corrupted_root,
+                ood,
+                seed,
+                per_severity,
+                gradient_rows,
+                split=split,
+                on_set=on_set,
+            )
             paths = write_report(evaluation, out)
         except errors as err:
             raise BadInput(str(err)) from None
@@ -252,7 +370,9 @@ def evaluate(source: Path, data: str, data_root: str | None, corrupted_root: str
     table.add_column("corrupted", justify="right")
     for key in ("accuracy", "nll", "ece", "brier", "mutual_information", "gradient_cosine_distance", "aurc"):
         clean, corrupted = metrics.get(key), (metrics.get("corrupted") or {}).get(key)
-        table.add_row(key, "n/a" if clean is None else f"{clean:.4f}", "n/a" if corrupted is None else f"{corrupted:.4f}")
+        table.add_row(
+            key, "n/a" if clean is None else f"{clean:.4f}", "n/a" if corrupted is None else f"{corrupted:.4f}"
+        )
     console = Console()
     console.print(table)
     if "ood" in metrics:
@@ -262,8 +382,13 @@ def evaluate(source: Path, data: str, data_root: str | None, corrupted_root: str
 
 @main.command()
 @click.argument("reports", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("comparison.md"),
-              show_default=True, help="Markdown file to write the table to.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("comparison.md"),
+    show_default=True,
+    help="Markdown file to write the table to.",
+)
 def compare(reports: tuple[Path, ...], out: Path) -> None:
     """Put evaluation REPORTS (folders written by `forde evaluate`) side by side, with each one's
     difference to the first (e.g. `forde compare reports/de reports/forde`)."""
@@ -286,8 +411,11 @@ def compare(reports: tuple[Path, ...], out: Path) -> None:
     for name in names[1:]:
         table.add_column(f"{name} - {names[0]}", justify="right")
     for label, values, diffs in rows:
-        table.add_row(label, *["n/a" if v is None else f"{v:.4f}" for v in values],
-                      *["n/a" if d is None else f"{d:+.4f}" for d in diffs])
+        table.add_row(
+            label,
+            *["n/a" if v is None else f"{v:.4f}" for v in values],
+            *["n/a" if d is None else f"{d:+.4f}" for d in diffs],
+        )
     Console().print(table)
     click.echo(f"written to {out}")
 
@@ -298,26 +426,62 @@ SOME_ROWS_FAILED = 3  # `forde score` finished, but rows listed in the errors fi
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("input", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Results: NAME.parquet (probs as a list column) or NAME.csv (one prob_<class> column each).")
-@click.option("--explain", is_flag=True,
-              help="Also write every member's input gradient to NAME.gradients.npy [rows, members, *input_shape], "
-                   "row i for input row i (NaN for rows that failed).")
-@click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True,
-              help="Rows per onnxruntime call; memory follows this, not the input size.")
-@click.option("--part-rows", type=click.IntRange(min=1), default=8192, show_default=True,
-              help="Rows per output part: the unit that is redone after a kill.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Results: NAME.parquet (probs as a list column) or NAME.csv (one prob_<class> column each).",
+)
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="Also write every member's input gradient to NAME.gradients.npy [rows, members, *input_shape], "
+    "row i for input row i (NaN for rows that failed).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 65536),
+    default=256,
+    show_default=True,
+    help="Rows per onnxruntime call; memory follows this, not the input size.",
+)
+@click.option(
+    "--part-rows",
+    type=click.IntRange(min=1),
+    default=8192,
+    show_default=True,
+    help="Rows per output part: the unit that is redone after a kill.",
+)
 @click.option("--key", help="Array name in a .npz, or column of a .parquet (default: the only one, or 'input').")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this process. ray: Ray Data actors, one onnxruntime session each (pip install "
-                   "'forde-serve[ray]').")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process. ray: Ray Data actors, one onnxruntime session each (pip install 'forde-serve[ray]').",
+)
 @click.option("--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local one.")
-@click.option("--workers", type=click.IntRange(min=1),
-              help="Ray actors (default: one per GPU, else one per CPU); for a local cluster, also its CPUs.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Ray actors (default: one per GPU, else one per CPU); for a local cluster, also its CPUs.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT (and any unfinished parts) and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
-def score(model: Path, input: Path, out: Path, explain: bool, batch_size: int, part_rows: int, key: str | None,
-          engine: str, address: str | None, workers: int | None, overwrite: bool, quiet: bool) -> None:
+def score(
+    model: Path,
+    input: Path,
+    out: Path,
+    explain: bool,
+    batch_size: int,
+    part_rows: int,
+    key: str | None,
+    engine: str,
+    address: str | None,
+    workers: int | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
     """Score every row of INPUT with an exported MODEL (NAME.onnx), without a server.
 
     \b
@@ -341,10 +505,17 @@ def score(model: Path, input: Path, out: Path, explain: bool, batch_size: int, p
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from forde_serve.runtime import ModelFileError
-    from forde_serve.scoring import InputFileError, ScoreJob, ScoringError, score as run_score
+    from forde_serve.scoring import InputFileError, ScoreJob, ScoringError
+    from forde_serve.scoring import score as run_score
 
-    columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-               _RowsPerSecond(), TimeElapsedColumn())
+    columns = (
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        _RowsPerSecond(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, disable=quiet, transient=False) as bar:
         task = bar.add_task("score", total=None)
 
@@ -352,10 +523,12 @@ def score(model: Path, input: Path, out: Path, explain: bool, batch_size: int, p
             bar.update(task, completed=done, total=total)
 
         try:
-            job = ScoreJob(model=model, input=input, out=out, key=key, explain=explain, batch_size=batch_size,
-                           part_rows=part_rows)
-            summary = run_score(job, engine=engine, address=address, workers=workers, overwrite=overwrite,
-                                on_rows=on_rows)
+            job = ScoreJob(
+                model=model, input=input, out=out, key=key, explain=explain, batch_size=batch_size, part_rows=part_rows
+            )
+            summary = run_score(
+                job, engine=engine, address=address, workers=workers, overwrite=overwrite, on_rows=on_rows
+            )
         except (ModelFileError, InputFileError, ScoringError) as err:
             raise BadInput(str(err)) from None
         except OSError as err:
@@ -370,14 +543,17 @@ def score(model: Path, input: Path, out: Path, explain: bool, batch_size: int, p
         table.add_row("abstained", f"{summary.abstained} ({summary.abstained / max(summary.scored, 1):.1%})")
         table.add_row("mean mutual information", f"{summary.mean_mutual_information:.4f}")
         table.add_row("mean predictive entropy", f"{summary.mean_predictive_entropy:.4f}")
-        table.add_row("this run", f"{summary.rows_this_run} rows in {summary.seconds:.1f} s "
-                                  f"({summary.rows_per_second:,.0f} rows/s)")
+        table.add_row(
+            "this run",
+            f"{summary.rows_this_run} rows in {summary.seconds:.1f} s ({summary.rows_per_second:,.0f} rows/s)",
+        )
         for name, path in summary.outputs.items():
             table.add_row(name, path)
         Console().print(table)
     if summary.failed:
-        click.echo(f"{summary.failed} of {summary.rows} rows could not be scored; see {summary.outputs['errors']}",
-                   err=True)
+        click.echo(
+            f"{summary.failed} of {summary.rows} rows could not be scored; see {summary.outputs['errors']}", err=True
+        )
         sys.exit(SOME_ROWS_FAILED)
 
 
@@ -408,8 +584,17 @@ def serve(model: Path | None, port: int, host: str) -> None:
         except ModelFileError as err:
             raise BadInput(str(err)) from None
         env["FORDE_MODEL"] = str(model.resolve())
-    command = [sys.executable, "-m", "bentoml", "serve", "forde_serve.service:FordeEnsemble",
-               "--port", str(port), "--host", host]
+    command = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "forde_serve.service:FordeEnsemble",
+        "--port",
+        str(port),
+        "--host",
+        host,
+    ]
     try:
         sys.exit(subprocess.call(command, env=env))
     except KeyboardInterrupt:  # Ctrl+C reaches the server too; it shuts itself down

@@ -47,7 +47,7 @@ def _convolve(x, kernel: np.ndarray):
     for i in range(kh):
         for j in range(kw):
             if kernel[i, j]:
-                out += kernel[i, j] * padded[:, :, i:i + height, j:j + width]
+                out += kernel[i, j] * padded[:, :, i : i + height, j : j + width]
     return out
 
 
@@ -139,8 +139,9 @@ def _rotate(x, s, rng, low, high):
     degrees = (10, 20, 30, 40, 50)[s - 1]
     n, _, height, width = x.shape
     theta = np.deg2rad(degrees) * rng.choice([-1.0, 1.0], n)
-    grid_r, grid_c = np.meshgrid(np.arange(height) - (height - 1) / 2, np.arange(width) - (width - 1) / 2,
-                                 indexing="ij")
+    grid_r, grid_c = np.meshgrid(
+        np.arange(height) - (height - 1) / 2, np.arange(width) - (width - 1) / 2, indexing="ij"
+    )
     cos, sin = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
     rows = cos * grid_r[None] - sin * grid_c[None] + (height - 1) / 2
     cols = sin * grid_r[None] + cos * grid_c[None] + (width - 1) / 2
@@ -155,7 +156,7 @@ def _occlusion(x, s, rng, low, high):
     left = rng.integers(0, width - side + 1, n)
     out = x.copy()
     for i in range(n):
-        out[i, :, top[i]:top[i] + side, left[i]:left[i] + side] = low
+        out[i, :, top[i] : top[i] + side, left[i] : left[i] + side] = low
     return out
 
 
@@ -174,8 +175,7 @@ CORRUPTIONS: dict[str, Callable] = {
 }
 
 
-def corrupt(x: np.ndarray, name: str, severity: int, seed: int = 0, low: float = 0.0,
-            high: float = 16.0) -> np.ndarray:
+def corrupt(x: np.ndarray, name: str, severity: int, seed: int = 0, low: float = 0.0, high: float = 16.0) -> np.ndarray:
     """`x` `[N, C, H, W]` (raw values in [low, high]) with corruption `name` at `severity` 1-5."""
     if name not in CORRUPTIONS:
         raise ValueError(f"corruption: expected one of {', '.join(CORRUPTIONS)}, got {name!r}")
@@ -186,8 +186,9 @@ def corrupt(x: np.ndarray, name: str, severity: int, seed: int = 0, low: float =
     return np.clip(out, low, high).astype(np.float32)
 
 
-def corrupted_versions(x: np.ndarray, seed: int = 0, low: float = 0.0,
-                       high: float = 16.0) -> Iterator[tuple[str, int, np.ndarray]]:
+def corrupted_versions(
+    x: np.ndarray, seed: int = 0, low: float = 0.0, high: float = 16.0
+) -> Iterator[tuple[str, int, np.ndarray]]:
     """Every (corruption, severity, corrupted x) of the suite, in a fixed order."""
     for name in CORRUPTIONS:
         for severity in SEVERITIES:

@@ -14,15 +14,33 @@ from typing import Protocol
 
 import numpy as np
 
-from forde_serve.metrics import (ECE_BINS, auroc, classification_metrics, gradient_cosine_distance,
-                                 reliability_bins, risk_coverage, uncertainty)
+from forde_serve.metrics import (
+    ECE_BINS,
+    auroc,
+    classification_metrics,
+    gradient_cosine_distance,
+    reliability_bins,
+    risk_coverage,
+    uncertainty,
+)
 from forde_serve.runtime import EnsembleRuntime
 
 __all__ = ["Evaluation", "Predictor", "RuntimePredictor", "SET_KEYS", "evaluate"]
 
 # Per data set (clean, or one corruption at one severity), all means over its inputs.
-SET_KEYS = ("accuracy", "nll", "ece", "brier", "predictive_entropy", "expected_entropy", "mutual_information",
-            "gradient_cosine_distance", "aurc", "abstain_coverage", "accuracy_when_accepted")
+SET_KEYS = (
+    "accuracy",
+    "nll",
+    "ece",
+    "brier",
+    "predictive_entropy",
+    "expected_entropy",
+    "mutual_information",
+    "gradient_cosine_distance",
+    "aurc",
+    "abstain_coverage",
+    "accuracy_when_accepted",
+)
 
 
 class Predictor(Protocol):
@@ -45,7 +63,7 @@ class RuntimePredictor:
         self.members = runtime.card.members
 
     def _batched(self, method, key: str, x: np.ndarray) -> np.ndarray:
-        return np.concatenate([method(x[i:i + self.batch_size])[key] for i in range(0, len(x), self.batch_size)])
+        return np.concatenate([method(x[i : i + self.batch_size])[key] for i in range(0, len(x), self.batch_size)])
 
     def member_probs(self, x: np.ndarray) -> np.ndarray:
         return self._batched(self.runtime.predict, "member_probs", x).astype(np.float64)
@@ -72,8 +90,11 @@ class _Pooled:
 
     def reliability(self) -> dict[str, np.ndarray]:
         with np.errstate(invalid="ignore", divide="ignore"):
-            return {"count": self.count, "confidence": self.confidence / self.count,
-                    "accuracy": self.correct / self.count}
+            return {
+                "count": self.count,
+                "confidence": self.confidence / self.count,
+                "accuracy": self.correct / self.count,
+            }
 
     def risk_coverage(self) -> dict:
         return risk_coverage(np.concatenate([s[0] for s in self.scores]), np.concatenate([s[1] for s in self.scores]))
@@ -90,8 +111,15 @@ class Evaluation:
     saliency_gradients: np.ndarray  # [K, M, *input_shape]
 
 
-def _set_metrics(predictor: Predictor, x: np.ndarray, y: np.ndarray, threshold: float, gradient_rows: int,
-                 pooled: _Pooled, keep_rows: int = 0) -> tuple[dict, np.ndarray | None]:
+def _set_metrics(
+    predictor: Predictor,
+    x: np.ndarray,
+    y: np.ndarray,
+    threshold: float,
+    gradient_rows: int,
+    pooled: _Pooled,
+    keep_rows: int = 0,
+) -> tuple[dict, np.ndarray | None]:
     """Metrics of one set; gradients of its first max(gradient_rows, keep_rows) inputs are returned."""
     member_probs = predictor.member_probs(x)
     probs = member_probs.mean(1)
@@ -101,8 +129,9 @@ def _set_metrics(predictor: Predictor, x: np.ndarray, y: np.ndarray, threshold: 
     metrics["expected_entropy"] = float(spread["expected_entropy"].mean())
     rows = max(gradient_rows, keep_rows) if predictor.members > 1 else 0
     gradients = predictor.input_gradients(x[:rows]) if rows else None
-    metrics["gradient_cosine_distance"] = (gradient_cosine_distance(gradients[:gradient_rows])
-                                           if gradients is not None and gradient_rows else None)
+    metrics["gradient_cosine_distance"] = (
+        gradient_cosine_distance(gradients[:gradient_rows]) if gradients is not None and gradient_rows else None
+    )
     correct = probs.argmax(1) == y
     mi = spread["mutual_information"]
     metrics["aurc"] = risk_coverage(mi, correct)["aurc"]
@@ -122,10 +151,18 @@ def _mean(rows: Iterable[dict]) -> dict:
     return out
 
 
-def evaluate(predictor: Predictor, x: np.ndarray, y: np.ndarray,
-             corrupted: Iterable[tuple[str, int, np.ndarray, np.ndarray]] = (), *, abstain_threshold: float,
-             ood_x: np.ndarray | None = None, gradient_rows: int = 1000, saliency_rows: int = 6,
-             on_set: Callable[[str], None] | None = None) -> Evaluation:
+def evaluate(
+    predictor: Predictor,
+    x: np.ndarray,
+    y: np.ndarray,
+    corrupted: Iterable[tuple[str, int, np.ndarray, np.ndarray]] = (),
+    *,
+    abstain_threshold: float,
+    ood_x: np.ndarray | None = None,
+    gradient_rows: int = 1000,
+    saliency_rows: int = 6,
+    on_set: Callable[[str], None] | None = None,
+) -> Evaluation:
     """Measure `predictor` on the clean set (`x` raw inputs, `y` labels) and every corrupted set
     `(corruption, severity, x, y)`; corrupted metrics are averaged over all types and severities.
 
@@ -135,8 +172,15 @@ def evaluate(predictor: Predictor, x: np.ndarray, y: np.ndarray,
     saliency grid).
     """
     pooled = {"clean": _Pooled(), "corrupted": _Pooled()}
-    clean, clean_gradients = _set_metrics(predictor, x, y, abstain_threshold, gradient_rows, pooled["clean"],
-                                          keep_rows=saliency_rows if gradient_rows else 0)
+    clean, clean_gradients = _set_metrics(
+        predictor,
+        x,
+        y,
+        abstain_threshold,
+        gradient_rows,
+        pooled["clean"],
+        keep_rows=saliency_rows if gradient_rows else 0,
+    )
     if on_set:
         on_set("clean")
     per_set = []
@@ -149,10 +193,13 @@ def evaluate(predictor: Predictor, x: np.ndarray, y: np.ndarray,
     metrics = dict(clean)
     if per_set:
         metrics["corrupted"] = _mean(per_set)
-        metrics["per_severity"] = {str(s): _mean(r for r in per_set if r["severity"] == s)
-                                   for s in sorted({r["severity"] for r in per_set})}
-        metrics["per_corruption"] = {c: _mean(r for r in per_set if r["corruption"] == c)
-                                     for c in dict.fromkeys(r["corruption"] for r in per_set)}
+        metrics["per_severity"] = {
+            str(s): _mean(r for r in per_set if r["severity"] == s) for s in sorted({r["severity"] for r in per_set})
+        }
+        metrics["per_corruption"] = {
+            c: _mean(r for r in per_set if r["corruption"] == c)
+            for c in dict.fromkeys(r["corruption"] for r in per_set)
+        }
         metrics["per_set"] = per_set
     if ood_x is not None:
         mi_in = uncertainty(predictor.member_probs(x))["mutual_information"]

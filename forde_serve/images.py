@@ -22,8 +22,9 @@ class ImageTooLarge(InvalidInput):
     """A picture with more pixels than we decode (HTTP 413)."""
 
 
-def image_to_input(source: str | Path | BinaryIO, spec: dict | None, field: str = "image",
-                   max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+def image_to_input(
+    source: str | Path | BinaryIO, spec: dict | None, field: str = "image", max_pixels: int = MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """Decode a PNG/JPEG into the model's raw input `[channels, height, width]` float32."""
     from PIL import Image, UnidentifiedImageError
 
@@ -32,12 +33,14 @@ def image_to_input(source: str | Path | BinaryIO, spec: dict | None, field: str 
     try:
         with Image.open(source) as picture:
             if picture.width * picture.height > max_pixels:
-                raise ImageTooLarge(f"{field}: expected at most {max_pixels} pixels, got "
-                                    f"{picture.width}x{picture.height}")
+                raise ImageTooLarge(
+                    f"{field}: expected at most {max_pixels} pixels, got {picture.width}x{picture.height}"
+                )
             converted = picture.convert(spec["mode"]).resize(tuple(spec["size"][::-1]), Image.BILINEAR)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise InvalidInput(f"{field}: expected a PNG or JPEG file, got something that does not decode "
-                           f"({err})") from None
+        raise InvalidInput(
+            f"{field}: expected a PNG or JPEG file, got something that does not decode ({err})"
+        ) from None
     array = np.asarray(converted, dtype=np.float32)
     if spec["invert"]:
         array = 255.0 - array

@@ -104,9 +104,11 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
     bin_index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
     count = np.bincount(bin_index, minlength=bins).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {"count": count,
-                "confidence": np.bincount(bin_index, confidence, bins) / count,
-                "accuracy": np.bincount(bin_index, correct.astype(float), bins) / count}
+        return {
+            "count": count,
+            "confidence": np.bincount(bin_index, confidence, bins) / count,
+            "accuracy": np.bincount(bin_index, correct.astype(float), bins) / count,
+        }
 
 
 def risk_coverage(uncertainty_score: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray | float]:

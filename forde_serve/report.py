@@ -55,10 +55,12 @@ def _reliability(evaluation: Evaluation):
         for name, bins in evaluation.reliability.items():
             used = bins["count"] > 0
             axis.plot(bins["confidence"][used], bins["accuracy"][used], marker="o", label=name)
-        axis.set(xlabel="confidence (15 bins)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-                 title="Reliability diagram")
+        axis.set(
+            xlabel="confidence (15 bins)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability diagram"
+        )
         axis.legend(loc="upper left")
         return figure
+
     return draw
 
 
@@ -69,12 +71,13 @@ def _severity(metrics: dict):
         for axis, key, label in ((axes[0], "accuracy", "accuracy"), (axes[1], "nll", "NLL")):
             values = [metrics[key]] + [metrics["per_severity"][str(s)][key] for s in levels[1:]]
             axis.plot(levels, values, marker="o", color="black", label="mean over corruptions")
-            for name, rows in _by_corruption(metrics).items():
+            for rows in _by_corruption(metrics).values():
                 axis.plot(levels, [metrics[key]] + [r[key] for r in rows], alpha=0.35, linewidth=1)
             axis.set(xlabel="severity (0 = clean)", ylabel=label, title=f"{label} per severity")
             axis.set_xticks(levels)
         axes[0].legend(loc="lower left")
         return figure
+
     return draw
 
 
@@ -93,10 +96,14 @@ def _risk_coverage(evaluation: Evaluation):
         coverage = evaluation.metrics.get("abstain_coverage")
         if coverage is not None:
             axis.axvline(coverage, color="grey", linestyle=":", label="model's abstention threshold (clean)")
-        axis.set(xlabel="coverage (most certain first, by mutual information)", ylabel="error rate among accepted",
-                 title="Risk-coverage")
+        axis.set(
+            xlabel="coverage (most certain first, by mutual information)",
+            ylabel="error rate among accepted",
+            title="Risk-coverage",
+        )
         axis.legend(loc="upper left", fontsize="small")
         return figure
+
     return draw
 
 
@@ -120,6 +127,7 @@ def _saliency(evaluation: Evaluation):
                     axes[r, c].set_title(title, fontsize=7)
         figure.suptitle("|input gradient| of the predicted class: where each member looks", fontsize=9)
         return figure
+
     return draw
 
 
@@ -129,34 +137,58 @@ def _fmt(value, digits: int = 4) -> str:
 
 def _markdown(metrics: dict, figures: list[str]) -> str:
     source = metrics.get("source", {})
-    lines = [f"# Evaluation: {source.get('name', 'ensemble')}", "",
-             f"{source.get('method', '?')} ensemble, {source.get('members', '?')} members, evaluated on "
-             f"{source.get('data', '?')} ({metrics.get('inputs', '?')} test inputs) through "
-             f"{source.get('engine', '?')}.", ""]
+    lines = [
+        f"# Evaluation: {source.get('name', 'ensemble')}",
+        "",
+        f"{source.get('method', '?')} ensemble, {source.get('members', '?')} members, evaluated on "
+        f"{source.get('data', '?')} ({metrics.get('inputs', '?')} test inputs) through "
+        f"{source.get('engine', '?')}.",
+        "",
+    ]
     corrupted = metrics.get("corrupted")
     lines += ["| metric | clean | corrupted |", "| --- | --- | --- |"]
-    for key, label in (("accuracy", "accuracy"), ("nll", "NLL"), ("ece", "ECE (15 bins)"), ("brier", "Brier"),
-                       ("predictive_entropy", "total uncertainty (predictive entropy)"),
-                       ("expected_entropy", "aleatoric (expected entropy)"),
-                       ("mutual_information", "epistemic (mutual information)"),
-                       ("gradient_cosine_distance", "members' gradient cosine distance"),
-                       ("aurc", "risk-coverage area (lower is better)"),
-                       ("abstain_coverage", "accepted at the model's threshold"),
-                       ("accuracy_when_accepted", "accuracy of the accepted")):
+    for key, label in (
+        ("accuracy", "accuracy"),
+        ("nll", "NLL"),
+        ("ece", "ECE (15 bins)"),
+        ("brier", "Brier"),
+        ("predictive_entropy", "total uncertainty (predictive entropy)"),
+        ("expected_entropy", "aleatoric (expected entropy)"),
+        ("mutual_information", "epistemic (mutual information)"),
+        ("gradient_cosine_distance", "members' gradient cosine distance"),
+        ("aurc", "risk-coverage area (lower is better)"),
+        ("abstain_coverage", "accepted at the model's threshold"),
+        ("accuracy_when_accepted", "accuracy of the accepted"),
+    ):
         lines.append(f"| {label} | {_fmt(metrics.get(key))} | {_fmt(corrupted.get(key)) if corrupted else 'n/a'} |")
     lines += ["", f"Abstention: the model abstains when mutual information > {metrics['abstain_threshold']:.4g}."]
     if "ood" in metrics:
-        lines += ["", f"Out-of-distribution detection by mutual information ({metrics['ood']['inputs']} OOD inputs): "
-                      f"AUROC {metrics['ood']['auroc_mutual_information']:.4f}."]
+        lines += [
+            "",
+            f"Out-of-distribution detection by mutual information ({metrics['ood']['inputs']} OOD inputs): "
+            f"AUROC {metrics['ood']['auroc_mutual_information']:.4f}.",
+        ]
     if corrupted:
-        lines += ["", "## Per corruption (mean over severities 1-5)", "",
-                  "| corruption | accuracy | NLL | ECE | mutual information |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Per corruption (mean over severities 1-5)",
+            "",
+            "| corruption | accuracy | NLL | ECE | mutual information |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for name, row in metrics["per_corruption"].items():
-            lines.append(f"| {name} | {_fmt(row['accuracy'])} | {_fmt(row['nll'])} | {_fmt(row['ece'])} | "
-                         f"{_fmt(row['mutual_information'])} |")
-        lines += ["", "## Per severity (mean over corruptions)", "", "| severity | accuracy | NLL | ECE |",
-                  "| --- | --- | --- | --- |", f"| 0 (clean) | {_fmt(metrics['accuracy'])} | {_fmt(metrics['nll'])} | "
-                                                 f"{_fmt(metrics['ece'])} |"]
+            lines.append(
+                f"| {name} | {_fmt(row['accuracy'])} | {_fmt(row['nll'])} | {_fmt(row['ece'])} | "
+                f"{_fmt(row['mutual_information'])} |"
+            )
+        lines += [
+            "",
+            "## Per severity (mean over corruptions)",
+            "",
+            "| severity | accuracy | NLL | ECE |",
+            "| --- | --- | --- | --- |",
+            f"| 0 (clean) | {_fmt(metrics['accuracy'])} | {_fmt(metrics['nll'])} | {_fmt(metrics['ece'])} |",
+        ]
         for severity, row in metrics["per_severity"].items():
             lines.append(f"| {severity} | {_fmt(row['accuracy'])} | {_fmt(row['nll'])} | {_fmt(row['ece'])} |")
     lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
@@ -199,8 +231,9 @@ def compare_reports(report_dirs: list[Path]) -> tuple[list[str], list[tuple[str,
         try:
             metrics.append(json.loads(path.read_text()))
         except FileNotFoundError:
-            raise ReportError(f"{folder}: not an evaluation report (no metrics.json); make one with "
-                              "`forde evaluate`") from None
+            raise ReportError(
+                f"{folder}: not an evaluation report (no metrics.json); make one with `forde evaluate`"
+            ) from None
         except json.JSONDecodeError as err:
             raise ReportError(f"{path}: not valid JSON ({err})") from None
     names = [Path(folder).name for folder in report_dirs]

@@ -15,7 +15,15 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
-from forde_serve.contract import EXPLAIN_OUTPUTS, FORMAT_VERSION, INPUT, METADATA_KEYS, PREDICT_OUTPUTS, TARGET, explain_path
+from forde_serve.contract import (
+    EXPLAIN_OUTPUTS,
+    FORMAT_VERSION,
+    INPUT,
+    METADATA_KEYS,
+    PREDICT_OUTPUTS,
+    TARGET,
+    explain_path,
+)
 
 __all__ = ["EnsembleRuntime", "InvalidInput", "ModelFileError", "ModelCard", "NOT_FINITE", "finite_float32_rows"]
 
@@ -69,8 +77,14 @@ def _open_session(path: Path, providers: Sequence[str], options: ort.SessionOpti
         raise ModelFileError(f"model file {str(path)!r} does not exist")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
-    except (RuntimeError, _ort_errors.Fail, _ort_errors.InvalidProtobuf, _ort_errors.InvalidGraph,
-            _ort_errors.NoSuchFile, _ort_errors.InvalidArgument) as err:
+    except (
+        RuntimeError,
+        _ort_errors.Fail,
+        _ort_errors.InvalidProtobuf,
+        _ort_errors.InvalidGraph,
+        _ort_errors.NoSuchFile,
+        _ort_errors.InvalidArgument,
+    ) as err:
         raise ModelFileError(f"{path} is not a loadable ONNX model: {str(err).splitlines()[0]}") from None
 
 
@@ -79,22 +93,29 @@ def _choose_providers(requested: Sequence[str] | None) -> list[str]:
     if requested is not None:
         missing = [p for p in requested if p not in available]
         if missing:
-            raise ValueError(f"providers: {', '.join(missing)} not available in this onnxruntime; "
-                             f"available: {', '.join(available)}")
+            raise ValueError(
+                f"providers: {', '.join(missing)} not available in this onnxruntime; available: {', '.join(available)}"
+            )
         return list(requested)
     # CUDA only where the GPU build is installed; CPU-only builds never try (and never log) it.
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available \
+    return (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in available
         else ["CPUExecutionProvider"]
+    )
 
 
 def _card(path: Path, meta: dict[str, str]) -> ModelCard:
     missing = [METADATA_KEYS[k] for k in _REQUIRED if METADATA_KEYS[k] not in meta]
     if METADATA_KEYS["format_version"] in meta and meta[METADATA_KEYS["format_version"]] != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: format version {meta[METADATA_KEYS['format_version']]!r} is not one this "
-                             f"forde-serve knows (it reads {FORMAT_VERSION!r}); re-export it or upgrade forde-serve")
+        raise ModelFileError(
+            f"{path}: format version {meta[METADATA_KEYS['format_version']]!r} is not one this "
+            f"forde-serve knows (it reads {FORMAT_VERSION!r}); re-export it or upgrade forde-serve"
+        )
     if missing:
-        raise ModelFileError(f"{path} is not a forde-serve export: metadata {', '.join(missing)} missing "
-                             "(export it with `forde export`)")
+        raise ModelFileError(
+            f"{path} is not a forde-serve export: metadata {', '.join(missing)} missing (export it with `forde export`)"
+        )
 
     def get(key: str, default=None):
         return meta.get(METADATA_KEYS[key], default)
@@ -130,8 +151,14 @@ class EnsembleRuntime:
     `abstain`, all batch first.
     """
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                 max_batch: int = 4096, spin: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        max_batch: int = 4096,
+        spin: bool = True,
+    ):
         """`threads`: intra-op threads (default: onnxruntime's choice); `max_batch`: inputs per call;
         `spin=False` lets idle worker threads sleep instead of spin-waiting, for processes that
         share their cores with other work (costs a little latency)."""
@@ -155,8 +182,9 @@ class EnsembleRuntime:
         self.card = _card(self.path, self._predict.get_modelmeta().custom_metadata_map)
         self._check_io(self._predict, [INPUT], PREDICT_OUTPUTS, self.path)
         if "CUDAExecutionProvider" in self._providers and "CUDAExecutionProvider" not in self.providers:
-            log.warning("CUDAExecutionProvider is installed but could not start; running on %s",
-                        ", ".join(self.providers))
+            log.warning(
+                "CUDAExecutionProvider is installed but could not start; running on %s", ", ".join(self.providers)
+            )
 
     @property
     def providers(self) -> list[str]:
@@ -177,20 +205,24 @@ class EnsembleRuntime:
         got_in = [i.name for i in session.get_inputs()]
         got_out = tuple(o.name for o in session.get_outputs())
         if got_in != inputs or got_out != outputs:
-            raise ModelFileError(f"{path}: graph inputs {got_in} / outputs {list(got_out)} do not follow the "
-                                 f"contract (inputs {inputs}, outputs {list(outputs)})")
+            raise ModelFileError(
+                f"{path}: graph inputs {got_in} / outputs {list(got_out)} do not follow the "
+                f"contract (inputs {inputs}, outputs {list(outputs)})"
+            )
         shape = session.get_inputs()[0].shape[1:]
         if [int(d) for d in shape] != list(self.card.input_shape):
-            raise ModelFileError(f"{path}: graph input shape {shape} disagrees with its metadata "
-                                 f"{list(self.card.input_shape)}")
+            raise ModelFileError(
+                f"{path}: graph input shape {shape} disagrees with its metadata {list(self.card.input_shape)}"
+            )
 
     def validate(self, x, field: str = "input") -> np.ndarray:
         """Check a batch of raw inputs and return it as float32 `[batch, *input_shape]`."""
         array = self._numbers(x, field)
         expected = list(self.card.input_shape)
         if array.ndim != len(expected) + 1 or list(array.shape[1:]) != expected:
-            raise InvalidInput(f"{field}: expected shape [batch, {', '.join(map(str, expected))}], "
-                               f"got {list(array.shape)}")
+            raise InvalidInput(
+                f"{field}: expected shape [batch, {', '.join(map(str, expected))}], got {list(array.shape)}"
+            )
         if len(array) == 0:
             raise InvalidInput(f"{field}: expected at least one input, got an empty batch")
         if len(array) > self.max_batch:
@@ -226,16 +258,19 @@ class EnsembleRuntime:
         if array.ndim == 0:
             array = np.full(batch, int(array))
         if array.shape != (batch,) or array.dtype.kind not in "iu":
-            raise InvalidInput(f"target: expected {batch} class indices (int), got shape {list(array.shape)} "
-                               f"dtype {array.dtype}")
+            raise InvalidInput(
+                f"target: expected {batch} class indices (int), got shape {list(array.shape)} dtype {array.dtype}"
+            )
         classes = len(self.card.class_names)
         if ((array < -1) | (array >= classes)).any():
-            raise InvalidInput(f"target: expected class indices in [0, {classes - 1}] or -1 (the prediction), "
-                               f"got {array[(array < -1) | (array >= classes)][:5].tolist()}")
+            raise InvalidInput(
+                f"target: expected class indices in [0, {classes - 1}] or -1 (the prediction), "
+                f"got {array[(array < -1) | (array >= classes)][:5].tolist()}"
+            )
         return array.astype(np.int64)
 
     def _finish(self, names: tuple[str, ...], values: list[np.ndarray]) -> dict[str, np.ndarray]:
-        out = dict(zip(names, values))
+        out = dict(zip(names, values, strict=True))
         out["predicted_class"] = out["probs"].argmax(1)
         out["confidence"] = out["probs"].max(1)
         out["abstain"] = out["mutual_information"] > self.card.abstain_threshold

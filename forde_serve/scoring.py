@@ -85,8 +85,14 @@ class ScoreSummary:
         return self.rows_this_run / self.seconds if self.seconds > 0 else float("nan")
 
 
-def score(job: ScoreJob, engine: str = "local", address: str | None = None, workers: int | None = None,
-          overwrite: bool = False, on_rows: Callable[[int, int], None] | None = None) -> ScoreSummary:
+def score(
+    job: ScoreJob,
+    engine: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    on_rows: Callable[[int, int], None] | None = None,
+) -> ScoreSummary:
     """Score `job.input` into `job.out`, resuming an interrupted run of the same job.
 
     `on_rows(done, total)` is called as rows finish (for a progress bar). Raises ModelFileError,
@@ -104,8 +110,12 @@ def score(job: ScoreJob, engine: str = "local", address: str | None = None, work
     manifest = _Manifest.open(job, _identity(job, source), source.rows, overwrite)
     pending = [k for k in range(manifest.parts) if k not in manifest.done]
     if job.explain and manifest.fresh:
-        gradients = np.lib.format.open_memmap(job.parts_dir / "gradients.npy", mode="w+", dtype=np.float32,
-                                              shape=(source.rows, runtime.card.members, *runtime.card.input_shape))
+        gradients = np.lib.format.open_memmap(
+            job.parts_dir / "gradients.npy",
+            mode="w+",
+            dtype=np.float32,
+            shape=(source.rows, runtime.card.members, *runtime.card.input_shape),
+        )
         del gradients  # created sparse; parts fill their rows
 
     already = sum(manifest.done[k]["rows"] for k in manifest.done)
@@ -141,14 +151,24 @@ def _identity(job: ScoreJob, source) -> dict:
             digest.update(chunk)
     if job.input.is_dir():
         files = sorted(p for p in job.input.rglob("*") if p.is_file())
-        stamp = hashlib.sha256(json.dumps([(p.relative_to(job.input).as_posix(), p.stat().st_size,
-                                            p.stat().st_mtime_ns) for p in files]).encode()).hexdigest()
+        stamp = hashlib.sha256(
+            json.dumps(
+                [(p.relative_to(job.input).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+            ).encode()
+        ).hexdigest()
     else:
         stat = job.input.stat()
         stamp = f"{stat.st_size}-{stat.st_mtime_ns}"
-    return {"model_sha256": digest.hexdigest(), "input": str(job.input.resolve()), "input_stamp": stamp,
-            "key": job.key, "rows": source.rows, "part_rows": job.part_rows, "explain": job.explain,
-            "output": job.out.suffix.lower()}
+    return {
+        "model_sha256": digest.hexdigest(),
+        "input": str(job.input.resolve()),
+        "input_stamp": stamp,
+        "key": job.key,
+        "rows": source.rows,
+        "part_rows": job.part_rows,
+        "explain": job.explain,
+        "output": job.out.suffix.lower(),
+    }
 
 
 class _Manifest:
@@ -170,8 +190,10 @@ class _Manifest:
             saved = json.loads(path.read_text())
             changed = [k for k in identity if saved["identity"].get(k) != identity[k]]
             if changed:
-                raise ScoringError(f"{job.parts_dir} holds parts of a different job ({', '.join(changed)} changed); "
-                                   "run the same command to resume it, or pass --overwrite to start over")
+                raise ScoringError(
+                    f"{job.parts_dir} holds parts of a different job ({', '.join(changed)} changed); "
+                    "run the same command to resume it, or pass --overwrite to start over"
+                )
             return cls(path, identity, {int(k): v for k, v in saved["done"].items()})
         if job.out.exists():
             raise ScoringError(f"--out: {job.out} already exists; pass --overwrite to replace it")
@@ -214,16 +236,18 @@ class _PartScorer:
                 results.append(self.score_part(int(k)) | {"problem": ""})
             except InputFileError as err:  # returned, not raised: Ray's wrappers would lose its type and words
                 results.append({"rows": 0, "failed": 0, "problem": str(err)})
-        return {"part": batch["part"], **{key: np.array([r[key] for r in results]) for key in ("rows", "failed", "problem")}}
+        return {
+            "part": batch["part"],
+            **{key: np.array([r[key] for r in results]) for key in ("rows", "failed", "problem")},
+        }
 
     def score_part(self, part: int, advance: Callable[[int], None] | None = None) -> dict:
         import pyarrow.parquet as pq
 
-        job, runtime = self.job, self.runtime
+        job = self.job
         start = part * job.part_rows
         stop = min(self.source.rows, start + job.part_rows)
-        gradients = (np.lib.format.open_memmap(job.parts_dir / "gradients.npy", mode="r+")
-                     if job.explain else None)
+        gradients = np.lib.format.open_memmap(job.parts_dir / "gradients.npy", mode="r+") if job.explain else None
         errors: list[dict] = []
         with atomic_path(_part_path(job, part)) as tmp:
             writer = None
@@ -263,15 +287,20 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _table(out: dict[str, np.ndarray] | None, row_ids: np.ndarray, rows: np.ndarray, class_names: np.ndarray,
-           image_rows: bool):
+def _table(
+    out: dict[str, np.ndarray] | None, row_ids: np.ndarray, rows: np.ndarray, class_names: np.ndarray, image_rows: bool
+):
     """One output row per scored input (the schema is the same when nothing in the batch scored)."""
     import pyarrow as pa
 
     classes = len(class_names)
     if out is None:
-        out = {"predicted_class": np.zeros(0, np.int64), "confidence": np.zeros(0, np.float32),
-               "probs": np.zeros((0, classes), np.float32), "abstain": np.zeros(0, bool)}
+        out = {
+            "predicted_class": np.zeros(0, np.int64),
+            "confidence": np.zeros(0, np.float32),
+            "probs": np.zeros((0, classes), np.float32),
+            "abstain": np.zeros(0, bool),
+        }
         out |= {k: np.zeros(0, np.float32) for k in UNCERTAINTY}
     columns = {}
     if image_rows:
@@ -299,8 +328,14 @@ def _import_ray():
     return ray
 
 
-def _score_on_ray(job: ScoreJob, pending: list[int], address: str | None, workers: int | None,
-                  manifest: _Manifest, progress: _Progress) -> None:
+def _score_on_ray(
+    job: ScoreJob,
+    pending: list[int],
+    address: str | None,
+    workers: int | None,
+    manifest: _Manifest,
+    progress: _Progress,
+) -> None:
     """Parts as Ray Data items; a pool of actors, each with one onnxruntime session, scores them.
 
     Actors write the part files (OUTPUT must be on storage every node sees); this driver records
@@ -315,8 +350,14 @@ def _score_on_ray(job: ScoreJob, pending: list[int], address: str | None, worker
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, num_cpus=workers if address is None else None, include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+        ray.init(
+            address=address,
+            num_cpus=workers if address is None else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            configure_logging=False,
+        )
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
@@ -328,12 +369,18 @@ def _score_on_ray(job: ScoreJob, pending: list[int], address: str | None, worker
             return
         parts = ray.data.from_items([{"part": k} for k in pending], override_num_blocks=len(pending))
         scored = parts.map_batches(
-            _PartScorer, fn_constructor_kwargs={"job": job, "threads": 1}, batch_size=1,
+            _PartScorer,
+            fn_constructor_kwargs={"job": job, "threads": 1},
+            batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0, batch_format="numpy",
+            num_cpus=0 if gpus else 1,
+            num_gpus=1 if gpus else 0,
+            batch_format="numpy",
         )
         for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-            for k, rows, failed, problem in zip(batch["part"], batch["rows"], batch["failed"], batch["problem"]):
+            for k, rows, failed, problem in zip(
+                batch["part"], batch["rows"], batch["failed"], batch["problem"], strict=True
+            ):
                 if problem:  # the input broke under an actor: stop as the local engine does
                     raise InputFileError(str(problem))
                 manifest.record(int(k), {"rows": int(rows), "failed": int(failed)})

@@ -51,7 +51,9 @@ def _raw_input(value: Any) -> np.ndarray:
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"expected a nested list of numbers shaped {_SHAPE}, got ragged or non-numeric lists") from None
+        raise ValueError(
+            f"expected a nested list of numbers shaped {_SHAPE}, got ragged or non-numeric lists"
+        ) from None
     # JSON-specific: numpy would read true as 1 and "1.5" as 1.5; refuse rather than guess.
     kinds = {type(v) for v in np.asarray(value, dtype=object).ravel()} - {int, float}
     if kinds:
@@ -87,8 +89,9 @@ class PredictRow(BaseModel):
 
 
 class ExplainRow(PredictRow):
-    target: int | str | None = Field(None, description="class index or name whose input gradient to return; "
-                                                       "default: the ensemble's predicted class")
+    target: int | str | None = Field(
+        None, description="class index or name whose input gradient to return; default: the ensemble's predicted class"
+    )
     saliency_png: bool = Field(False, description="also return a PNG: input, mean saliency, each member's saliency")
 
     @field_validator("target")
@@ -128,16 +131,20 @@ def _rows(out: dict[str, np.ndarray], members: list[bool]) -> list[dict]:
     rows = []
     for i, with_members in enumerate(members):
         index = int(out["predicted_class"][i])
-        rows.append({
-            "predicted_class": index,
-            "class_name": _CARD.class_names[index],
-            "confidence": float(out["confidence"][i]),
-            "probs": out["probs"][i].tolist(),
-            **{k: float(out[k][i]) for k in ("predictive_entropy", "expected_entropy", "mutual_information",
-                                               "vote_disagreement")},
-            "abstain": bool(out["abstain"][i]),
-            "member_probs": out["member_probs"][i].tolist() if with_members else None,
-        })
+        rows.append(
+            {
+                "predicted_class": index,
+                "class_name": _CARD.class_names[index],
+                "confidence": float(out["confidence"][i]),
+                "probs": out["probs"][i].tolist(),
+                **{
+                    k: float(out[k][i])
+                    for k in ("predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement")
+                },
+                "abstain": bool(out["abstain"][i]),
+                "member_probs": out["member_probs"][i].tolist() if with_members else None,
+            }
+        )
     return rows
 
 
@@ -193,8 +200,13 @@ class _BodyLimit:
 
     async def _refuse(self, send, got: str):
         body = f'{{"error": "request body: expected at most {self.max_bytes} bytes, got {got}"}}'.encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -206,13 +218,17 @@ class FordeEnsemble:
         self.runtime = EnsembleRuntime(MODEL_PATH, max_batch=max(MAX_INPUTS, 1024))
 
     @bentoml.api(batchable=BATCHING, max_batch_size=1024, max_latency_ms=10_000)
-    def predict(self, inputs: Annotated[list[PredictRow], Field(min_length=1, max_length=MAX_INPUTS)]) -> list[Prediction]:
+    def predict(
+        self, inputs: Annotated[list[PredictRow], Field(min_length=1, max_length=MAX_INPUTS)]
+    ) -> list[Prediction]:
         """Class, probabilities, uncertainty and abstention for each input (adaptive batching)."""
         x = np.stack([row.input for row in inputs])
         return _rows(self._run(self.runtime.predict, x), [row.members for row in inputs])
 
     @bentoml.api
-    def explain(self, inputs: Annotated[list[ExplainRow], Field(min_length=1, max_length=MAX_INPUTS)]) -> list[Explanation]:
+    def explain(
+        self, inputs: Annotated[list[ExplainRow], Field(min_length=1, max_length=MAX_INPUTS)]
+    ) -> list[Explanation]:
         """`predict` plus every member's input gradient for the predicted (or requested) class."""
         x = np.stack([row.input for row in inputs])
         targets = np.asarray([-1 if row.target is None else row.target for row in inputs], dtype=np.int64)
@@ -221,9 +237,12 @@ class FordeEnsemble:
         rows = _rows(out, [row.members for row in inputs])
         for i, row in enumerate(inputs):
             grads = out["input_gradients"][i]
-            rows[i] |= {"target": int(chosen[i]), "input_gradients": grads.tolist(),
-                        "mean_gradient": grads.mean(0).tolist(),
-                        "saliency_png": _saliency_png(x[i], grads) if row.saliency_png else None}
+            rows[i] |= {
+                "target": int(chosen[i]),
+                "input_gradients": grads.tolist(),
+                "mean_gradient": grads.mean(0).tolist(),
+                "saliency_png": _saliency_png(x[i], grads) if row.saliency_png else None,
+            }
         return rows
 
     @bentoml.api
@@ -237,11 +256,20 @@ class FordeEnsemble:
         """The model card: classes, input shape, members, method, kernel, metrics, abstention."""
         card = self.runtime.card
         return {
-            "model": MODEL_PATH.name, "class_names": list(card.class_names), "input_shape": list(card.input_shape),
-            "input_space": card.input_space, "image": card.image, "members": card.members, "method": card.method,
-            "kernel": card.kernel, "metrics": card.metrics, "abstain_threshold": card.abstain_threshold,
-            "abstain_coverage": card.abstain_coverage, "abstain_target_risk": card.abstain_target_risk,
-            "max_inputs_per_request": MAX_INPUTS, "format_version": card.format_version,
+            "model": MODEL_PATH.name,
+            "class_names": list(card.class_names),
+            "input_shape": list(card.input_shape),
+            "input_space": card.input_space,
+            "image": card.image,
+            "members": card.members,
+            "method": card.method,
+            "kernel": card.kernel,
+            "metrics": card.metrics,
+            "abstain_threshold": card.abstain_threshold,
+            "abstain_coverage": card.abstain_coverage,
+            "abstain_target_risk": card.abstain_target_risk,
+            "max_inputs_per_request": MAX_INPUTS,
+            "format_version": card.format_version,
         }
 
     @staticmethod

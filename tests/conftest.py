@@ -39,10 +39,12 @@ lr = 0.05
 @pytest.fixture
 def tiny_config(tmp_path):
     """Write a tiny digits config (3 members, width-4 CNN): a second per epoch or less."""
+
     def write(epochs=2, lengthscale="pca"):
         path = tmp_path / f"tiny-{lengthscale}-{epochs}.toml"
         path.write_text(TINY.format(epochs=epochs, lengthscale=lengthscale))
         return path
+
     return write
 
 
@@ -98,10 +100,23 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
 
     port = free_port()
     env = dict(os.environ) | {"FORDE_MODEL": str(ROOT / "exported" / "digits.onnx")} | (env_extra or {})
-    command = command or [sys.executable, "-m", "bentoml", "serve", "forde_serve.service:FordeEnsemble",
-                          "--host", "127.0.0.1"]
-    process = subprocess.Popen([*command, "--port", str(port)], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    command = command or [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "forde_serve.service:FordeEnsemble",
+        "--host",
+        "127.0.0.1",
+    ]
+    process = subprocess.Popen(
+        [*command, "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

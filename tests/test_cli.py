@@ -1,7 +1,6 @@
 """The `forde` command as a user meets it: help that teaches, one-line errors with exit code 2."""
 
 import pytest
-
 from conftest import run_forde
 
 
@@ -12,14 +11,20 @@ def test_help_explains_every_option():
     assert "forde train training/configs/digits.toml" in run_forde("--help").stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train"], "missing CONFIG"),
-    (["train", "no/such.toml"], "does not exist"),
-    (["train", "training/configs/digits.toml", "--members", "0"], "0 is not in the range x>=1"),
-    (["train", "training/configs/digits.toml", "--members", "1"], "FoRDE repels members"),
-    (["train", "training/configs/digits.toml", "--method", "svgd"], "'svgd' is not one of 'forde', 'de'"),
-    (["train", "training/configs/digits.toml", "--resume", "runs/x"], "--resume continues a run with its own config"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train"], "missing CONFIG"),
+        (["train", "no/such.toml"], "does not exist"),
+        (["train", "training/configs/digits.toml", "--members", "0"], "0 is not in the range x>=1"),
+        (["train", "training/configs/digits.toml", "--members", "1"], "FoRDE repels members"),
+        (["train", "training/configs/digits.toml", "--method", "svgd"], "'svgd' is not one of 'forde', 'de'"),
+        (
+            ["train", "training/configs/digits.toml", "--resume", "runs/x"],
+            "--resume continues a run with its own config",
+        ),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(args, message):
     result = run_forde(*args, check=False)
     assert result.returncode == 2, result.stderr
@@ -50,8 +55,10 @@ def test_an_unwritable_out_is_one_line_with_exit_2(tmp_path, tiny_config):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     run_forde("train", tiny_config(epochs=1), "--out", tmp_path / "run", "--quiet")
-    for args in (["train", "training/configs/digits.toml", "--out", blocker / "run"],
-                 ["export", tmp_path / "run", "--out", blocker / "m.onnx"]):
+    for args in (
+        ["train", "training/configs/digits.toml", "--out", blocker / "run"],
+        ["export", tmp_path / "run", "--out", blocker / "m.onnx"],
+    ):
         result = run_forde(*args, check=False)
         assert result.returncode == 2, result.stderr
         assert str(blocker) in result.stderr and "Traceback" not in result.stderr

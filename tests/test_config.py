@@ -21,16 +21,22 @@ def test_paper_settings_in_cifar_config():
     assert (config.optim.momentum, config.optim.nesterov, config.optim.lr_ratio) == (0.9, True, 0.01)
 
 
-@pytest.mark.parametrize("text,message", [
-    ("[optim]\nlr = -1\n", "optim.lr: input should be greater than 0, got -1"),
-    ("[optim]\nepochs = 'ten'\n", "optim.epochs: input should be a valid integer"),
-    ("[model]\narch = 'vgg'\n", "model.arch: input should be 'mlp', 'cnn', 'resnet18' or 'preact_resnet18', got 'vgg'"),
-    ("[optim]\nlearning_rate = 0.1\n", "unknown field 'optim.learning_rate'"),
-    ("[ensemble]\nmembers = 1\n", "ensemble.members: FoRDE repels members"),
-    ("[data]\ndataset = 'cifar10'\n", "set data.root"),
-    ("[forde]\nalpha = 2.0\n", "forde.alpha: input should be less than or equal to 1"),
-    ("[optim\nlr = 1\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[optim]\nlr = -1\n", "optim.lr: input should be greater than 0, got -1"),
+        ("[optim]\nepochs = 'ten'\n", "optim.epochs: input should be a valid integer"),
+        (
+            "[model]\narch = 'vgg'\n",
+            "model.arch: input should be 'mlp', 'cnn', 'resnet18' or 'preact_resnet18', got 'vgg'",
+        ),
+        ("[optim]\nlearning_rate = 0.1\n", "unknown field 'optim.learning_rate'"),
+        ("[ensemble]\nmembers = 1\n", "ensemble.members: FoRDE repels members"),
+        ("[data]\ndataset = 'cifar10'\n", "set data.root"),
+        ("[forde]\nalpha = 2.0\n", "forde.alpha: input should be less than or equal to 1"),
+        ("[optim\nlr = 1\n", "not valid TOML"),
+    ],
+)
 def test_bad_config_names_the_field(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)

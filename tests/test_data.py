@@ -25,9 +25,13 @@ def test_digits_split_is_fixed_disjoint_and_raw():
 
 def _write_cifar(root, name, train_sizes, test_size, classes):
     rng = np.random.default_rng(0)
+
     def batch(n, label_key):
-        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                label_key: rng.integers(0, classes, n).tolist()}
+        return {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            label_key: rng.integers(0, classes, n).tolist(),
+        }
+
     if name == "cifar10":
         folder = root / "cifar-10-batches-py"
         folder.mkdir(parents=True)
@@ -88,7 +92,7 @@ def test_augmentation_crops_and_flips_reproducibly():
     assert a.shape == x.shape
     padded = torch.nn.functional.pad(x, (4,) * 4)
     for i in range(2):  # every output is a 32x32 window of the padded image, maybe mirrored
-        windows = [padded[i, :, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]
+        windows = [padded[i, :, r : r + 32, c : c + 32] for r in range(9) for c in range(9)]
         assert any(torch.equal(a[i], w) or torch.equal(a[i], w.flip(2)) for w in windows)
     seen = {tuple(augment_batch(x, torch.Generator().manual_seed(s))[0, 0, 10, 10:12].tolist()) for s in range(10)}
     assert len(seen) > 3

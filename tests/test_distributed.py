@@ -10,15 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import FORDE, ROOT, epochs_checkpointed, read_metrics, run_forde
 from distributed_step import one_step
+from safetensors.torch import load_file
 
 
 def _torchrun(*args, nproc=2) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={nproc}", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -68,16 +71,29 @@ def test_nproc_2_trains_like_one_process_writes_once_and_resumes_after_sigkill(t
     result = run_forde("train", config, "--out", tmp_path / "two", "--nproc", 2, "--quiet")
     assert result.stdout.count("clean test metrics") == 1  # rank 0 reports, rank 1 stays quiet
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
-        ["config.json", "dataset.json", "pca.safetensors", "checkpoint.safetensors", "train_log.jsonl",
-         "members.safetensors", "metrics.json"])
+        [
+            "config.json",
+            "dataset.json",
+            "pca.safetensors",
+            "checkpoint.safetensors",
+            "train_log.jsonl",
+            "members.safetensors",
+            "metrics.json",
+        ]
+    )
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     # The same training: each step agrees to float rounding (test above); over 10 epochs (~100 steps)
     # the rounding differences of the summed shards drift the metrics by about 2e-4 relative.
     assert two == pytest.approx(one, rel=1e-3)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([FORDE, "train", str(config), "--out", str(killed), "--nproc", "2", "--quiet"],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [FORDE, "train", str(config), "--out", str(killed), "--nproc", "2", "--quiet"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while epochs_checkpointed(killed) < 3 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
@@ -102,8 +118,9 @@ def test_nproc_2_trains_like_one_process_writes_once_and_resumes_after_sigkill(t
 
 def test_forde_batch_with_several_processes_is_refused_before_launch(tmp_path):
     config = tmp_path / "subset.toml"
-    config.write_text((ROOT / "training" / "configs" / "digits.toml").read_text().replace(
-        "[forde]", "[forde]\nbatch = 32"))
+    config.write_text(
+        (ROOT / "training" / "configs" / "digits.toml").read_text().replace("[forde]", "[forde]\nbatch = 32")
+    )
     result = run_forde("train", config, "--out", tmp_path / "run", "--nproc", 2, check=False)
     assert result.returncode == 2
     assert "forde.batch" in result.stderr and "not supported with several processes" in result.stderr

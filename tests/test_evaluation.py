@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import run_forde
+from PIL import Image
+from test_data import _write_cifar
+
 from forde_serve.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupted_versions
 from forde_serve.metrics import auroc, expected_calibration_error, reliability_bins, risk_coverage
-from test_data import _write_cifar
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,9 @@ def test_digits_c_has_eleven_corruptions_at_five_severities_deterministically(di
     for name in CORRUPTIONS:
         change = [np.abs(corrupt(digits, name, s, seed=3) - digits).mean() for s in SEVERITIES]
         assert change[0] > 0 and change[4] > change[0], f"{name}: severity 5 should change more than 1: {change}"
-    assert not np.array_equal(corrupt(digits, "gaussian_noise", 3, seed=0), corrupt(digits, "gaussian_noise", 3, seed=1))
+    assert not np.array_equal(
+        corrupt(digits, "gaussian_noise", 3, seed=0), corrupt(digits, "gaussian_noise", 3, seed=1)
+    )
     with pytest.raises(ValueError, match="expected one of"):
         corrupt(digits, "fog", 1)
     with pytest.raises(ValueError, match="severity: expected 1 to 5, got 6"):
@@ -69,8 +71,9 @@ def reports(quickstart_runs, digits_export, tmp_path_factory):
     paths = {"forde-run": quickstart_runs["forde"], "forde-onnx": digits_export[0], "de-run": quickstart_runs["de"]}
     results = {}
     for name, source in paths.items():
-        results[name] = run_forde("evaluate", source, "--out", out / name, "--gradient-rows", 100,
-                                  "--ood", out / "noise.npy")
+        results[name] = run_forde(
+            "evaluate", source, "--out", out / name, "--gradient-rows", 100, "--ood", out / "noise.npy"
+        )
     return out, results
 
 
@@ -154,9 +157,11 @@ def cifar_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
     _write_cifar(root, "cifar10", [40] * 5, 30, 10)
     config = root / "tiny.toml"
-    config.write_text(f'seed = 0\ndevice = "cpu"\n[model]\narch = "mlp"\nwidth = 8\n[data]\ndataset = "cifar10"\n'
-                      f'root = "{root}"\n[ensemble]\nmethod = "forde"\nmembers = 2\n[forde]\nlengthscale = "identity"\n'
-                      f'[optim]\nepochs = 1\nbatch_size = 32\n')
+    config.write_text(
+        f'seed = 0\ndevice = "cpu"\n[model]\narch = "mlp"\nwidth = 8\n[data]\ndataset = "cifar10"\n'
+        f'root = "{root}"\n[ensemble]\nmethod = "forde"\nmembers = 2\n[forde]\nlengthscale = "identity"\n'
+        f"[optim]\nepochs = 1\nbatch_size = 32\n"
+    )
     run_forde("train", config, "--out", root / "run", "--quiet")
     return root
 
@@ -167,11 +172,23 @@ def test_cifar_c_from_a_folder_in_the_published_layout(cifar_run, tmp_path):
     from training.run import load_run
 
     corrupted = _write_cifar_c(tmp_path, per_severity=6)
-    run_forde("evaluate", cifar_run / "run", "--data", "cifar10", "--data-root", cifar_run, "--corrupted-root",
-              tmp_path, "--out", tmp_path / "report", "--quiet")
+    run_forde(
+        "evaluate",
+        cifar_run / "run",
+        "--data",
+        "cifar10",
+        "--data-root",
+        cifar_run,
+        "--corrupted-root",
+        tmp_path,
+        "--out",
+        tmp_path / "report",
+        "--quiet",
+    )
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    assert [(r["corruption"], r["severity"]) for r in metrics["per_set"]] == \
-        [(c, s) for c in ("fog", "snow") for s in range(1, 6)]
+    assert [(r["corruption"], r["severity"]) for r in metrics["per_set"]] == [
+        (c, s) for c in ("fog", "snow") for s in range(1, 6)
+    ]
     assert metrics["corrupted"]["nll"] == pytest.approx(np.mean([r["nll"] for r in metrics["per_set"]]))
 
     # One set by hand: snow at severity 3 is rows 12..17, HWC uint8 -> CHW floats in [0, 1].
@@ -184,25 +201,49 @@ def test_cifar_c_from_a_folder_in_the_published_layout(cifar_run, tmp_path):
     row = next(r for r in metrics["per_set"] if (r["corruption"], r["severity"]) == ("snow", 3))
     assert row["accuracy"] == pytest.approx(by_hand)
 
-    run_forde("evaluate", cifar_run / "run", "--data", "cifar10", "--data-root", cifar_run, "--corrupted-root",
-              tmp_path, "--per-severity", 2, "--out", tmp_path / "small", "--quiet")
+    run_forde(
+        "evaluate",
+        cifar_run / "run",
+        "--data",
+        "cifar10",
+        "--data-root",
+        cifar_run,
+        "--corrupted-root",
+        tmp_path,
+        "--per-severity",
+        2,
+        "--out",
+        tmp_path / "small",
+        "--quiet",
+    )
     small = json.loads((tmp_path / "small" / "metrics.json").read_text())
     assert len(small["per_set"]) == 10
 
 
-@pytest.mark.parametrize("args, message", [
-    (lambda c, t: [c / "run", "--data", "cifar10"], "--data-root: cifar10 is read from a local folder"),
-    (lambda c, t: [c / "run", "--data", "digits"], "was trained on cifar10, got 'digits'"),
-    (lambda c, t: [c / "run", "--data", "cifar10", "--data-root", c, "--corrupted-root", t],
-     "CIFAR-10-C not found under"),
-    (lambda c, t: [t / "nope", "--data", "digits"], "does not exist"),
-    (lambda c, t: [c / "run", "--data", "cifar10", "--data-root", c, "--split", "validation"],
-     "CIFAR-C corrupts the test split only"),
-    (lambda c, t: ["exported/digits.onnx", "--ood", _save(t / "o.npy", np.zeros((3, 8, 8)))],
-     "--ood: expected numbers shaped [n, 1, 8, 8]"),
-    (lambda c, t: ["exported/digits.onnx", "--ood", _save(t / "o.npy", np.full((3, 1, 8, 8), np.nan))],
-     "--ood: expected finite float32 values"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (lambda c, t: [c / "run", "--data", "cifar10"], "--data-root: cifar10 is read from a local folder"),
+        (lambda c, t: [c / "run", "--data", "digits"], "was trained on cifar10, got 'digits'"),
+        (
+            lambda c, t: [c / "run", "--data", "cifar10", "--data-root", c, "--corrupted-root", t],
+            "CIFAR-10-C not found under",
+        ),
+        (lambda c, t: [t / "nope", "--data", "digits"], "does not exist"),
+        (
+            lambda c, t: [c / "run", "--data", "cifar10", "--data-root", c, "--split", "validation"],
+            "CIFAR-C corrupts the test split only",
+        ),
+        (
+            lambda c, t: ["exported/digits.onnx", "--ood", _save(t / "o.npy", np.zeros((3, 8, 8)))],
+            "--ood: expected numbers shaped [n, 1, 8, 8]",
+        ),
+        (
+            lambda c, t: ["exported/digits.onnx", "--ood", _save(t / "o.npy", np.full((3, 1, 8, 8), np.nan))],
+            "--ood: expected finite float32 values",
+        ),
+    ],
+)
 def test_bad_evaluate_arguments_exit_2(cifar_run, tmp_path, args, message):
     result = run_forde("evaluate", *args(cifar_run, tmp_path), "--out", tmp_path / "r", check=False)
     assert result.returncode == 2, result.stderr
@@ -215,8 +256,17 @@ def _save(path, array):
 
 
 def test_validation_split_for_choosing_settings_without_the_test_split(tmp_path):
-    run_forde("evaluate", "exported/digits.onnx", "--split", "validation", "--gradient-rows", 0,
-              "--out", tmp_path / "val", "--quiet")
+    run_forde(
+        "evaluate",
+        "exported/digits.onnx",
+        "--split",
+        "validation",
+        "--gradient-rows",
+        0,
+        "--out",
+        tmp_path / "val",
+        "--quiet",
+    )
     metrics = json.loads((tmp_path / "val" / "metrics.json").read_text())
     assert metrics["inputs"] == 180 and "validation split" in metrics["source"]["data"]
     assert metrics["gradient_cosine_distance"] is None and len(metrics["per_set"]) == 55

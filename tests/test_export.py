@@ -7,8 +7,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import run_forde
+
 from forde_serve.contract import EXPLAIN_OUTPUTS, METADATA_KEYS, PREDICT_OUTPUTS
 from forde_serve.runtime import EnsembleRuntime
 from training.ensemble import EnsembleConv2d, EnsembleLinear, build_ensemble
@@ -128,9 +128,13 @@ def untrained_exports(tmp_path_factory):
         # a bare export has no model card: add the minimum the runtime reads
         for file in paths[arch].values():
             model = onnx.load(str(file))
-            for key, value in {"class_names": json.dumps([str(i) for i in range(10)]),
-                               "input_shape": json.dumps(list(shape)), "members": str(members),
-                               "method": "de", "abstain_threshold": "1.0"}.items():
+            for key, value in {
+                "class_names": json.dumps([str(i) for i in range(10)]),
+                "input_shape": json.dumps(list(shape)),
+                "members": str(members),
+                "method": "de",
+                "abstain_threshold": "1.0",
+            }.items():
                 entry = model.metadata_props.add()
                 entry.key, entry.value = METADATA_KEYS[key], value
             onnx.save(model, str(file))
@@ -162,8 +166,15 @@ def test_a_failed_check_removes_the_files_and_lists_every_failure(tmp_path):
     strict = ExportContract()
     strict.tolerances.update({"probs": (-1.0, 0.0), "input_gradients": (-1.0, -1.0)})
     with pytest.raises(ExportValidationError) as err:
-        export_ensemble(ensemble, tmp_path / "m.onnx", {}, torch.rand(4, 1, 8, 8), torch.full((4,), -1),
-                        contract=strict, echo=lambda s: None)
+        export_ensemble(
+            ensemble,
+            tmp_path / "m.onnx",
+            {},
+            torch.rand(4, 1, 8, 8),
+            torch.full((4,), -1),
+            contract=strict,
+            echo=lambda s: None,
+        )
     message = str(err.value)
     assert "probs" in message and "input_gradients" in message
     assert list(tmp_path.iterdir()) == []

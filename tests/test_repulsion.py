@@ -50,8 +50,9 @@ def _reference(grads, basis=None, scales=None, eps=1e-12, stop_gradient=True):
     if scales is not None:
         s = s * scales
     second = s.detach() if stop_gradient else s
-    d = torch.stack([torch.stack([((s[i] - second[j]) ** 2).sum(-1) for j in range(members)])
-                     for i in range(members)])  # [i, j, b]
+    d = torch.stack(
+        [torch.stack([((s[i] - second[j]) ** 2).sum(-1) for j in range(members)]) for i in range(members)]
+    )  # [i, j, b]
     h = torch.from_numpy(np.median(d.detach().numpy(), axis=0)) / math.log(members) + 1e-12
     total = 0.0
     for i in range(members):
@@ -159,7 +160,7 @@ def test_strength_scales_only_the_repulsion_in_the_step():
         optimizer = torch.optim.SGD(ensemble.parameters(), lr=0.1)
         x, y = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10
         train_step(ensemble, optimizer, x, y, Repulsion(None, None, 1e-12, None, strength))
-        return torch.cat([(p.detach() - b).flatten() for p, b in zip(ensemble.parameters(), before)])
+        return torch.cat([(p.detach() - b).flatten() for p, b in zip(ensemble.parameters(), before, strict=True)])
 
     # Plain SGD: the update is linear in the strength, and the repulsion's part is not zero.
     step0, step1, step2 = update(0.0), update(1.0), update(2.0)

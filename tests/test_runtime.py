@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import ROOT
+
 from forde_serve.metrics import uncertainty
 from forde_serve.runtime import EnsembleRuntime, InvalidInput, ModelFileError
 from training.data import load_dataset
@@ -22,6 +22,7 @@ def runtime(digits_export):
 @pytest.fixture(scope="module")
 def digits():
     from training.config import DataConfig
+
     return load_dataset(DataConfig(dataset="digits"))
 
 
@@ -49,21 +50,25 @@ def test_explain_targets(runtime, digits):
     chosen = (default["predicted_class"] + 1) % 10
     other = runtime.explain(x, target=chosen)
     assert not np.allclose(other["input_gradients"], default["input_gradients"])
-    np.testing.assert_array_equal(runtime.explain(x, target=3)["input_gradients"],
-                                  runtime.explain(x, target=[3] * 5)["input_gradients"])
+    np.testing.assert_array_equal(
+        runtime.explain(x, target=3)["input_gradients"], runtime.explain(x, target=[3] * 5)["input_gradients"]
+    )
     np.testing.assert_allclose(other["probs"], default["probs"])
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda x: x[0], "input: expected shape [batch, 1, 8, 8], got [1, 8, 8]"),
-    (lambda x: x.reshape(2, 64), "input: expected shape [batch, 1, 8, 8], got [2, 64]"),
-    (lambda x: x > 3, "input: expected numbers (float32), got dtype bool"),
-    (lambda x: np.full(x.shape, "a"), "input: expected numbers (float32), got dtype <U1"),
-    (lambda x: np.where(np.arange(2)[:, None, None, None] == 1, np.nan, x), "beyond +-3.4e38 in row(s) 1"),
-    (lambda x: x * np.inf, "expected finite float32 values"),
-    (lambda x: x[:0], "got an empty batch"),
-    (lambda x: np.zeros((5000, 1, 8, 8)), "expected at most 4096 inputs per call, got 5000"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda x: x[0], "input: expected shape [batch, 1, 8, 8], got [1, 8, 8]"),
+        (lambda x: x.reshape(2, 64), "input: expected shape [batch, 1, 8, 8], got [2, 64]"),
+        (lambda x: x > 3, "input: expected numbers (float32), got dtype bool"),
+        (lambda x: np.full(x.shape, "a"), "input: expected numbers (float32), got dtype <U1"),
+        (lambda x: np.where(np.arange(2)[:, None, None, None] == 1, np.nan, x), "beyond +-3.4e38 in row(s) 1"),
+        (lambda x: x * np.inf, "expected finite float32 values"),
+        (lambda x: x[:0], "got an empty batch"),
+        (lambda x: np.zeros((5000, 1, 8, 8)), "expected at most 4096 inputs per call, got 5000"),
+    ],
+)
 def test_bad_inputs_are_named(runtime, make, message):
     x = np.ones((2, 1, 8, 8), dtype=np.float32)
     with pytest.raises(InvalidInput) as err:
@@ -71,12 +76,15 @@ def test_bad_inputs_are_named(runtime, make, message):
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("target,message", [
-    ([0, 10], "target: expected class indices in [0, 9] or -1"),
-    ([0, -2], "got [-2]"),
-    ([0], "target: expected 2 class indices (int), got shape [1]"),
-    ([0.5, 1.0], "dtype float64"),
-])
+@pytest.mark.parametrize(
+    "target,message",
+    [
+        ([0, 10], "target: expected class indices in [0, 9] or -1"),
+        ([0, -2], "got [-2]"),
+        ([0], "target: expected 2 class indices (int), got shape [1]"),
+        ([0.5, 1.0], "dtype float64"),
+    ],
+)
 def test_bad_targets_are_named(runtime, target, message):
     with pytest.raises(InvalidInput) as err:
         runtime.explain(np.ones((2, 1, 8, 8), dtype=np.float32), target)
@@ -148,13 +156,15 @@ def test_cuda_that_cannot_start_falls_back_with_one_warning(digits_export, monke
     # build does on a machine where CUDA cannot start); the real session then runs on the CPU.
     import onnxruntime
 
-    monkeypatch.setattr(onnxruntime, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     with caplog.at_level("WARNING", logger="forde_serve.runtime"):
         runtime = EnsembleRuntime(digits_export[0])
     assert runtime.providers == ["CPUExecutionProvider"]
     assert [r.getMessage() for r in caplog.records] == [
-        "CUDAExecutionProvider is installed but could not start; running on CPUExecutionProvider"]
+        "CUDAExecutionProvider is installed but could not start; running on CPUExecutionProvider"
+    ]
     assert runtime.predict(np.ones((1, 1, 8, 8), dtype=np.float32))["probs"].shape == (1, 10)
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import FORDE, ROOT, run_forde
 from PIL import Image
 
-from conftest import FORDE, ROOT, run_forde
 from forde_serve.runtime import EnsembleRuntime
 
 MODEL = ROOT / "exported" / "digits.onnx"
@@ -126,8 +126,11 @@ def test_bad_parquet_rows_are_listed_not_fatal(tmp_path, runtime):
     table = pq.read_table(tmp_path / "p.parquet.out.parquet")
     assert table["row_id"].to_pylist() == [0, 4]
     reasons = {int(e["row"]): e["reason"] for e in _errors(tmp_path / "p.parquet.out.errors.csv")}
-    assert reasons == {1: "input: expected 64 numbers (1x8x8), got 10", 2: "input: expected 64 numbers (1x8x8), got null",
-                       3: "input: expected 64 numbers (1x8x8), got nulls among them"}
+    assert reasons == {
+        1: "input: expected 64 numbers (1x8x8), got 10",
+        2: "input: expected 64 numbers (1x8x8), got null",
+        3: "input: expected 64 numbers (1x8x8), got nulls among them",
+    }
 
 
 def test_image_folder_matches_the_http_endpoint(tmp_path, server, rows):
@@ -153,8 +156,9 @@ def test_image_folder_matches_the_http_endpoint(tmp_path, server, rows):
 
     for row in table.to_pylist():
         with (folder / row["row_id"]).open("rb") as f:
-            answer = httpx.post(f"{server}/predict_image", files={"image": (row["row_id"], f, "image/png")},
-                                timeout=30).json()
+            answer = httpx.post(
+                f"{server}/predict_image", files={"image": (row["row_id"], f, "image/png")}, timeout=30
+            ).json()
         assert answer["predicted_class"] == row["predicted_class"]
         np.testing.assert_allclose(answer["probs"], row["probs"], atol=1e-6)
         np.testing.assert_allclose(answer["mutual_information"], row["mutual_information"], atol=1e-6)
@@ -166,8 +170,7 @@ def test_image_folder_matches_the_http_endpoint(tmp_path, server, rows):
 
 def test_explain_writes_gradients_aligned_by_row(rows, runtime, tmp_path):
     path, x = rows
-    _score(MODEL, path, "--out", tmp_path / "e.parquet", "--explain", "--part-rows", 300, "--batch-size", 64,
-           expect=3)
+    _score(MODEL, path, "--out", tmp_path / "e.parquet", "--explain", "--part-rows", 300, "--batch-size", 64, expect=3)
     gradients = np.load(tmp_path / "e.gradients.npy", mmap_mode="r")
     assert gradients.shape == (len(x), 8, 1, 8, 8)
     assert all(np.isnan(gradients[r]).all() for r in (7, 100, 1500))
@@ -189,8 +192,9 @@ def test_sigkill_then_rerun_gives_every_row_exactly_once(rows, tmp_path):
     np.save(tmp_path / "big.npy", big)
     args = [MODEL, tmp_path / "big.npy", "--out", tmp_path / "killed.parquet", "--part-rows", 500, "--batch-size", 100]
 
-    process = subprocess.Popen([FORDE, "score", *map(str, args), "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [FORDE, "score", *map(str, args), "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     parts = tmp_path / "killed.parquet.parts"
     deadline = time.monotonic() + 120
     while _manifest_parts(parts) < 8 and process.poll() is None and time.monotonic() < deadline:
@@ -202,8 +206,17 @@ def test_sigkill_then_rerun_gives_every_row_exactly_once(rows, tmp_path):
     assert 8 <= finished_before < 90 and not (tmp_path / "killed.parquet").exists()
 
     _score(*args, expect=3)
-    _score(MODEL, tmp_path / "big.npy", "--out", tmp_path / "whole.parquet", "--part-rows", 500, "--batch-size", 100,
-           expect=3)
+    _score(
+        MODEL,
+        tmp_path / "big.npy",
+        "--out",
+        tmp_path / "whole.parquet",
+        "--part-rows",
+        500,
+        "--batch-size",
+        100,
+        expect=3,
+    )
     resumed, whole = pq.read_table(tmp_path / "killed.parquet"), pq.read_table(tmp_path / "whole.parquet")
     assert resumed.equals(whole)
     ids = resumed["row_id"].to_numpy()
@@ -214,11 +227,17 @@ def test_sigkill_then_rerun_gives_every_row_exactly_once(rows, tmp_path):
 
 def _peak_rss_mib(*args) -> tuple[float, subprocess.CompletedProcess]:
     """Run `forde score ARGS` in a child and return its peak resident memory (MiB)."""
-    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.stderr.write(r.stderr); "
-            "sys.exit(r.returncode)")
-    result = subprocess.run([sys.executable, "-c", code, FORDE, "score", *map(str, args), "--quiet"],
-                            capture_output=True, text=True, cwd=ROOT)
+    code = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.stderr.write(r.stderr); "
+        "sys.exit(r.returncode)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, FORDE, "score", *map(str, args), "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     return int(result.stdout.split()[-1]) / 1024, result
 
 
@@ -233,8 +252,13 @@ def wide_model(tmp_path_factory):
     torch.manual_seed(0)
     shape = (16, 64, 64)
     ensemble = build_ensemble("mlp", 2, shape, 10, [0.5] * 16, [0.25] * 16, width=8)
-    metadata = {"class_names": json.dumps([str(i) for i in range(10)]), "input_shape": json.dumps(list(shape)),
-                "members": "2", "method": "de", "abstain_threshold": "0.1"}
+    metadata = {
+        "class_names": json.dumps([str(i) for i in range(10)]),
+        "input_shape": json.dumps(list(shape)),
+        "members": "2",
+        "method": "de",
+        "abstain_threshold": "0.1",
+    }
     path = tmp_path_factory.mktemp("wide") / "wide.onnx"
     export_ensemble(ensemble, path, metadata, torch.rand(4, *shape), torch.full((4,), -1), echo=lambda s: None)
     return path
@@ -245,16 +269,18 @@ def test_memory_follows_the_batch_not_the_input(wide_model, tmp_path):
     big = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32, shape=(rows, 16, 64, 64))
     block = np.random.default_rng(0).random((256, 16, 64, 64), dtype=np.float32)
     for start in range(0, rows, 256):
-        big[start:start + 256] = block
+        big[start : start + 256] = block
     big.flush()
     del big
     np.save(tmp_path / "small.npy", block[:32])
 
-    baseline, result = _peak_rss_mib(wide_model, tmp_path / "small.npy", "--out", tmp_path / "small.parquet",
-                                     "--batch-size", 16)
+    baseline, result = _peak_rss_mib(
+        wide_model, tmp_path / "small.npy", "--out", tmp_path / "small.parquet", "--batch-size", 16
+    )
     assert result.returncode == 0, result.stderr
-    peak, result = _peak_rss_mib(wide_model, tmp_path / "big.npy", "--out", tmp_path / "big.parquet",
-                                 "--batch-size", 16, "--part-rows", 1024)
+    peak, result = _peak_rss_mib(
+        wide_model, tmp_path / "big.npy", "--out", tmp_path / "big.parquet", "--batch-size", 16, "--part-rows", 1024
+    )
     assert result.returncode == 0, result.stderr
     assert pq.read_metadata(tmp_path / "big.parquet").num_rows == rows
     allowed = baseline + 64  # MiB: a 1 GiB input may add no more than this over a 32-row one
@@ -266,8 +292,9 @@ def test_ray_engine_gives_the_same_rows_as_the_local_engine(rows, tmp_path):
     path, _ = rows
     common = ["--part-rows", 400, "--batch-size", 100]
     _score(MODEL, path, "--out", tmp_path / "local.parquet", *common, expect=3)
-    result = run_forde("score", MODEL, path, "--out", tmp_path / "ray.parquet", *common, "--engine", "ray",
-                       "--workers", 2, check=False)
+    result = run_forde(
+        "score", MODEL, path, "--out", tmp_path / "ray.parquet", *common, "--engine", "ray", "--workers", 2, check=False
+    )
     assert result.returncode == 3, result.stderr
     assert pq.read_table(tmp_path / "ray.parquet").equals(pq.read_table(tmp_path / "local.parquet"))
     assert (tmp_path / "ray.errors.csv").read_text() == (tmp_path / "local.errors.csv").read_text()
@@ -276,8 +303,20 @@ def test_ray_engine_gives_the_same_rows_as_the_local_engine(rows, tmp_path):
     # An input that breaks under an actor stops the job with the same one line as the local engine.
     broken = _corrupted_npz(tmp_path / "broken.npz")
     for engine in ("local", "ray"):
-        result = run_forde("score", MODEL, broken, "--out", tmp_path / f"broken-{engine}.parquet", "--part-rows", 2000,
-                           "--engine", engine, "--workers", 2, check=False)
+        result = run_forde(
+            "score",
+            MODEL,
+            broken,
+            "--out",
+            tmp_path / f"broken-{engine}.parquet",
+            "--part-rows",
+            2000,
+            "--engine",
+            engine,
+            "--workers",
+            2,
+            check=False,
+        )
         assert result.returncode == 2, result.stderr[-2000:]
         assert "broken.npz[a]: unreadable at row" in result.stderr and "Traceback" not in result.stderr
 
@@ -292,23 +331,35 @@ def _corrupted_npz(path):
     return path
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d: (d / "nope.onnx", d / "x.npy", []), "does not exist"),
-    (lambda d: (_write(d / "junk.onnx", b"junk"), d / "x.npy", []), "not a loadable ONNX model"),
-    (lambda d: (MODEL, d / "missing.npy", []), "missing.npy' does not exist"),
-    (lambda d: (MODEL, _save(d / "shape.npy", np.zeros((3, 8, 8))), []), "expected shape [rows, 1, 8, 8] for this model, got [3, 8, 8]"),
-    (lambda d: (MODEL, _save(d / "text.npy", np.array([["a"] * 64])), []), "expected numbers (float32), got dtype <U1"),
-    (lambda d: (MODEL, _write(d / "bad.npy", b"\x93NUMPY garbage"), []), "not a readable .npy array"),
-    (lambda d: (MODEL, _write(d / "x.txt", b"1 2 3"), []), "expected a .npy, .npz or .parquet file"),
-    (lambda d: (MODEL, d / "x.npy", ["--key", "a"]), "--key: a .npy file holds one array"),
-    (lambda d: (MODEL, _savez(d / "two.npz"), []), "holds arrays ['a', 'b']; choose one with --key"),
-    (lambda d: (MODEL, _savez(d / "two.npz"), ["--key", "c"]), "--key: ", ),
-    (lambda d: (MODEL, _save(d / "empty.npy", np.zeros((0, 1, 8, 8))), []), "expected at least one row, got none"),
-    (lambda d: (MODEL, d / "x.npy", ["--out", d / "s.txt"]), "--out: expected a .parquet or .csv file name"),
-    (lambda d: (MODEL, d / "x.npy", ["--engine", "spark"]), "Invalid value for '--engine'"),
-    (lambda d: (MODEL, d / "x.npy", ["--batch-size", "0"]), "Invalid value for '--batch-size'"),
-    (lambda d: (MODEL, _mkdir(d / "nothing"), []), "expected PNG or JPEG images in this folder, found none"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: (d / "nope.onnx", d / "x.npy", []), "does not exist"),
+        (lambda d: (_write(d / "junk.onnx", b"junk"), d / "x.npy", []), "not a loadable ONNX model"),
+        (lambda d: (MODEL, d / "missing.npy", []), "missing.npy' does not exist"),
+        (
+            lambda d: (MODEL, _save(d / "shape.npy", np.zeros((3, 8, 8))), []),
+            "expected shape [rows, 1, 8, 8] for this model, got [3, 8, 8]",
+        ),
+        (
+            lambda d: (MODEL, _save(d / "text.npy", np.array([["a"] * 64])), []),
+            "expected numbers (float32), got dtype <U1",
+        ),
+        (lambda d: (MODEL, _write(d / "bad.npy", b"\x93NUMPY garbage"), []), "not a readable .npy array"),
+        (lambda d: (MODEL, _write(d / "x.txt", b"1 2 3"), []), "expected a .npy, .npz or .parquet file"),
+        (lambda d: (MODEL, d / "x.npy", ["--key", "a"]), "--key: a .npy file holds one array"),
+        (lambda d: (MODEL, _savez(d / "two.npz"), []), "holds arrays ['a', 'b']; choose one with --key"),
+        (
+            lambda d: (MODEL, _savez(d / "two.npz"), ["--key", "c"]),
+            "--key: ",
+        ),
+        (lambda d: (MODEL, _save(d / "empty.npy", np.zeros((0, 1, 8, 8))), []), "expected at least one row, got none"),
+        (lambda d: (MODEL, d / "x.npy", ["--out", d / "s.txt"]), "--out: expected a .parquet or .csv file name"),
+        (lambda d: (MODEL, d / "x.npy", ["--engine", "spark"]), "Invalid value for '--engine'"),
+        (lambda d: (MODEL, d / "x.npy", ["--batch-size", "0"]), "Invalid value for '--batch-size'"),
+        (lambda d: (MODEL, _mkdir(d / "nothing"), []), "expected PNG or JPEG images in this folder, found none"),
+    ],
+)
 def test_bad_arguments_and_files_exit_2_with_the_reason(tmp_path, make, message):
     np.save(tmp_path / "x.npy", np.zeros((4, 1, 8, 8), np.float32))
     model, data, extra = make(tmp_path)
@@ -355,7 +406,6 @@ def test_existing_output_and_other_jobs_parts_are_not_clobbered(rows, tmp_path):
 
     # Parts left by a killed job with another part size belong to that job.
     (tmp_path / "t.parquet.parts").mkdir()
-    (tmp_path / "t.parquet.parts" / "manifest.json").write_text(json.dumps(
-        {"identity": {"part_rows": 3}, "done": {}}))
+    (tmp_path / "t.parquet.parts" / "manifest.json").write_text(json.dumps({"identity": {"part_rows": 3}, "done": {}}))
     other = run_forde("score", MODEL, path, "--out", tmp_path / "t.parquet", check=False)
     assert other.returncode == 2 and "holds parts of a different job" in other.stderr

@@ -9,9 +9,9 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
-from conftest import ROOT
 from forde_serve.runtime import EnsembleRuntime
 
 OUTPUTS = ("predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement")
@@ -45,8 +45,9 @@ def _assert_matches(row, expected, i):
 
 def test_predict_equals_the_in_process_runtime(server, runtime, digits):
     x = digits[0][:5]
-    response = _post(server, "predict", {"inputs": [{"input": row.tolist(), "members": i == 0}
-                                                    for i, row in enumerate(x)]})
+    response = _post(
+        server, "predict", {"inputs": [{"input": row.tolist(), "members": i == 0} for i, row in enumerate(x)]}
+    )
     assert response.status_code == 200, response.text
     rows, expected = response.json(), runtime.predict(x)
     assert len(rows) == 5
@@ -117,34 +118,78 @@ def _raw_body(row_text: str) -> bytes:
     return b'{"inputs": [{"input": ' + row_text.encode() + b"}]}"
 
 
-@pytest.mark.parametrize("send,status,message", [
-    (lambda u: _post(u, "predict", {"inputs": [{"input": np.zeros((8, 8)).tolist()}]}), 400,
-     "input: expected shape [1, 8, 8], got [8, 8]"),
-    (lambda u: _post(u, "predict", {"inputs": [{"input": [[["x"] * 8] * 8]}]}), 400, "non-numeric"),
-    (lambda u: _post(u, "predict", {"inputs": [{"input": [[[0] * 8] * 7 + [[0] * 3]]}]}), 400, "ragged"),
-    (lambda u: _post(u, "predict", {"inputs": [{"input": [[[True] * 8] * 8]}]}), 400, "expected numbers, got bool"),
-    (lambda u: _post(u, "predict", {"inputs": [{"input": [[["1.5"] * 8] * 8]}]}), 400, "expected numbers, got str"),
-    (lambda u: _post(u, "predict", {"inputs": [{"input": ROW, "member": True}]}), 400, "extra_forbidden"),
-    (lambda u: _post(u, "predict", {"inputs": [{"input": ROW, "members": "maybe"}]}), 400, "valid boolean"),
-    (lambda u: httpx.post(f"{u}/predict_image", files={"image": ("a.txt", b"hello", "text/plain")}), 400,
-     "Invalid content type text/plain"),
-    (lambda u: httpx.post(f"{u}/predict", content=_raw_body("[[[NaN" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
-                          headers={"content-type": "application/json"}), 400, "expected finite float32 values"),
-    (lambda u: httpx.post(f"{u}/predict", content=_raw_body("[[[1e999" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
-                          headers={"content-type": "application/json"}), 400, "expected finite float32 values"),
-    (lambda u: httpx.post(f"{u}/predict", content=_raw_body("[[[1e39" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
-                          headers={"content-type": "application/json"}), 400, "beyond +-3.4e38"),
-    (lambda u: _post(u, "predict", {"inputs": []}), 400, "at least 1 item"),
-    (lambda u: _post(u, "predict", {"inputs": [{"input": ROW}] * 257}), 400, "at most 256 items"),
-    (lambda u: httpx.post(f"{u}/predict", content=b'{"inputs": [', headers={"content-type": "application/json"}),
-     400, "Invalid JSON"),
-    (lambda u: httpx.post(f"{u}/predict", content=b"inputs=1", headers={"content-type": "text/plain"}), 400, "JSON"),
-    (lambda u: _post(u, "predict", {"inputs": "all of them"}), 400, "inputs"),
-    (lambda u: _post(u, "explain", {"inputs": [{"input": ROW, "target": "cat"}]}), 400, "unknown class 'cat'"),
-    (lambda u: _post(u, "explain", {"inputs": [{"input": ROW, "target": 10}]}), 400, "class index in [0, 9], got 10"),
-    (lambda u: httpx.post(f"{u}/predict_image", files={"image": ("x.png", b"\x89PNG not really", "image/png")}),
-     400, "expected a PNG or JPEG file"),
-])
+@pytest.mark.parametrize(
+    "send,status,message",
+    [
+        (
+            lambda u: _post(u, "predict", {"inputs": [{"input": np.zeros((8, 8)).tolist()}]}),
+            400,
+            "input: expected shape [1, 8, 8], got [8, 8]",
+        ),
+        (lambda u: _post(u, "predict", {"inputs": [{"input": [[["x"] * 8] * 8]}]}), 400, "non-numeric"),
+        (lambda u: _post(u, "predict", {"inputs": [{"input": [[[0] * 8] * 7 + [[0] * 3]]}]}), 400, "ragged"),
+        (lambda u: _post(u, "predict", {"inputs": [{"input": [[[True] * 8] * 8]}]}), 400, "expected numbers, got bool"),
+        (lambda u: _post(u, "predict", {"inputs": [{"input": [[["1.5"] * 8] * 8]}]}), 400, "expected numbers, got str"),
+        (lambda u: _post(u, "predict", {"inputs": [{"input": ROW, "member": True}]}), 400, "extra_forbidden"),
+        (lambda u: _post(u, "predict", {"inputs": [{"input": ROW, "members": "maybe"}]}), 400, "valid boolean"),
+        (
+            lambda u: httpx.post(f"{u}/predict_image", files={"image": ("a.txt", b"hello", "text/plain")}),
+            400,
+            "Invalid content type text/plain",
+        ),
+        (
+            lambda u: httpx.post(
+                f"{u}/predict",
+                content=_raw_body("[[[NaN" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
+                headers={"content-type": "application/json"},
+            ),
+            400,
+            "expected finite float32 values",
+        ),
+        (
+            lambda u: httpx.post(
+                f"{u}/predict",
+                content=_raw_body("[[[1e999" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
+                headers={"content-type": "application/json"},
+            ),
+            400,
+            "expected finite float32 values",
+        ),
+        (
+            lambda u: httpx.post(
+                f"{u}/predict",
+                content=_raw_body("[[[1e39" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
+                headers={"content-type": "application/json"},
+            ),
+            400,
+            "beyond +-3.4e38",
+        ),
+        (lambda u: _post(u, "predict", {"inputs": []}), 400, "at least 1 item"),
+        (lambda u: _post(u, "predict", {"inputs": [{"input": ROW}] * 257}), 400, "at most 256 items"),
+        (
+            lambda u: httpx.post(f"{u}/predict", content=b'{"inputs": [', headers={"content-type": "application/json"}),
+            400,
+            "Invalid JSON",
+        ),
+        (
+            lambda u: httpx.post(f"{u}/predict", content=b"inputs=1", headers={"content-type": "text/plain"}),
+            400,
+            "JSON",
+        ),
+        (lambda u: _post(u, "predict", {"inputs": "all of them"}), 400, "inputs"),
+        (lambda u: _post(u, "explain", {"inputs": [{"input": ROW, "target": "cat"}]}), 400, "unknown class 'cat'"),
+        (
+            lambda u: _post(u, "explain", {"inputs": [{"input": ROW, "target": 10}]}),
+            400,
+            "class index in [0, 9], got 10",
+        ),
+        (
+            lambda u: httpx.post(f"{u}/predict_image", files={"image": ("x.png", b"\x89PNG not really", "image/png")}),
+            400,
+            "expected a PNG or JPEG file",
+        ),
+    ],
+)
 def test_bad_input_is_a_4xx_that_names_it_and_the_server_keeps_serving(server, send, status, message):
     response = send(server)
     assert response.status_code == status, response.text
@@ -155,8 +200,9 @@ def test_bad_input_is_a_4xx_that_names_it_and_the_server_keeps_serving(server, s
 def test_oversized_image_is_refused(server):
     buffer = io.BytesIO()
     Image.new("L", (5000, 5000), 255).save(buffer, format="PNG")  # compresses to a few KB
-    response = httpx.post(f"{server}/predict_image", files={"image": ("big.png", buffer.getvalue(), "image/png")},
-                          timeout=30)
+    response = httpx.post(
+        f"{server}/predict_image", files={"image": ("big.png", buffer.getvalue(), "image/png")}, timeout=30
+    )
     assert response.status_code == 413 and "expected at most" in response.text
     assert _post(server, "predict", {"inputs": [{"input": ROW}]}).status_code == 200
 
@@ -165,8 +211,9 @@ def test_oversized_body_is_refused_before_it_is_read(server):
     # As an `Expect: 100-continue` client does: headers first, then read the answer.
     parsed = urlparse(server)
     with socket.create_connection((parsed.hostname, parsed.port), timeout=10) as s:
-        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 100000000\r\n\r\n")
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
+        )
         answer = b""
         while b"request body" not in answer:
             chunk = s.recv(4096)
@@ -183,8 +230,18 @@ def _batches(url) -> tuple[float, float]:
     import re
 
     text = httpx.get(f"{url}/metrics").text
-    rows = sum(float(v) for v in re.findall(r'^bentoml_service_adaptive_batch_size_sum\{[^}]*method_name="predict"[^}]*\} (\S+)', text, re.M))
-    count = sum(float(v) for v in re.findall(r'^bentoml_service_adaptive_batch_size_count\{[^}]*method_name="predict"[^}]*\} (\S+)', text, re.M))
+    rows = sum(
+        float(v)
+        for v in re.findall(
+            r'^bentoml_service_adaptive_batch_size_sum\{[^}]*method_name="predict"[^}]*\} (\S+)', text, re.M
+        )
+    )
+    count = sum(
+        float(v)
+        for v in re.findall(
+            r'^bentoml_service_adaptive_batch_size_count\{[^}]*method_name="predict"[^}]*\} (\S+)', text, re.M
+        )
+    )
     return rows, count
 
 
@@ -215,10 +272,13 @@ def test_bentoml_build_packs_the_model_and_no_torch(tmp_path):
     import sys
     from pathlib import Path
 
-    env = dict(os.environ) | {"BENTOML_HOME": str(tmp_path / "home"),
-                              "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+    env = dict(os.environ) | {
+        "BENTOML_HOME": str(tmp_path / "home"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (bento,) = [p for p in (tmp_path / "home" / "bentos" / "forde_ensemble").iterdir() if p.name != "latest"]
     src = bento / "src"
@@ -229,16 +289,28 @@ def test_bentoml_build_packs_the_model_and_no_torch(tmp_path):
     # the packed source serves without torch: import the service module there with torch blocked
     from test_torch_free import BLOCK_TORCH
 
-    check = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "import forde_serve.service as s; "
-                            "print(s.__file__); print(s.FordeEnsemble.inner().runtime.card.members)"],
-                           cwd=src, capture_output=True, text=True, env=dict(os.environ) | {"PYTHONPATH": str(src)})
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BLOCK_TORCH + "import forde_serve.service as s; "
+            "print(s.__file__); print(s.FordeEnsemble.inner().runtime.card.members)",
+        ],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ) | {"PYTHONPATH": str(src)},
+    )
     assert check.returncode == 0, check.stderr[-2000:]
     module_file, members = check.stdout.split()
     assert module_file.startswith(str(src)) and members == "8"
 
 
-@pytest.mark.parametrize("command", [["-m", "bentoml", "serve"], ["forde", "serve", "exported/digits.onnx"]],
-                         ids=["readme-bentoml-serve", "forde-serve"])
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "bentoml", "serve"], ["forde", "serve", "exported/digits.onnx"]],
+    ids=["readme-bentoml-serve", "forde-serve"],
+)
 def test_the_documented_ways_to_start_the_server(command):
     import sys
     from pathlib import Path
@@ -246,8 +318,10 @@ def test_the_documented_ways_to_start_the_server(command):
     from conftest import start_server, stop_server
 
     executable = [sys.executable] if command[0] == "-m" else [str(Path(sys.executable).with_name("forde"))]
-    process, url = start_server(command=executable + command[command[0] != "-m":],
-                                env_extra={"FORDE_MODEL": ""} if command[0] == "-m" else None)
+    process, url = start_server(
+        command=executable + command[command[0] != "-m" :],
+        env_extra={"FORDE_MODEL": ""} if command[0] == "-m" else None,
+    )
     try:
         card = _post(url, "metadata", {}).json()
         assert card["model"] == "digits.onnx" and card["members"] == 8
@@ -271,15 +345,18 @@ def test_saliency_is_refused_for_models_without_images(digits_export, tmp_path):
     from test_runtime import _copy_with_metadata
 
     path = _copy_with_metadata(digits_export[0], tmp_path, lambda p: p.update({"forde.image": "null"}))
-    code = ("import pydantic, numpy as np\n"
-            "from forde_serve.service import ExplainRow\n"
-            "row = np.zeros((1, 8, 8)).tolist()\n"
-            "assert ExplainRow(input=row).saliency_png is False\n"
-            "try:\n"
-            "    ExplainRow(input=row, saliency_png=True)\n"
-            "except pydantic.ValidationError as err:\n"
-            "    print(err)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=dict(os.environ) | {"FORDE_MODEL": str(path)})
+    code = (
+        "import pydantic, numpy as np\n"
+        "from forde_serve.service import ExplainRow\n"
+        "row = np.zeros((1, 8, 8)).tolist()\n"
+        "assert ExplainRow(input=row).saliency_png is False\n"
+        "try:\n"
+        "    ExplainRow(input=row, saliency_png=True)\n"
+        "except pydantic.ValidationError as err:\n"
+        "    print(err)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ) | {"FORDE_MODEL": str(path)}
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "saliency_png" in result.stdout and "inputs are not images" in result.stdout

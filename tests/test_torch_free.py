@@ -3,7 +3,6 @@
 import ast
 import subprocess
 import sys
-from pathlib import Path
 
 from conftest import ROOT
 
@@ -67,9 +66,12 @@ finally:
 """
 
     def score(extra, out):
-        return subprocess.run([sys.executable, "-c", no_ray + code.format(x=str(tmp_path / "x.npy"), out=str(out),
-                                                                          extra=extra)],
-                              capture_output=True, text=True, cwd=ROOT)
+        return subprocess.run(
+            [sys.executable, "-c", no_ray + code.format(x=str(tmp_path / "x.npy"), out=str(out), extra=extra)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
 
     local = score([], tmp_path / "local.parquet")
     assert local.returncode == 0, local.stderr

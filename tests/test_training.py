@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import FORDE, ROOT, epochs_checkpointed, read_metrics, run_forde
+from safetensors.torch import load_file
 from test_data import _write_cifar
+
 from training.config import OptimConfig, load_config
 from training.run import RunError, load_run
 from training.trainer import TrainingError, learning_rate, train
@@ -29,8 +29,14 @@ def test_quickstart_reaches_the_targets(quickstart_runs):
 def test_run_folder_holds_everything(quickstart_runs):
     run = quickstart_runs["forde"]
     names = {p.name for p in run.iterdir()}
-    assert {"config.json", "dataset.json", "members.safetensors", "checkpoint.safetensors",
-            "train_log.jsonl", "metrics.json"} <= names
+    assert {
+        "config.json",
+        "dataset.json",
+        "members.safetensors",
+        "checkpoint.safetensors",
+        "train_log.jsonl",
+        "metrics.json",
+    } <= names
     assert not any(n.endswith(".tmp") for n in names)
     assert set(read_metrics(run)) == METRIC_KEYS
     config = load_config(run / "config.json")
@@ -46,8 +52,8 @@ def test_run_folder_holds_everything(quickstart_runs):
 
 
 def test_loaded_run_reproduces_its_metrics(quickstart_runs):
-    from training.evaluation import clean_metrics
     from training.data import load_dataset
+    from training.evaluation import clean_metrics
 
     loaded = load_run(quickstart_runs["de"])
     data = load_dataset(loaded.config.data)
@@ -68,8 +74,12 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_config):
     run_forde("train", config, "--out", tmp_path / "straight", "--quiet")
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([FORDE, "train", str(config), "--out", str(killed), "--quiet"], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [FORDE, "train", str(config), "--out", str(killed), "--quiet"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while epochs_checkpointed(killed) < 3 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
@@ -80,7 +90,10 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_config):
 
     resumed = run_forde("train", "--resume", killed)
     assert f"after epoch {done}/10" in resumed.stderr
-    straight, again = load_file(str(tmp_path / "straight/members.safetensors")), load_file(str(killed / "members.safetensors"))
+    straight, again = (
+        load_file(str(tmp_path / "straight/members.safetensors")),
+        load_file(str(killed / "members.safetensors")),
+    )
     assert straight.keys() == again.keys()
     for name in straight:
         assert torch.equal(straight[name], again[name]), name
@@ -135,6 +148,7 @@ def test_cifar_pipeline_with_augmentation_on_a_fake_folder(tmp_path):
     data["optim"]["epochs"] = 1
     data["forde"] = {"lengthscale": "tuned", "alpha": 0.5, "every": 2, "batch": 16}
     from training.config import TrainConfig
+
     metrics = train(TrainConfig.model_validate(data), tmp_path / "run", progress=False)
     assert set(metrics) == METRIC_KEYS
     assert (tmp_path / "run/pca.safetensors").exists()

@@ -59,8 +59,9 @@ def _split_indices(labels: np.ndarray, fractions: tuple[float, float], seed: int
     index = np.arange(len(labels))
     val_fraction, test_fraction = fractions
     rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
-    train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction),
-                                  stratify=labels[rest], random_state=seed)
+    train, val = train_test_split(
+        rest, test_size=val_fraction / (1 - test_fraction), stratify=labels[rest], random_state=seed
+    )
     return np.sort(train), np.sort(val), np.sort(test)
 
 
@@ -72,17 +73,31 @@ def _digits(config: DataConfig) -> Dataset:
     y = torch.from_numpy(bunch.target.astype(np.int64))
     train, val, test = _split_indices(bunch.target, (0.1, 0.2), config.split_seed)
     mean, std = _channel_stats(x[train])
-    return Dataset("digits", tuple(str(c) for c in bunch.target_names), (1, 8, 8), mean, std,
-                   Split(x[train], y[train]), Split(x[val], y[val]), Split(x[test], y[test]), augment=False)
+    return Dataset(
+        "digits",
+        tuple(str(c) for c in bunch.target_names),
+        (1, 8, 8),
+        mean,
+        std,
+        Split(x[train], y[train]),
+        Split(x[val], y[val]),
+        Split(x[test], y[test]),
+        augment=False,
+    )
 
 
 class _ArrayUnpickler(pickle.Unpickler):
     """CIFAR's python version is pickled dicts of numpy arrays: allow exactly that, nothing else."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar"),
-                ("_codecs", "encode")}  # how protocol-2 pickles written by Python 3 carry bytes
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }  # how protocol-2 pickles written by Python 3 carry bytes
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
@@ -102,8 +117,14 @@ def _read_batch(path: Path) -> dict:
 
 _CIFAR_LAYOUT = {
     # name: (folder, train files, test file, meta file, label key, class-names key)
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-                "batches.meta", "labels", "label_names"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        "test_batch",
+        "batches.meta",
+        "labels",
+        "label_names",
+    ),
     "cifar100": ("cifar-100-python", ["train"], "test", "meta", "fine_labels", "fine_label_names"),
 }
 
@@ -132,8 +153,10 @@ def _cifar(config: DataConfig) -> Dataset:
         except KeyError as err:
             raise DatasetError(f"CIFAR batch file in {folder} lacks the key {err}") from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-            raise DatasetError(f"CIFAR data in {folder}: expected [N, 3072] images with N labels, "
-                               f"got {list(data.shape)} images and {len(labels)} labels")
+            raise DatasetError(
+                f"CIFAR data in {folder}: expected [N, 3072] images with N labels, "
+                f"got {list(data.shape)} images and {len(labels)} labels"
+            )
         x = torch.from_numpy(data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
         return x, torch.from_numpy(labels)
 
@@ -144,9 +167,17 @@ def _cifar(config: DataConfig) -> Dataset:
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.split_seed))
     val_index, train_index = order[:held_out].sort().values, order[held_out:].sort().values
     mean, std = _channel_stats(x[train_index])
-    return Dataset(config.dataset, class_names, (3, 32, 32), mean, std,
-                   Split(x[train_index], y[train_index]), Split(x[val_index], y[val_index]),
-                   Split(test_x, test_y), augment=config.augment)
+    return Dataset(
+        config.dataset,
+        class_names,
+        (3, 32, 32),
+        mean,
+        std,
+        Split(x[train_index], y[train_index]),
+        Split(x[val_index], y[val_index]),
+        Split(test_x, test_y),
+        augment=config.augment,
+    )
 
 
 def load_dataset(config: DataConfig) -> Dataset:
@@ -168,8 +199,10 @@ def load_corrupted_cifar(name: str, root: str | Path, per_severity: int | None =
     root = Path(root).expanduser()
     folder = next((c for c in (root / _CIFAR_C_FOLDER[name], root) if (c / "labels.npy").is_file()), None)
     if folder is None:
-        raise DatasetError(f"{_CIFAR_C_FOLDER[name]} not found under {str(root)!r}: put the published folder "
-                           f"there (labels.npy and one <corruption>.npy per corruption); nothing is downloaded")
+        raise DatasetError(
+            f"{_CIFAR_C_FOLDER[name]} not found under {str(root)!r}: put the published folder "
+            f"there (labels.npy and one <corruption>.npy per corruption); nothing is downloaded"
+        )
     labels = np.load(folder / "labels.npy")
     files = sorted(p for p in folder.glob("*.npy") if p.name != "labels.npy")
     if not files:
@@ -181,8 +214,10 @@ def load_corrupted_cifar(name: str, root: str | Path, per_severity: int | None =
     for path in files:
         images = np.load(path, mmap_mode="r")
         if images.shape != (len(labels), 32, 32, 3) or images.dtype != np.uint8:
-            raise DatasetError(f"{path}: expected uint8 [{len(labels)}, 32, 32, 3] like labels.npy, "
-                               f"got {images.dtype} {list(images.shape)}")
+            raise DatasetError(
+                f"{path}: expected uint8 [{len(labels)}, 32, 32, 3] like labels.npy, "
+                f"got {images.dtype} {list(images.shape)}"
+            )
         for severity in range(1, 6):
             rows = slice((severity - 1) * n, (severity - 1) * n + keep)
             x = np.asarray(images[rows], dtype=np.float32).transpose(0, 3, 1, 2) / 255.0
@@ -197,7 +232,11 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int = 4)
     offset_x = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(x.device)
     rows = (offset_y[:, None] + torch.arange(height, device=x.device))[:, None, :, None]
     cols = (offset_x[:, None] + torch.arange(width, device=x.device))[:, None, None, :]
-    crops = padded[torch.arange(batch, device=x.device)[:, None, None, None],
-                   torch.arange(channels, device=x.device)[None, :, None, None], rows, cols]
+    crops = padded[
+        torch.arange(batch, device=x.device)[:, None, None, None],
+        torch.arange(channels, device=x.device)[None, :, None, None],
+        rows,
+        cols,
+    ]
     flip = (torch.rand(batch, generator=generator) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], crops.flip(3), crops)

@@ -20,8 +20,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["SINGLE", "World", "all_sum", "average_gradients", "broadcast_state", "gather_rows", "init_world",
-           "is_distributed", "shard", "synced_batch_norm"]
+__all__ = [
+    "SINGLE",
+    "World",
+    "all_sum",
+    "average_gradients",
+    "broadcast_state",
+    "gather_rows",
+    "init_world",
+    "is_distributed",
+    "shard",
+    "synced_batch_norm",
+]
 
 
 @dataclass(frozen=True)
@@ -53,8 +63,10 @@ def init_world(device: str) -> tuple[World, str]:
     cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     if cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"rank {rank} has LOCAL_RANK {local_rank} but this machine has "
-                               f"{torch.cuda.device_count()} GPU(s): start at most one process per GPU")
+            raise RuntimeError(
+                f"rank {rank} has LOCAL_RANK {local_rank} but this machine has "
+                f"{torch.cuda.device_count()} GPU(s): start at most one process per GPU"
+            )
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -101,7 +113,7 @@ def average_gradients(module: torch.nn.Module, world: World) -> None:
     flat /= world.size
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
@@ -123,8 +135,15 @@ def all_sum(values: list[float], world: World) -> list[float]:
     return tensor.tolist()
 
 
-def synced_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
-                      weight: torch.Tensor, bias: torch.Tensor, momentum: float, eps: float) -> torch.Tensor:
+def synced_batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
     """Training-mode batch norm of `[batch, C, H, W]` with mean and variance over the global batch.
 
     Two differentiable all-reduces (sum, then centred sum of squares): their backward sums the

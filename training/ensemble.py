@@ -50,8 +50,16 @@ class EnsembleLinear(nn.Module):
 class EnsembleConv2d(nn.Module):
     """`[batch, M * in, H, W] -> [batch, M * out, H', W']` as one grouped convolution."""
 
-    def __init__(self, members: int, in_channels: int, out_channels: int, kernel_size: int,
-                 stride: int = 1, padding: int = 0, bias: bool = True):
+    def __init__(
+        self,
+        members: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+    ):
         super().__init__()
         self.members, self.stride, self.padding = members, stride, padding
         self.weight = nn.Parameter(torch.empty(members, out_channels, in_channels, kernel_size, kernel_size))
@@ -82,12 +90,26 @@ class EnsembleBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and is_distributed():  # statistics of the global batch, as in one process
-            return synced_batch_norm(x, self.running_mean.view(-1), self.running_var.view(-1),
-                                     self.weight.flatten(), self.bias.flatten(), self.momentum, self.eps)
+            return synced_batch_norm(
+                x,
+                self.running_mean.view(-1),
+                self.running_var.view(-1),
+                self.weight.flatten(),
+                self.bias.flatten(),
+                self.momentum,
+                self.eps,
+            )
         # Flat views share storage, so batch_norm's in-place running-stat update lands in the buffers.
-        return F.batch_norm(x, self.running_mean.view(-1), self.running_var.view(-1),
-                            self.weight.flatten(), self.bias.flatten(),
-                            self.training, self.momentum, self.eps)
+        return F.batch_norm(
+            x,
+            self.running_mean.view(-1),
+            self.running_var.view(-1),
+            self.weight.flatten(),
+            self.bias.flatten(),
+            self.training,
+            self.momentum,
+            self.eps,
+        )
 
 
 class _ToMemberFeatures(nn.Module):
@@ -115,11 +137,15 @@ def _cnn(members: int, input_shape: Sequence[int], classes: int, width: int, dep
     channels = input_shape[0]
     return nn.Sequential(
         nn.Flatten(1, 2),  # [batch, M, C, H, W] -> [batch, M * C, H, W]
-        EnsembleConv2d(members, channels, width, 3, padding=1), nn.ReLU(),
-        EnsembleConv2d(members, width, width, 3, padding=1), nn.ReLU(),
+        EnsembleConv2d(members, channels, width, 3, padding=1),
+        nn.ReLU(),
+        EnsembleConv2d(members, width, width, 3, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(2),
-        EnsembleConv2d(members, width, 2 * width, 3, padding=1), nn.ReLU(),
-        EnsembleConv2d(members, 2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+        EnsembleConv2d(members, width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        EnsembleConv2d(members, 2 * width, 2 * width, 3, padding=1),
+        nn.ReLU(),
         _ToMemberFeatures(members),
         EnsembleLinear(members, 2 * width, classes),
     )
@@ -134,8 +160,9 @@ class _BasicBlock(nn.Module):
         self.bn2 = EnsembleBatchNorm2d(members, planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(EnsembleConv2d(members, in_planes, planes, 1, stride, bias=False),
-                                          EnsembleBatchNorm2d(members, planes))
+            self.shortcut = nn.Sequential(
+                EnsembleConv2d(members, in_planes, planes, 1, stride, bias=False), EnsembleBatchNorm2d(members, planes)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -185,8 +212,15 @@ ARCHITECTURES = ("mlp", "cnn", "resnet18", "preact_resnet18")
 class Ensemble(nn.Module):
     """M fused members over raw inputs `[batch, *input_shape]`; normalization is part of the model."""
 
-    def __init__(self, body: nn.Module, members: int, input_shape: Sequence[int], classes: int,
-                 mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self,
+        body: nn.Module,
+        members: int,
+        input_shape: Sequence[int],
+        classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ):
         super().__init__()
         self.body, self.members, self.classes = body, members, classes
         self.input_shape = tuple(input_shape)
@@ -212,8 +246,16 @@ class Ensemble(nn.Module):
         return self.forward_members(z.unsqueeze(1).expand(-1, self.members, *z.shape[1:]))
 
 
-def build_ensemble(arch: str, members: int, input_shape: Sequence[int], classes: int,
-                   mean: Sequence[float], std: Sequence[float], width: int = 32, depth: int = 2) -> Ensemble:
+def build_ensemble(
+    arch: str,
+    members: int,
+    input_shape: Sequence[int],
+    classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    width: int = 32,
+    depth: int = 2,
+) -> Ensemble:
     """Build a fused ensemble by architecture name (one of `ARCHITECTURES`)."""
     if arch == "mlp":
         body = _mlp(members, input_shape, classes, width, depth)
@@ -229,5 +271,7 @@ def build_ensemble(arch: str, members: int, input_shape: Sequence[int], classes:
 def member_state_dict(ensemble: Ensemble, index: int) -> dict[str, torch.Tensor]:
     """Member `index`'s weights as the state dict of a one-member ensemble of the same architecture."""
     shared = {"mean", "std"}  # normalization statistics are not per member
-    return {name: value if name in shared else value[index:index + 1].clone()
-            for name, value in ensemble.state_dict().items()}
+    return {
+        name: value if name in shared else value[index : index + 1].clone()
+        for name, value in ensemble.state_dict().items()
+    }

@@ -13,15 +13,21 @@ from forde_serve.metrics import classification_metrics, gradient_cosine_distance
 from training.ensemble import Ensemble
 from training.forde import member_input_gradients
 
-__all__ = ["EvaluationError", "TorchPredictor", "clean_metrics", "evaluate_source", "member_probabilities",
-           "predicted_class_input_gradients"]
+__all__ = [
+    "EvaluationError",
+    "TorchPredictor",
+    "clean_metrics",
+    "evaluate_source",
+    "member_probabilities",
+    "predicted_class_input_gradients",
+]
 
 
 @torch.no_grad()
 def member_probabilities(ensemble: Ensemble, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
     """Softmax of every member, `[N, M, C]`, for raw inputs `x` `[N, *input_shape]`."""
     device = next(ensemble.parameters()).device
-    chunks = [ensemble(x[i:i + batch_size].to(device)).softmax(-1).cpu() for i in range(0, len(x), batch_size)]
+    chunks = [ensemble(x[i : i + batch_size].to(device)).softmax(-1).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(chunks).double().numpy()
 
 
@@ -30,7 +36,7 @@ def predicted_class_input_gradients(ensemble: Ensemble, x: torch.Tensor, batch_s
     device = next(ensemble.parameters()).device
     chunks = []
     for i in range(0, len(x), batch_size):
-        _, grads = member_input_gradients(ensemble, ensemble.normalize(x[i:i + batch_size].to(device)))
+        _, grads = member_input_gradients(ensemble, ensemble.normalize(x[i : i + batch_size].to(device)))
         chunks.append((grads / ensemble.std).cpu())  # chain rule through z = (x - mean) / std
     return torch.cat(chunks).double().numpy()
 
@@ -64,9 +70,19 @@ class EvaluationError(ValueError):
     """A source, dataset or OOD file that cannot be evaluated together; the message says why."""
 
 
-def evaluate_source(source: str | Path, data: str, data_root: str | None = None, corrupted_root: str | None = None,
-                    ood: str | Path | None = None, seed: int = 0, per_severity: int | None = None,
-                    gradient_rows: int = 1000, target_risk: float = 0.01, split: str = "test", on_set=None):
+def evaluate_source(
+    source: str | Path,
+    data: str,
+    data_root: str | None = None,
+    corrupted_root: str | None = None,
+    ood: str | Path | None = None,
+    seed: int = 0,
+    per_severity: int | None = None,
+    gradient_rows: int = 1000,
+    target_risk: float = 0.01,
+    split: str = "test",
+    on_set=None,
+):
     """`forde evaluate`: measure a run folder (torch) or an exported NAME.onnx (the serving runtime)
     on the test split of the data it was trained on, clean and corrupted (digits-C, or
     CIFAR-10/100-C from `corrupted_root`, default `data_root`). Returns a forde_serve Evaluation.
@@ -110,8 +126,9 @@ def evaluate_source(source: str | Path, data: str, data_root: str | None = None,
     chosen = dataset.test if split == "test" else dataset.val
     x, y = chosen.x.numpy(), chosen.y.numpy()
     if threshold is None:  # a run folder: chosen on its validation split, as `forde export` does
-        threshold = validation_abstention(predictor.member_probs(dataset.val.x.numpy()), dataset.val.y.numpy(),
-                                          target_risk)["threshold"]
+        threshold = validation_abstention(
+            predictor.member_probs(dataset.val.x.numpy()), dataset.val.y.numpy(), target_risk
+        )["threshold"]
     if data == "digits":
         corrupted = ((name, severity, xc, y) for name, severity, xc in corrupted_versions(x, seed, 0.0, 16.0))
         suite = f"digits-C (seed {seed})"
@@ -126,15 +143,23 @@ def evaluate_source(source: str | Path, data: str, data_root: str | None = None,
         except (OSError, ValueError) as err:
             raise EvaluationError(f"--ood: cannot read {ood} as a .npy array ({err})") from None
         if ood_x.ndim != x.ndim or ood_x.shape[1:] != x.shape[1:] or ood_x.dtype.kind not in "fiu":
-            raise EvaluationError(f"--ood: expected numbers shaped [n, {', '.join(map(str, x.shape[1:]))}] in the "
-                                  f"model's raw input space, got {ood_x.dtype} {list(ood_x.shape)}")
+            raise EvaluationError(
+                f"--ood: expected numbers shaped [n, {', '.join(map(str, x.shape[1:]))}] in the "
+                f"model's raw input space, got {ood_x.dtype} {list(ood_x.shape)}"
+            )
         ood_x, finite = finite_float32_rows(np.asarray(ood_x))
         if not finite.all():
             raise EvaluationError(f"--ood: {NOT_FINITE} in row(s) {np.flatnonzero(~finite)[:10].tolist()}")
-    evaluation = evaluate(predictor, x, y, corrupted, abstain_threshold=threshold, ood_x=ood_x,
-                          gradient_rows=gradient_rows, on_set=on_set)
-    evaluation.metrics["source"] = {"name": source.name, "path": str(source), "method": method, "members": members,
-                                    "engine": engine, "data": f"{data} {split} split + {suite}"}
+    evaluation = evaluate(
+        predictor, x, y, corrupted, abstain_threshold=threshold, ood_x=ood_x, gradient_rows=gradient_rows, on_set=on_set
+    )
+    evaluation.metrics["source"] = {
+        "name": source.name,
+        "path": str(source),
+        "method": method,
+        "members": members,
+        "engine": engine,
+        "data": f"{data} {split} split + {suite}",
+    }
     evaluation.metrics["inputs"] = int(len(x))
     return evaluation
-

@@ -21,13 +21,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from forde_serve.contract import EXPLAIN_OUTPUTS, FORMAT_VERSION, INPUT, METADATA_KEYS, PREDICT_OUTPUTS, TARGET, explain_path
+from forde_serve.contract import (
+    EXPLAIN_OUTPUTS,
+    FORMAT_VERSION,
+    INPUT,
+    METADATA_KEYS,
+    PREDICT_OUTPUTS,
+    TARGET,
+    explain_path,
+)
 from forde_serve.metrics import uncertainty
 from training.ensemble import Ensemble
 from training.forde import member_input_gradients
 
-__all__ = ["ExportContract", "ExportError", "ExportValidationError", "abstention_threshold", "export_ensemble",
-           "export_run", "validation_abstention", "write_predict_graph"]
+__all__ = [
+    "ExportContract",
+    "ExportError",
+    "ExportValidationError",
+    "abstention_threshold",
+    "export_ensemble",
+    "export_run",
+    "validation_abstention",
+    "write_predict_graph",
+]
 
 aten = torch.ops.aten
 
@@ -48,16 +64,18 @@ class ExportContract:
     batch_axis: str = "batch"
     # output -> (absolute tolerance, relative tolerance); gradients are compared relative to their
     # largest magnitude, since their scale depends on the model.
-    tolerances: dict[str, tuple[float, float]] = field(default_factory=lambda: {
-        "probs": (1e-4, 0.0),
-        "member_logits": (1e-3, 1e-4),
-        "member_probs": (1e-4, 0.0),
-        "predictive_entropy": (1e-4, 0.0),
-        "expected_entropy": (1e-4, 0.0),
-        "mutual_information": (1e-4, 0.0),
-        "vote_disagreement": (1e-6, 0.0),
-        "input_gradients": (0.0, 1e-3),  # relative L2 error of each member's gradient map
-    })
+    tolerances: dict[str, tuple[float, float]] = field(
+        default_factory=lambda: {
+            "probs": (1e-4, 0.0),
+            "member_logits": (1e-3, 1e-4),
+            "member_probs": (1e-4, 0.0),
+            "predictive_entropy": (1e-4, 0.0),
+            "expected_entropy": (1e-4, 0.0),
+            "mutual_information": (1e-4, 0.0),
+            "vote_disagreement": (1e-6, 0.0),
+            "input_gradients": (0.0, 1e-3),  # relative L2 error of each member's gradient map
+        }
+    )
     # A ReLU network's gradient jumps where a unit sits at its kink, and float32 rounding decides
     # the side: a few member gradients may differ by a few percent (torch itself does, float32 vs
     # float64). A wrong graph is off on every input, so a small share of such outliers is allowed.
@@ -76,7 +94,15 @@ def _heads(member_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
     predictive = _entropy(probs)
     expected = _entropy(member_probs).mean(1)
     disagreement = (member_probs.argmax(-1) != probs.argmax(-1, keepdim=True)).float().mean(1)
-    return probs, member_logits, member_probs, predictive, expected, (predictive - expected).clamp_min(0.0), disagreement
+    return (
+        probs,
+        member_logits,
+        member_probs,
+        predictive,
+        expected,
+        (predictive - expected).clamp_min(0.0),
+        disagreement,
+    )
 
 
 class _PredictGraph(nn.Module):
@@ -101,24 +127,45 @@ def _explain(ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor) -> tuple
 
 
 # Backward ops without an ONNX translation, written with forward ops (input gradient only).
-def _convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
-                          output_padding, groups, output_mask):
+def _convolution_backward(
+    grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, output_mask
+):
     if transposed:
         raise ExportError("explain graph: transposed convolutions inside a member are not supported")
     kernel = weight.shape[2:]
-    if list(stride) == [1, 1] and list(dilation) == [1, 1] and all(p <= k - 1 for p, k in zip(padding, kernel)):
+    if (
+        list(stride) == [1, 1]
+        and list(dilation) == [1, 1]
+        and all(p <= k - 1 for p, k in zip(padding, kernel, strict=True))
+    ):
         # Stride 1: the input gradient is a plain convolution with each group's kernel flipped and
         # its in/out channels swapped; onnxruntime runs Conv several times faster than ConvTranspose.
         out_channels, in_per_group = weight.shape[:2]
-        flipped = (weight.view(groups, out_channels // groups, in_per_group, *kernel).transpose(1, 2)
-                   .flip(3, 4).reshape(groups * in_per_group, out_channels // groups, *kernel))
-        grad_input = aten.convolution(grad_output, flipped, None, [1, 1], [k - 1 - p for p, k in zip(padding, kernel)],
-                                      [1, 1], False, [0, 0], groups)
+        flipped = (
+            weight.view(groups, out_channels // groups, in_per_group, *kernel)
+            .transpose(1, 2)
+            .flip(3, 4)
+            .reshape(groups * in_per_group, out_channels // groups, *kernel)
+        )
+        grad_input = aten.convolution(
+            grad_output,
+            flipped,
+            None,
+            [1, 1],
+            [k - 1 - p for p, k in zip(padding, kernel, strict=True)],
+            [1, 1],
+            False,
+            [0, 0],
+            groups,
+        )
         return grad_input, None, None
     # Strided: a transposed convolution is the input gradient of a convolution; output_padding
     # restores the rows/columns that the strided convolution dropped.
-    restore = [input.shape[2 + d] - ((grad_output.shape[2 + d] - 1) * stride[d] - 2 * padding[d]
-                                     + dilation[d] * (weight.shape[2 + d] - 1) + 1) for d in range(2)]
+    restore = [
+        input.shape[2 + d]
+        - ((grad_output.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (weight.shape[2 + d] - 1) + 1)
+        for d in range(2)
+    ]
     grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, restore, groups)
     return grad_input, None, None
 
@@ -140,13 +187,20 @@ def _trace_explain(ensemble: Ensemble, example: torch.Tensor) -> torch.fx.GraphM
     target = torch.full((len(example),), -1, dtype=torch.int64)
     # torch.export refuses autograd inside forward; make_fx unrolls the backward into ATen ops,
     # symbolically so that the batch axis stays free.
-    traced = make_fx(lambda x, t: _explain(ensemble, x, t), decomposition_table=table,
-                     tracing_mode="symbolic", _allow_non_fake_inputs=True)(example, target)
-    leftovers = sorted({str(n.target) for n in traced.graph.nodes
-                        if n.op == "call_function" and "backward" in str(n.target)})
+    traced = make_fx(
+        lambda x, t: _explain(ensemble, x, t),
+        decomposition_table=table,
+        tracing_mode="symbolic",
+        _allow_non_fake_inputs=True,
+    )(example, target)
+    leftovers = sorted(
+        {str(n.target) for n in traced.graph.nodes if n.op == "call_function" and "backward" in str(n.target)}
+    )
     if leftovers:
-        raise ExportError(f"explain graph: no ONNX equivalent for {', '.join(leftovers)}; "
-                          "add a forward-op decomposition in training/export.py")
+        raise ExportError(
+            f"explain graph: no ONNX equivalent for {', '.join(leftovers)}; "
+            "add a forward-op decomposition in training/export.py"
+        )
     return traced
 
 
@@ -159,8 +213,15 @@ class _ExplainGraph(nn.Module):
         return self.traced(input, target)
 
 
-def _write_onnx(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: tuple[str, ...],
-                contract: ExportContract, metadata: dict[str, str]) -> None:
+def _write_onnx(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    input_names: list[str],
+    output_names: tuple[str, ...],
+    contract: ExportContract,
+    metadata: dict[str, str],
+) -> None:
     import onnx
 
     batch = torch.export.Dim(contract.batch_axis, min=1)
@@ -168,9 +229,16 @@ def _write_onnx(module: nn.Module, args: tuple, path: Path, input_names: list[st
     with warnings.catch_warnings():
         # input and target share the one batch axis on purpose; torch warns that it names it once.
         warnings.filterwarnings("ignore", message=r".*The axis name")
-        program = torch.onnx.export(module.eval(), args, dynamo=True, input_names=input_names,
-                                    output_names=list(output_names), dynamic_shapes=dynamic,
-                                    opset_version=contract.opset, verbose=False)
+        program = torch.onnx.export(
+            module.eval(),
+            args,
+            dynamo=True,
+            input_names=input_names,
+            output_names=list(output_names),
+            dynamic_shapes=dynamic,
+            opset_version=contract.opset,
+            verbose=False,
+        )
     model = program.model_proto
     del model.metadata_props[:]
     for key, value in metadata.items():
@@ -179,12 +247,17 @@ def _write_onnx(module: nn.Module, args: tuple, path: Path, input_names: list[st
     onnx.save(model, str(path))
 
 
-def write_predict_graph(ensemble: Ensemble, path: str | Path, metadata: dict[str, str] | None = None,
-                        contract: ExportContract = ExportContract()) -> None:
+def write_predict_graph(
+    ensemble: Ensemble,
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+    contract: ExportContract = ExportContract(),
+) -> None:
     """Write only the predict graph of `ensemble` (no validation); `metadata` are metadata_props."""
     example = torch.zeros(2, *ensemble.input_shape)
-    _write_onnx(_PredictGraph(ensemble.eval()), (example,), Path(path), [INPUT], PREDICT_OUTPUTS, contract,
-                metadata or {})
+    _write_onnx(
+        _PredictGraph(ensemble.eval()), (example,), Path(path), [INPUT], PREDICT_OUTPUTS, contract, metadata or {}
+    )
 
 
 def validation_abstention(member_probs: np.ndarray, labels: np.ndarray, target_risk: float) -> dict[str, float]:
@@ -219,12 +292,18 @@ def _reference(ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor) -> dic
     probs = member_probs.mean(1)
     chosen = torch.where(target < 0, torch.from_numpy(probs.argmax(-1)), target)
     _, grads = member_input_gradients(ensemble, ensemble.normalize(x), chosen)
-    return {"probs": probs, "member_logits": logits.double().numpy(), "member_probs": member_probs,
-            **uncertainty(member_probs), "input_gradients": (grads / ensemble.std).double().numpy()}
+    return {
+        "probs": probs,
+        "member_logits": logits.double().numpy(),
+        "member_probs": member_probs,
+        **uncertainty(member_probs),
+        "input_gradients": (grads / ensemble.std).double().numpy(),
+    }
 
 
-def _compare_gradients(value: np.ndarray, want: np.ndarray, rtol: float,
-                       contract: ExportContract) -> tuple[float, float, bool, str]:
+def _compare_gradients(
+    value: np.ndarray, want: np.ndarray, rtol: float, contract: ExportContract
+) -> tuple[float, float, bool, str]:
     """Relative L2 error per (input, member) gradient map; see ExportContract on kink outliers."""
     count = value.shape[0] * value.shape[1]
     diff = np.linalg.norm((value - want).reshape(count, -1), axis=1)
@@ -235,13 +314,20 @@ def _compare_gradients(value: np.ndarray, want: np.ndarray, rtol: float,
     if outliers == 0:
         return float(relative.max()), rtol, passed, "max rel L2"
     median = float(np.median(relative))
-    return median, rtol, passed and median <= rtol, (
-        f"{outliers}/{count} maps over {rtol:g} (worst {relative.max():.2e}, at most {allowed_outliers} "
-        f"within {contract.gradient_outlier_limit:g} allowed: ReLU kinks); median rel L2")
+    return (
+        median,
+        rtol,
+        passed and median <= rtol,
+        (
+            f"{outliers}/{count} maps over {rtol:g} (worst {relative.max():.2e}, at most {allowed_outliers} "
+            f"within {contract.gradient_outlier_limit:g} allowed: ReLU kinks); median rel L2"
+        ),
+    )
 
 
-def _validate(paths: dict[str, Path], ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor,
-              contract: ExportContract, echo) -> None:
+def _validate(
+    paths: dict[str, Path], ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor, contract: ExportContract, echo
+) -> None:
     """Names, then shapes, then values of every output of both files; one error lists all failures."""
     import onnxruntime as ort
 
@@ -255,7 +341,7 @@ def _validate(paths: dict[str, Path], ensemble: Ensemble, x: torch.Tensor, targe
             failures.append(f"{path.name}: outputs are {got_names}, expected {names}")
             continue
         feed = {INPUT: x.numpy()} | ({TARGET: target.numpy()} if graph == "explain" else {})
-        for name, value in zip(names, session.run(None, feed)):
+        for name, value in zip(names, session.run(None, feed), strict=True):
             want = expected[name]
             if value.shape != want.shape:
                 failures.append(f"{path.name}: {name} has shape {list(value.shape)}, expected {list(want.shape)}")
@@ -276,9 +362,15 @@ def _validate(paths: dict[str, Path], ensemble: Ensemble, x: torch.Tensor, targe
         raise ExportValidationError("exported files do not match the PyTorch ensemble:\n  " + "\n  ".join(failures))
 
 
-def export_ensemble(ensemble: Ensemble, path: str | Path, metadata: dict[str, str], validation_x: torch.Tensor,
-                    validation_target: torch.Tensor, contract: ExportContract = ExportContract(),
-                    echo=print) -> dict[str, Path]:
+def export_ensemble(
+    ensemble: Ensemble,
+    path: str | Path,
+    metadata: dict[str, str],
+    validation_x: torch.Tensor,
+    validation_target: torch.Tensor,
+    contract: ExportContract = ExportContract(),
+    echo=print,
+) -> dict[str, Path]:
     """Write `path` (predict) and its `.explain.onnx` twin, then validate them; returns both paths.
 
     `metadata` maps METADATA_KEYS names (without the `forde.` prefix) to strings; the format
@@ -295,8 +387,15 @@ def export_ensemble(ensemble: Ensemble, path: str | Path, metadata: dict[str, st
     try:
         write_predict_graph(ensemble, tmp["predict"], props | {METADATA_KEYS["graph"]: "predict"}, contract)
         traced = _trace_explain(ensemble, example)
-        _write_onnx(_ExplainGraph(traced), (example, torch.full((2,), -1, dtype=torch.int64)), tmp["explain"],
-                    [INPUT, TARGET], EXPLAIN_OUTPUTS, contract, props | {METADATA_KEYS["graph"]: "explain"})
+        _write_onnx(
+            _ExplainGraph(traced),
+            (example, torch.full((2,), -1, dtype=torch.int64)),
+            tmp["explain"],
+            [INPUT, TARGET],
+            EXPLAIN_OUTPUTS,
+            contract,
+            props | {METADATA_KEYS["graph"]: "explain"},
+        )
         _validate(tmp, ensemble, validation_x.float(), validation_target, contract, echo)
         for graph in paths:
             tmp[graph].replace(paths[graph])
@@ -321,8 +420,14 @@ _INPUT_SPACE = {
 }
 
 
-def export_run(run_dir: str | Path, path: str | Path, target_risk: float = 0.01, validation_inputs: int = 64,
-               contract: ExportContract = ExportContract(), echo=print) -> dict:
+def export_run(
+    run_dir: str | Path,
+    path: str | Path,
+    target_risk: float = 0.01,
+    validation_inputs: int = 64,
+    contract: ExportContract = ExportContract(),
+    echo=print,
+) -> dict:
     """Export a finished training run; the abstention threshold is chosen on its validation split."""
     from training.data import load_dataset
     from training.evaluation import member_probabilities
@@ -339,8 +444,17 @@ def export_run(run_dir: str | Path, path: str | Path, target_risk: float = 0.01,
         "image": json.dumps(_IMAGE[run.dataset.name]),
         "members": str(run.ensemble.members),
         "method": run.config.ensemble.method,
-        "kernel": json.dumps({"lengthscale": forde.lengthscale, "alpha": forde.alpha, "every": forde.every,
-                              "batch": forde.batch, "strength": forde.strength} if run.config.ensemble.method == "forde" else None),
+        "kernel": json.dumps(
+            {
+                "lengthscale": forde.lengthscale,
+                "alpha": forde.alpha,
+                "every": forde.every,
+                "batch": forde.batch,
+                "strength": forde.strength,
+            }
+            if run.config.ensemble.method == "forde"
+            else None
+        ),
         "training_config": run.config.to_json(),
         "metrics": json.dumps(run.metrics),
         "abstain_threshold": repr(abstain["threshold"]),
@@ -355,7 +469,8 @@ def export_run(run_dir: str | Path, path: str | Path, target_risk: float = 0.01,
     echo(f"exporting {run_dir} ({run.ensemble.members} members) -> {path}")
     paths = export_ensemble(run.ensemble, path, metadata, x, target, contract, echo)
     sizes = {graph: p.stat().st_size for graph, p in paths.items()}
-    echo(f"abstain when mutual_information > {abstain['threshold']:.4g}: validation coverage "
-         f"{abstain['coverage']:.1%} at error rate {abstain['risk']:.2%} (target {target_risk:.0%})")
+    echo(
+        f"abstain when mutual_information > {abstain['threshold']:.4g}: validation coverage "
+        f"{abstain['coverage']:.1%} at error rate {abstain['risk']:.2%} (target {target_risk:.0%})"
+    )
     return {"paths": paths, "sizes": sizes, "abstain": abstain}
-

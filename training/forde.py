@@ -13,11 +13,19 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PCABasis", "lengthscale_scales", "pca_basis", "repulsion_term", "repulsion_with_bandwidth", "member_input_gradients"]
+__all__ = [
+    "PCABasis",
+    "lengthscale_scales",
+    "pca_basis",
+    "repulsion_term",
+    "repulsion_with_bandwidth",
+    "member_input_gradients",
+]
 
 
-def repulsion_term(grads: torch.Tensor, basis: torch.Tensor | None = None,
-                   scales: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
+def repulsion_term(
+    grads: torch.Tensor, basis: torch.Tensor | None = None, scales: torch.Tensor | None = None, eps: float = 1e-12
+) -> torch.Tensor:
     """The repulsion R of DESIGN.md section 3 step 7, differentiable with respect to `grads`.
 
     grads: `[M, B, D]` input gradients of the true-class logit, flattened.
@@ -33,9 +41,9 @@ def repulsion_term(grads: torch.Tensor, basis: torch.Tensor | None = None,
     return repulsion_with_bandwidth(grads, basis, scales, eps)[0]
 
 
-def repulsion_with_bandwidth(grads: torch.Tensor, basis: torch.Tensor | None = None,
-                             scales: torch.Tensor | None = None,
-                             eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+def repulsion_with_bandwidth(
+    grads: torch.Tensor, basis: torch.Tensor | None = None, scales: torch.Tensor | None = None, eps: float = 1e-12
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`repulsion_term` and the bandwidths h `[M, B]` it used (detached), for logging."""
     members, batch = grads.shape[:2]
     u = grads if basis is None else grads @ basis  # [M, B, K]
@@ -45,8 +53,9 @@ def repulsion_with_bandwidth(grads: torch.Tensor, basis: torch.Tensor | None = N
     s_fixed = s.detach()  # the second kernel argument carries no gradient
     # ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b avoids materializing [M, M, B, K].
     sq_norm = s.pow(2).sum(-1)  # [M, B]
-    distance = (sq_norm[:, None, :] + sq_norm.detach()[None, :, :]
-                - 2.0 * torch.einsum("ibk,jbk->ijb", s, s_fixed)).clamp_min(0.0)  # [i, j, b]
+    distance = (
+        sq_norm[:, None, :] + sq_norm.detach()[None, :, :] - 2.0 * torch.einsum("ibk,jbk->ijb", s, s_fixed)
+    ).clamp_min(0.0)  # [i, j, b]
     # numpy's median (mean of the two middle values); torch.median would take the lower one.
     bandwidth = torch.quantile(distance.detach(), 0.5, dim=0) / math.log(members) + 1e-12  # [j, b]
     log_kernel = -distance / bandwidth  # [i, j, b]
@@ -54,8 +63,9 @@ def repulsion_with_bandwidth(grads: torch.Tensor, basis: torch.Tensor | None = N
     return per_member.sum() / batch, bandwidth
 
 
-def member_input_gradients(ensemble: torch.nn.Module, z: torch.Tensor, targets: torch.Tensor | None = None,
-                           create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def member_input_gradients(
+    ensemble: torch.nn.Module, z: torch.Tensor, targets: torch.Tensor | None = None, create_graph: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Member logits and each member's gradient of its `targets` logit w.r.t. its normalized input.
 
     z: normalized inputs `[B, *input_shape]`; targets: `[B]` class indices, or None for the
@@ -90,7 +100,7 @@ def pca_basis(z: torch.Tensor, chunk: int = 4096) -> PCABasis:
     mean = flat.double().mean(0)
     cov = torch.zeros(d, d, dtype=torch.float64, device=flat.device)
     for start in range(0, n, chunk):
-        centered = flat[start:start + chunk].double() - mean
+        centered = flat[start : start + chunk].double() - mean
         cov += centered.T @ centered
     eigenvalues, eigenvectors = torch.linalg.eigh(cov / max(n - 1, 1))
     order = torch.argsort(eigenvalues, descending=True)

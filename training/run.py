@@ -52,8 +52,9 @@ class DatasetInfo:
         path = run_dir / DATASET
         try:
             raw = json.loads(path.read_text())
-            return cls(raw["name"], tuple(raw["class_names"]), tuple(raw["input_shape"]),
-                       tuple(raw["mean"]), tuple(raw["std"]))
+            return cls(
+                raw["name"], tuple(raw["class_names"]), tuple(raw["input_shape"]), tuple(raw["mean"]), tuple(raw["std"])
+            )
         except FileNotFoundError:
             raise RunError(f"{run_dir} is not a complete training run: {DATASET} is missing") from None
         except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -61,8 +62,16 @@ class DatasetInfo:
 
 
 def new_ensemble(config: TrainConfig, info: DatasetInfo) -> Ensemble:
-    return build_ensemble(config.model.arch, config.ensemble.members, info.input_shape, len(info.class_names),
-                          info.mean, info.std, width=config.model.width, depth=config.model.depth)
+    return build_ensemble(
+        config.model.arch,
+        config.ensemble.members,
+        info.input_shape,
+        len(info.class_names),
+        info.mean,
+        info.std,
+        width=config.model.width,
+        depth=config.model.depth,
+    )
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

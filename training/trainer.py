@@ -19,21 +19,39 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors import safe_open
 
 from forde_serve._io import atomic_write_text
 from forde_serve.metrics import classification_metrics
 from training import run as run_files
 from training.config import OptimConfig, TrainConfig
 from training.data import Dataset, augment_batch, load_dataset
-from training.distributed import SINGLE, World, all_sum, average_gradients, broadcast_state, gather_rows, init_world, shard
+from training.distributed import (
+    SINGLE,
+    World,
+    all_sum,
+    average_gradients,
+    broadcast_state,
+    gather_rows,
+    init_world,
+    shard,
+)
 from training.ensemble import Ensemble
 from training.evaluation import clean_metrics, member_probabilities
 from training.forde import lengthscale_scales, member_input_gradients, pca_basis, repulsion_with_bandwidth
 
-__all__ = ["Repulsion", "TrainingError", "check_run_dir", "learning_rate", "loss_terms", "resolve_device", "train", "train_step"]
+__all__ = [
+    "Repulsion",
+    "TrainingError",
+    "check_run_dir",
+    "learning_rate",
+    "loss_terms",
+    "resolve_device",
+    "train",
+    "train_step",
+]
 
 
 class TrainingError(ValueError):
@@ -63,9 +81,14 @@ def learning_rate(optim: OptimConfig, epoch: int) -> float:
     return optim.lr * factor
 
 
-def loss_terms(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, repulsion: Repulsion | None,
-               world: World = SINGLE, global_rows: int | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def loss_terms(
+    ensemble: Ensemble,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    repulsion: Repulsion | None,
+    world: World = SINGLE,
+    global_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(sum over members of the batch-mean CE, R or None, bandwidths `[M, B']` or None) for raw `x`.
 
     Under several processes `x`, `y` are this rank's shard of a global batch of `global_rows`:
@@ -91,9 +114,14 @@ def loss_terms(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, repulsion: 
     return ce, r, bandwidth
 
 
-def train_step(ensemble: Ensemble, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               repulsion: Repulsion | None, world: World = SINGLE,
-               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def train_step(
+    ensemble: Ensemble,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    repulsion: Repulsion | None,
+    world: World = SINGLE,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One optimizer step on the global batch `x` `[B, ...]`, `y` `[B]` (every rank passes the same).
 
     Each rank differentiates its share of the global objective (its shard's CE, weighted by the
@@ -121,8 +149,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _repulsion_for(config: TrainConfig, data: Dataset, ensemble: Ensemble, run_dir: Path,
-                   resume: bool, device: torch.device, world: World) -> Repulsion | None:
+def _repulsion_for(
+    config: TrainConfig,
+    data: Dataset,
+    ensemble: Ensemble,
+    run_dir: Path,
+    resume: bool,
+    device: torch.device,
+    world: World,
+) -> Repulsion | None:
     if config.ensemble.method == "de":
         return None
     basis = scales = None
@@ -139,8 +174,9 @@ def _repulsion_for(config: TrainConfig, data: Dataset, ensemble: Ensemble, run_d
     return Repulsion(basis, scales, config.forde.eps, config.forde.batch, config.forde.strength)
 
 
-def _save_checkpoint(run_dir: Path, epoch: int, ensemble: Ensemble, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator) -> None:
+def _save_checkpoint(
+    run_dir: Path, epoch: int, ensemble: Ensemble, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> None:
     tensors = {f"model/{k}": v for k, v in ensemble.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         tensors |= {f"optim/{index}/{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -149,15 +185,16 @@ def _save_checkpoint(run_dir: Path, epoch: int, ensemble: Ensemble, optimizer: t
     run_files.write_tensors(run_dir / run_files.CHECKPOINT, tensors, {"epoch": str(epoch)})
 
 
-def _load_checkpoint(run_dir: Path, ensemble: Ensemble, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator) -> int:
+def _load_checkpoint(
+    run_dir: Path, ensemble: Ensemble, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> int:
     """Restore the state after the last finished epoch; returns how many epochs are done."""
     path = run_dir / run_files.CHECKPOINT
     tensors = run_files.read_tensors(path)
     with safe_open(str(path), "pt") as f:
         epochs_done = int(f.metadata()["epoch"])
     device = next(ensemble.parameters()).device
-    ensemble.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    ensemble.load_state_dict({k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
@@ -186,14 +223,18 @@ def _validation_scores(ensemble: Ensemble, data: Dataset) -> dict[str, float]:
 def check_run_dir(config: TrainConfig, run_dir: Path, resume: bool, processes: int = 1) -> None:
     """Raise TrainingError if `run_dir` cannot take this run (nothing is written)."""
     if config.ensemble.method == "forde" and config.forde.batch and processes > 1:
-        raise TrainingError("forde.batch (repulsion on a subset of each batch) is not supported with several "
-                            "processes yet; remove it from the config or train in one process")
+        raise TrainingError(
+            "forde.batch (repulsion on a subset of each batch) is not supported with several "
+            "processes yet; remove it from the config or train in one process"
+        )
     if resume:
         if not (run_dir / run_files.CONFIG).is_file():
             raise TrainingError(f"--resume {run_dir}: not a training run folder ({run_files.CONFIG} is missing)")
     elif (run_dir / run_files.CHECKPOINT).exists() or (run_dir / run_files.WEIGHTS).exists():
-        raise TrainingError(f"{run_dir} already holds a training run: continue it with `forde train --resume "
-                            f"{run_dir}` or choose another --out")
+        raise TrainingError(
+            f"{run_dir} already holds a training run: continue it with `forde train --resume "
+            f"{run_dir}` or choose another --out"
+        )
 
 
 def _prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool, world: World) -> None:
@@ -203,8 +244,14 @@ def _prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool, world: Wo
         atomic_write_text(run_dir / run_files.CONFIG, config.to_json())
 
 
-def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          console: Console | None = None) -> dict[str, float] | None:
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, float] | None:
     """Train (or continue) the run in `run_dir`; returns the clean test metrics written to metrics.json.
 
     Launched by torchrun (WORLD_SIZE > 1), every rank runs this; rank 0 writes the run folder and
@@ -213,15 +260,29 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     run_dir = Path(run_dir)
     world, device_name = init_world(config.device)
     try:
-        return _train(config, run_dir, resume, progress and world.is_main, console or Console(stderr=True),
-                      world, resolve_device(device_name))
+        return _train(
+            config,
+            run_dir,
+            resume,
+            progress and world.is_main,
+            console or Console(stderr=True),
+            world,
+            resolve_device(device_name),
+        )
     finally:
         if world.size > 1:
             torch.distributed.destroy_process_group()
 
 
-def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, console: Console, world: World,
-           device: torch.device) -> dict[str, float] | None:
+def _train(
+    config: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    progress: bool,
+    console: Console,
+    world: World,
+    device: torch.device,
+) -> dict[str, float] | None:
     _prepare_run_dir(config, run_dir, resume, world)
     torch.manual_seed(config.seed)
     data = load_dataset(config.data)
@@ -232,8 +293,13 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, con
     broadcast_state(ensemble, world)
     repulsion = _repulsion_for(config, data, ensemble, run_dir, resume, device, world)
     optim = config.optim
-    optimizer = torch.optim.SGD(ensemble.parameters(), lr=optim.lr, momentum=optim.momentum,
-                                nesterov=optim.nesterov, weight_decay=optim.weight_decay)
+    optimizer = torch.optim.SGD(
+        ensemble.parameters(),
+        lr=optim.lr,
+        momentum=optim.momentum,
+        nesterov=optim.nesterov,
+        weight_decay=optim.weight_decay,
+    )
     # Shuffling + augmentation, on the CPU; every rank draws the same global batches.
     generator = torch.Generator().manual_seed(config.seed)
     epochs_done, log = 0, []
@@ -260,7 +326,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, con
             order = torch.randperm(len(train_x), generator=generator).to(device)
             step_task = bar.add_task(f"epoch {epoch + 1}", total=steps_per_epoch)
             for start in range(0, len(train_x), optim.batch_size):
-                index = order[start:start + optim.batch_size]
+                index = order[start : start + optim.batch_size]
                 if len(index) < max(2, world.size):  # batch norm and the median bandwidth need two inputs
                     continue
                 x, y = train_x[index], train_y[index]
@@ -279,8 +345,10 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, con
             bar.remove_task(step_task)
             (ce_sum,) = all_sum([ce_sum], world)
             if not math.isfinite(ce_sum):
-                raise TrainingError(f"training diverged in epoch {epoch + 1} (cross-entropy is not finite); "
-                                    f"lower optim.lr (now {optim.lr})")
+                raise TrainingError(
+                    f"training diverged in epoch {epoch + 1} (cross-entropy is not finite); "
+                    f"lower optim.lr (now {optim.lr})"
+                )
             if world.is_main:
                 entry = {
                     "epoch": epoch + 1,
@@ -297,8 +365,10 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, con
                 _save_checkpoint(run_dir, epoch + 1, ensemble, optimizer, generator)
                 if progress:
                     rep = "" if entry["repulsion"] is None else f" repulsion {entry['repulsion']:.4f}"
-                    console.print(f"epoch {epoch + 1:>3}/{optim.epochs} ce {entry['ce']:.4f}{rep} lr {lr:.4g} "
-                                  f"val acc {entry['val_accuracy']:.4f} ({entry['seconds']:.1f}s)")
+                    console.print(
+                        f"epoch {epoch + 1:>3}/{optim.epochs} ce {entry['ce']:.4f}{rep} lr {lr:.4g} "
+                        f"val acc {entry['val_accuracy']:.4f} ({entry['seconds']:.1f}s)"
+                    )
             bar.advance(epoch_task)
 
     if not world.is_main:
