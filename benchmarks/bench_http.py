@@ -47,7 +47,7 @@ def _start(model: Path, batching: bool) -> tuple[subprocess.Popen, str]:
             "-m",
             "bentoml",
             "serve",
-            "forde_serve.service:FordeEnsemble",
+            "forde_serve.app.service:FordeEnsemble",
             "--port",
             str(port),
             "--host",

@@ -44,8 +44,8 @@ def _median_ms(fn, rounds: int) -> float:
 
 def _baselines(run_dir: Path, workdir: Path, device: str):
     """Export the run's fused pair and one predict graph per member; build the eager models."""
-    from training.ensemble import build_ensemble, member_state_dict
     from training.export import export_run, write_predict_graph
+    from training.models import build_ensemble, member_state_dict
     from training.run import load_run
 
     run = load_run(run_dir)

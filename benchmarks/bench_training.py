@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from training.ensemble import Ensemble, build_ensemble, member_state_dict
+from training.models import Ensemble, build_ensemble, member_state_dict
 from training.trainer import Repulsion, loss_terms, resolve_device
 
 

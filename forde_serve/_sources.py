@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from forde_serve.errors import FordeError
 from forde_serve.images import IMAGE_SUFFIXES, image_to_input
 from forde_serve.runtime import InvalidInput, ModelCard
 
 __all__ = ["InputFileError", "open_source"]
 
 
-class InputFileError(ValueError):
+class InputFileError(FordeError, ValueError):
     """An input file or folder that cannot be scored at all; the message names what and why."""
 
 

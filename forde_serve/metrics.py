@@ -10,6 +10,7 @@ import numpy as np
 
 __all__ = [
     "ECE_BINS",
+    "abstention_threshold",
     "auroc",
     "classification_metrics",
     "expected_calibration_error",
@@ -17,6 +18,7 @@ __all__ = [
     "reliability_bins",
     "risk_coverage",
     "uncertainty",
+    "validation_abstention",
 ]
 
 ECE_BINS = 15
@@ -50,17 +52,14 @@ def uncertainty(member_probs: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    """ECE with `bins` equal-width confidence bins; `probs` is `[batch, classes]`."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    # Bin b holds confidences in (b/bins, (b+1)/bins]; confidence is never below 1/classes > 0.
-    bin_index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        in_bin = bin_index == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+    """ECE over the reliability diagram's bins: sum over bins of (share of inputs) x |accuracy - confidence|.
+
+    `probs` is `[batch, classes]`; the bins are `reliability_bins`', so the number and the figure agree.
+    """
+    reliability = reliability_bins(probs, labels, bins)
+    used = reliability["count"] > 0
+    share = reliability["count"][used] / len(labels)
+    return float(np.sum(share * np.abs(reliability["accuracy"][used] - reliability["confidence"][used])))
 
 
 def gradient_cosine_distance(input_gradients: np.ndarray) -> float:
@@ -98,7 +97,10 @@ def classification_metrics(member_probs: np.ndarray, labels: np.ndarray) -> dict
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict[str, np.ndarray]:
-    """Per confidence bin (the ECE's bins): `count`, `confidence` (mean) and `accuracy` `[bins]`."""
+    """Per equal-width confidence bin: `count`, `confidence` (mean) and `accuracy` `[bins]` (NaN where empty).
+
+    Bin b holds confidences in (b / bins, (b + 1) / bins]; a confidence is never below 1 / classes > 0.
+    """
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
     bin_index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
@@ -123,6 +125,30 @@ def risk_coverage(uncertainty_score: np.ndarray, correct: np.ndarray) -> dict[st
     accepted = np.arange(1, len(order) + 1)
     risk = errors / accepted
     return {"coverage": accepted / len(order), "risk": risk, "aurc": float(risk.mean())}
+
+
+def abstention_threshold(mutual_information: np.ndarray, correct: np.ndarray, target_risk: float) -> dict[str, float]:
+    """The largest mutual-information threshold whose accepted inputs (MI <= threshold) have an
+    error rate at most `target_risk`; returns threshold, coverage and the achieved risk.
+
+    When no threshold reaches the target, the threshold sits below every input (abstain on all).
+    """
+    order = np.argsort(mutual_information, kind="stable")
+    mi, errors = mutual_information[order], 1.0 - correct[order].astype(np.float64)
+    risk = np.cumsum(errors) / np.arange(1, len(mi) + 1)
+    # Only cut between distinct MI values: a threshold accepts all inputs with equal MI.
+    last_of_value = np.append(mi[1:] != mi[:-1], True)
+    ok = np.flatnonzero((risk <= target_risk) & last_of_value)
+    if len(ok) == 0:
+        return {"threshold": float(np.nextafter(mi[0], -np.inf)), "coverage": 0.0, "risk": 0.0}
+    k = ok[-1]
+    return {"threshold": float(mi[k]), "coverage": float((k + 1) / len(mi)), "risk": float(risk[k])}
+
+
+def validation_abstention(member_probs: np.ndarray, labels: np.ndarray, target_risk: float) -> dict[str, float]:
+    """`abstention_threshold` chosen on a validation split: member probabilities `[N, M, C]`, labels `[N]`."""
+    correct = member_probs.mean(1).argmax(1) == labels
+    return abstention_threshold(uncertainty(member_probs)["mutual_information"], correct, target_risk)
 
 
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from forde_serve._io import atomic_path, atomic_write_text
+from forde_serve.errors import FordeError
 from forde_serve.evaluation import Evaluation
 
 __all__ = ["COMPARED", "ReportError", "compare_reports", "write_report"]
@@ -32,7 +33,7 @@ COMPARED = (
 )
 
 
-class ReportError(ValueError):
+class ReportError(FordeError, ValueError):
     """A report folder that cannot be read; the message names it."""
 
 

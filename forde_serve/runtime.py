@@ -24,6 +24,7 @@ from forde_serve.contract import (
     TARGET,
     explain_path,
 )
+from forde_serve.errors import FordeError
 
 __all__ = ["EnsembleRuntime", "InvalidInput", "ModelFileError", "ModelCard", "NOT_FINITE", "finite_float32_rows"]
 
@@ -45,11 +46,11 @@ def finite_float32_rows(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return array, np.isfinite(array.reshape(len(array), -1)).all(axis=1)
 
 
-class ModelFileError(ValueError):
+class ModelFileError(FordeError, ValueError):
     """An exported file that cannot be served: missing, not ONNX, unknown format or missing metadata."""
 
 
-class InvalidInput(ValueError):
+class InvalidInput(FordeError, ValueError):
     """A caller's input that does not fit the model; the message names the field, expected and got."""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from forde_serve._io import atomic_path, atomic_write_text
 from forde_serve._sources import InputFileError, open_source
+from forde_serve.errors import FordeError
 from forde_serve.runtime import NOT_FINITE, EnsembleRuntime, finite_float32_rows
 
 __all__ = ["InputFileError", "ScoreJob", "ScoreSummary", "ScoringError", "score"]
@@ -31,7 +32,7 @@ OUTPUT_SUFFIXES = (".parquet", ".csv")
 UNCERTAINTY = ("predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement")
 
 
-class ScoringError(ValueError):
+class ScoringError(FordeError, ValueError):
     """A scoring job that cannot start as asked (output in the way, parts of another job, no Ray)."""
 
 

@@ -10,8 +10,8 @@ import sys
 import torch
 
 from training.distributed import SINGLE, all_sum, init_world
-from training.ensemble import build_ensemble
 from training.forde import lengthscale_scales, pca_basis
+from training.models import build_ensemble
 from training.trainer import Repulsion, train_step
 
 GLOBAL_BATCH = 13  # odd on purpose: shards of 7 and 6 rows

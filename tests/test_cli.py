@@ -1,7 +1,8 @@
 """The `forde` command as a user meets it: help that teaches, one-line errors with exit code 2."""
 
 import pytest
-from conftest import run_forde
+
+from helpers import run_forde
 
 
 def test_help_explains_every_option():
@@ -43,7 +44,7 @@ def test_bad_config_file_is_one_line(tmp_path):
 
 
 def test_ci_runs_the_readme_test_command():
-    from conftest import ROOT
+    from helpers import ROOT
 
     readme = (ROOT / "README.md").read_text()
     command = "python3 -m venv .venv && .venv/bin/pip install -e '.[train,dev]' && .venv/bin/pytest"
@@ -51,6 +52,7 @@ def test_ci_runs_the_readme_test_command():
     assert command in (ROOT / ".ci" / "run").read_text()
 
 
+@pytest.mark.slow
 def test_an_unwritable_out_is_one_line_with_exit_2(tmp_path, tiny_config):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

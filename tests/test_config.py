@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from training.config import ConfigError, load_config, with_overrides
+from training.config import ConfigError, OptimConfig, load_config, with_overrides
+from training.trainer import learning_rate
 
 CONFIGS = sorted((Path(__file__).parents[1] / "training" / "configs").glob("*.toml"))
 
@@ -59,3 +60,11 @@ def test_overrides_apply_and_are_validated():
     assert with_overrides(config, method=None) == config
     with pytest.raises(ConfigError, match="command-line overrides: ensemble.members"):
         with_overrides(config, method="forde", members=1)
+
+
+def test_learning_rate_schedule():
+    optim = OptimConfig(epochs=100, lr=0.1, lr_ratio=0.01)
+    assert learning_rate(optim, 0) == learning_rate(optim, 50) == 0.1
+    assert learning_rate(optim, 70) == pytest.approx(0.1 * (1 - 0.99 * 0.5))
+    assert learning_rate(optim, 90) == pytest.approx(0.001)
+    assert learning_rate(optim, 99) == pytest.approx(0.001)

@@ -2,12 +2,13 @@
 
 import pickle
 
-import numpy as np
 import pytest
 import torch
 
 from training.config import DataConfig
 from training.data import DatasetError, augment_batch, load_dataset
+
+from helpers import write_cifar
 
 
 def test_digits_split_is_fixed_disjoint_and_raw():
@@ -23,34 +24,9 @@ def test_digits_split_is_fixed_disjoint_and_raw():
     assert first.class_names == tuple(str(i) for i in range(10))
 
 
-def _write_cifar(root, name, train_sizes, test_size, classes):
-    rng = np.random.default_rng(0)
-
-    def batch(n, label_key):
-        return {
-            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            label_key: rng.integers(0, classes, n).tolist(),
-        }
-
-    if name == "cifar10":
-        folder = root / "cifar-10-batches-py"
-        folder.mkdir(parents=True)
-        for i, n in enumerate(train_sizes, 1):
-            (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(n, "labels"), protocol=2))
-        (folder / "test_batch").write_bytes(pickle.dumps(batch(test_size, "labels"), protocol=2))
-        (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(classes)]}))
-    else:
-        folder = root / "cifar-100-python"
-        folder.mkdir(parents=True)
-        (folder / "train").write_bytes(pickle.dumps(batch(sum(train_sizes), "fine_labels"), protocol=2))
-        (folder / "test").write_bytes(pickle.dumps(batch(test_size, "fine_labels"), protocol=2))
-        (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(classes)]}))
-    return folder
-
-
 @pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
 def test_cifar_from_a_fake_folder(tmp_path, name, classes):
-    folder = _write_cifar(tmp_path, name, [40] * 5, 30, classes)
+    folder = write_cifar(tmp_path, name, [40] * 5, 30, classes)
     data = load_dataset(DataConfig(dataset=name, root=str(tmp_path)))
     assert (len(data.train.x), len(data.val.x), len(data.test.x)) == (180, 20, 30)
     assert data.train.x.shape[1:] == (3, 32, 32) and data.train.x.dtype == torch.float32
@@ -71,14 +47,14 @@ def test_missing_cifar_says_where_to_put_it(tmp_path):
 
 
 def test_cifar_file_with_foreign_objects_is_refused(tmp_path):
-    folder = _write_cifar(tmp_path, "cifar10", [10] * 5, 10, 10)
+    folder = write_cifar(tmp_path, "cifar10", [10] * 5, 10, 10)
     (folder / "data_batch_3").write_bytes(pickle.dumps({"data": torch.zeros(1)}))
     with pytest.raises(DatasetError, match="not a CIFAR batch file"):
         load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)))
 
 
 def test_truncated_cifar_file(tmp_path):
-    folder = _write_cifar(tmp_path, "cifar10", [10] * 5, 10, 10)
+    folder = write_cifar(tmp_path, "cifar10", [10] * 5, 10, 10)
     (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes()[:100])
     with pytest.raises(DatasetError, match="test_batch"):
         load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)))

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FORDE, ROOT, epochs_checkpointed, read_metrics, run_forde
 from distributed_step import one_step
 from safetensors.torch import load_file
+
+from helpers import FORDE, ROOT, epochs_checkpointed, read_metrics, run_forde
+
+pytestmark = pytest.mark.slow  # trains, exports or runs several processes
 
 
 def _torchrun(*args, nproc=2) -> subprocess.CompletedProcess:
@@ -40,7 +43,7 @@ def test_two_processes_take_the_same_step_as_one(arch, tmp_path):
         if name.startswith("state/"):
             torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-6, msg=name)
     # The step moved the weights, so agreeing after it is not agreeing at init.
-    from training.ensemble import build_ensemble
+    from training.models import build_ensemble
 
     torch.manual_seed(0)
     init = build_ensemble(arch, 2, (1, 8, 8), 10, [6.0], [5.0], width=4).state_dict()

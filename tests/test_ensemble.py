@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from training.ensemble import ARCHITECTURES, build_ensemble, member_state_dict
 from training.forde import member_input_gradients
+from training.models import ARCHITECTURES, build_ensemble, member_state_dict
 
 SHAPES = {"mlp": (1, 8, 8), "cnn": (1, 12, 12), "resnet18": (3, 32, 32), "preact_resnet18": (3, 32, 32)}
 

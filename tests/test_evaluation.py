@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_forde
 from PIL import Image
-from test_data import _write_cifar
 
 from forde_serve.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupted_versions
-from forde_serve.metrics import auroc, expected_calibration_error, reliability_bins, risk_coverage
+
+from helpers import run_forde, write_cifar
 
 
 @pytest.fixture(scope="module")
@@ -40,28 +39,6 @@ def test_digits_c_has_eleven_corruptions_at_five_severities_deterministically(di
         corrupt(digits, "contrast", 6)
 
 
-def test_selective_prediction_and_auroc_by_hand():
-    # Most certain first: scores 0.1 (right), 0.2 (right), 0.5 (wrong): risks 0, 0, 1/3.
-    curve = risk_coverage(np.array([0.1, 0.5, 0.2]), np.array([True, False, True]))
-    np.testing.assert_allclose(curve["coverage"], [1 / 3, 2 / 3, 1])
-    np.testing.assert_allclose(curve["risk"], [0, 0, 1 / 3])
-    assert curve["aurc"] == pytest.approx(1 / 9)
-    assert auroc(np.array([0.0, 1.0, 2.0]), np.array([3.0, 4.0])) == 1.0
-    assert auroc(np.array([3.0, 4.0]), np.array([0.0, 1.0])) == 0.0
-    assert auroc(np.array([0.0, 2.0]), np.array([1.0, 3.0])) == pytest.approx(0.75)
-    assert auroc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == pytest.approx(0.5)  # ties count half
-
-
-def test_reliability_bins_add_up_to_the_ece():
-    rng = np.random.default_rng(0)
-    probs = rng.dirichlet(np.ones(5) * 0.5, 400)
-    labels = rng.integers(0, 5, 400)
-    bins = reliability_bins(probs, labels)
-    used = bins["count"] > 0
-    ece = np.sum(bins["count"][used] / 400 * np.abs(bins["accuracy"][used] - bins["confidence"][used]))
-    assert ece == pytest.approx(expected_calibration_error(probs, labels))
-
-
 @pytest.fixture(scope="module")
 def reports(quickstart_runs, digits_export, tmp_path_factory):
     """`forde evaluate` on the quickstart FoRDE run folder (torch), its export (onnxruntime) and the DE run."""
@@ -77,6 +54,7 @@ def reports(quickstart_runs, digits_export, tmp_path_factory):
     return out, results
 
 
+@pytest.mark.slow
 def test_report_folder_holds_metrics_markdown_and_figures(reports, quickstart_runs):
     out, results = reports
     folder = out / "forde-run"
@@ -106,6 +84,7 @@ def test_report_folder_holds_metrics_markdown_and_figures(reports, quickstart_ru
     assert "corrupted" in results["forde-run"].stdout and "report:" in results["forde-run"].stdout
 
 
+@pytest.mark.slow
 def test_exported_file_and_run_folder_agree(reports):
     out, _ = reports
     run = json.loads((out / "forde-run" / "metrics.json").read_text())
@@ -119,6 +98,7 @@ def test_exported_file_and_run_folder_agree(reports):
             assert block(onnx)[key] == pytest.approx(block(run)[key], rel=2e-3, abs=2e-4), key
 
 
+@pytest.mark.slow
 def test_compare_puts_reports_side_by_side(reports, tmp_path):
     out, _ = reports
     result = run_forde("compare", out / "de-run", out / "forde-run", "--out", tmp_path / "c.md")
@@ -155,7 +135,7 @@ def _write_cifar_c(root, per_severity: int, corruptions=("fog", "snow"), classes
 @pytest.fixture(scope="module")
 def cifar_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
-    _write_cifar(root, "cifar10", [40] * 5, 30, 10)
+    write_cifar(root, "cifar10", [40] * 5, 30, 10)
     config = root / "tiny.toml"
     config.write_text(
         f'seed = 0\ndevice = "cpu"\n[model]\narch = "mlp"\nwidth = 8\n[data]\ndataset = "cifar10"\n'
@@ -166,6 +146,7 @@ def cifar_run(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_cifar_c_from_a_folder_in_the_published_layout(cifar_run, tmp_path):
     import torch
 
@@ -220,6 +201,7 @@ def test_cifar_c_from_a_folder_in_the_published_layout(cifar_run, tmp_path):
     assert len(small["per_set"]) == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -255,6 +237,7 @@ def _save(path, array):
     return path
 
 
+@pytest.mark.slow
 def test_validation_split_for_choosing_settings_without_the_test_split(tmp_path):
     run_forde(
         "evaluate",

@@ -7,13 +7,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_forde
 
 from forde_serve.contract import EXPLAIN_OUTPUTS, METADATA_KEYS, PREDICT_OUTPUTS
 from forde_serve.runtime import EnsembleRuntime
-from training.ensemble import EnsembleConv2d, EnsembleLinear, build_ensemble
-from training.export import ExportContract, ExportValidationError, abstention_threshold, export_ensemble
+from training.export import ExportContract, OutputCheck, ToleranceError, export_ensemble
+from training.models import build_ensemble
+from training.models.layers import EnsembleConv2d, EnsembleLinear
 from training.run import load_run
+
+from helpers import run_forde
+
+pytestmark = pytest.mark.slow  # trains, exports or runs several processes
 
 
 def _ops(path):
@@ -89,26 +93,30 @@ def test_metadata_holds_what_a_server_needs(digits_export, quickstart_runs):
 
 def _directional_check(runtime, x, targets, h):
     """Central differences of the predict graph's member logits along each member's own gradient
-    direction u = g / |g|, against |g| from the explain graph; returns the worst relative error.
+    direction u = g / |g|, against |g| from the explain graph; returns the relative error of every
+    (input, member) pair.
 
     Along u the derivative is largest, so float32 noise matters least, and the check still sees
     any error e in g: the finite difference measures <g_true, u>, which equals |g| only when
     g = g_true (e orthogonal to g_true shows up as a relative error of about |e|^2 / |g|^2, a
     scrambled or transposed map as far more). Random directions, on a ReLU network with this
-    many kinks, sit at a float32 noise floor of a few percent and would test little.
+    many kinks, sit at a float32 noise floor of a few percent and would test little. A ReLU kink
+    within +-h of an input can still put one pair a percent or two off (the exporter's own check
+    allows such outliers for the same reason), so callers bound the median tightly and the worst
+    loosely: a wrong map is off on every pair, by far more.
     """
     gradients = runtime.explain(x, targets)["input_gradients"].astype(np.float64)  # [B, M, ...]
     batch, members = gradients.shape[:2]
     norms = np.linalg.norm(gradients.reshape(batch, members, -1), axis=-1)
     rows = np.arange(batch)
-    worst = 0.0
+    errors = []
     for m in range(members):
         direction = gradients[:, m] / norms[:, m].reshape(-1, *[1] * (x.ndim - 1))
         plus = runtime.predict((x + h * direction).astype(np.float32))["member_logits"][rows, m, targets]
         minus = runtime.predict((x - h * direction).astype(np.float32))["member_logits"][rows, m, targets]
         numeric = (plus.astype(np.float64) - minus) / (2 * h)
-        worst = max(worst, float(np.max(np.abs(numeric - norms[:, m]) / norms[:, m])))
-    return worst
+        errors.append(np.abs(numeric - norms[:, m]) / norms[:, m])
+    return np.concatenate(errors)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +159,8 @@ def test_gradients_match_finite_differences(arch, batch, digits_export, untraine
         runtime = EnsembleRuntime(untrained_exports[arch]["predict"])
         x, h = rng.uniform(0, 1, (batch, *runtime.card.input_shape)), 1e-3
     targets = rng.integers(0, 10, batch)
-    assert _directional_check(runtime, x, targets, h) < 1e-2
+    errors = _directional_check(runtime, x, targets, h)
+    assert np.median(errors) < 2e-3 and errors.max() < 5e-2, errors
 
 
 def test_mlp_graph_uses_one_matmul_per_layer(untrained_exports):
@@ -163,9 +172,12 @@ def test_mlp_graph_uses_one_matmul_per_layer(untrained_exports):
 def test_a_failed_check_removes_the_files_and_lists_every_failure(tmp_path):
     torch.manual_seed(0)
     ensemble = build_ensemble("mlp", 2, (1, 8, 8), 10, [0.0], [1.0], width=8)
-    strict = ExportContract()
-    strict.tolerances.update({"probs": (-1.0, 0.0), "input_gradients": (-1.0, -1.0)})
-    with pytest.raises(ExportValidationError) as err:
+    checks = ExportContract().checks | {
+        "probs": OutputCheck("max_abs", atol=-1.0),
+        "input_gradients": OutputCheck("gradient_maps", rtol=-1.0),
+    }
+    strict = ExportContract(checks=checks)
+    with pytest.raises(ToleranceError) as err:
         export_ensemble(
             ensemble,
             tmp_path / "m.onnx",
@@ -176,7 +188,8 @@ def test_a_failed_check_removes_the_files_and_lists_every_failure(tmp_path):
             echo=lambda s: None,
         )
     message = str(err.value)
-    assert "probs" in message and "input_gradients" in message
+    assert "probs" in message and "input_gradients" in message and len(err.value.failures) == 3  # 2 probs, 1 grads
+    assert err.value.exit_code == 1
     assert list(tmp_path.iterdir()) == []
 
 
@@ -190,17 +203,3 @@ def test_incomplete_or_corrupt_runs_are_named(quickstart_runs, tmp_path):
     result = run_forde("export", run, "--out", tmp_path / "m.onnx", check=False)
     assert result.returncode == 2 and "no members.safetensors" in result.stderr
     assert not (tmp_path / "m.onnx").exists()
-
-
-def test_abstention_threshold_by_hand():
-    mi = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
-    correct = np.array([True, True, False, True, False])
-    # accept MI <= 0.2: 0 errors / 2; <= 0.4: 1 / 4 = 25 %; <= 0.5: 2 / 5
-    assert abstention_threshold(mi, correct, 0.0) == {"threshold": 0.2, "coverage": 0.4, "risk": 0.0}
-    assert abstention_threshold(mi, correct, 0.25) == {"threshold": 0.4, "coverage": 0.8, "risk": 0.25}
-    assert abstention_threshold(mi, correct, 0.5)["coverage"] == 1.0
-    none = abstention_threshold(mi, ~np.ones(5, bool), 0.1)
-    assert none["coverage"] == 0.0 and none["threshold"] < 0.1
-    # equal MI values are accepted together or not at all
-    tied = abstention_threshold(np.array([0.1, 0.1, 0.2]), np.array([True, False, True]), 0.0)
-    assert tied["coverage"] == 0.0

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from training.config import TrainConfig
-from training.ensemble import build_ensemble
 from training.forde import lengthscale_scales, pca_basis, repulsion_term
+from training.models import build_ensemble
 from training.trainer import Repulsion, loss_terms
 
 

@@ -1,22 +1,24 @@
-"""EnsembleRuntime: the one object over an exported file (real onnxruntime sessions, no torch inside)."""
+"""EnsembleRuntime: the one object over an exported file (real onnxruntime sessions, no torch inside).
+
+Most tests run on the committed model (fast tier); one compares a fresh export with its PyTorch run."""
 
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from conftest import ROOT
 
 from forde_serve.metrics import uncertainty
 from forde_serve.runtime import EnsembleRuntime, InvalidInput, ModelFileError
 from training.data import load_dataset
 from training.run import load_run
 
+from helpers import MODEL, copy_with_metadata
+
 
 @pytest.fixture(scope="module")
-def runtime(digits_export):
-    return EnsembleRuntime(digits_export[0])
+def runtime():
+    return EnsembleRuntime(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,9 @@ def digits():
     return load_dataset(DataConfig(dataset="digits"))
 
 
-def test_predictions_equal_the_torch_ensemble(runtime, quickstart_runs, digits):
+@pytest.mark.slow
+def test_predictions_equal_the_torch_ensemble(digits_export, quickstart_runs, digits):
+    runtime = EnsembleRuntime(digits_export[0])
     run = load_run(quickstart_runs["forde"])
     x = digits.test.x
     got = runtime.predict(x.numpy())
@@ -96,33 +100,19 @@ def test_integer_inputs_are_accepted_as_numbers(runtime, digits):
     np.testing.assert_array_equal(runtime.predict(x.astype(np.int64))["probs"], runtime.predict(x)["probs"])
 
 
-def _copy_with_metadata(src, dst_dir, change):
-    dst = dst_dir / "m.onnx"
-    for suffix in (".onnx", ".explain.onnx"):
-        model = onnx.load(str(src.with_name(src.name.replace(".onnx", suffix))))
-        props = {p.key: p.value for p in model.metadata_props}
-        change(props)
-        del model.metadata_props[:]
-        for key, value in props.items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(model, str(dst.with_name(dst.name.replace(".onnx", suffix))))
-    return dst
-
-
-def test_unknown_format_version_is_refused(digits_export, tmp_path):
-    path = _copy_with_metadata(digits_export[0], tmp_path, lambda p: p.update({"forde.format_version": "99"}))
+def test_unknown_format_version_is_refused(tmp_path):
+    path = copy_with_metadata(MODEL, tmp_path, lambda p: p.update({"forde.format_version": "99"}))
     with pytest.raises(ModelFileError, match="format version '99' is not one this forde-serve knows"):
         EnsembleRuntime(path)
 
 
-def test_missing_metadata_is_refused(digits_export, tmp_path):
-    path = _copy_with_metadata(digits_export[0], tmp_path, lambda p: p.pop("forde.abstain_threshold"))
+def test_missing_metadata_is_refused(tmp_path):
+    path = copy_with_metadata(MODEL, tmp_path, lambda p: p.pop("forde.abstain_threshold"))
     with pytest.raises(ModelFileError, match="forde.abstain_threshold missing"):
         EnsembleRuntime(path)
 
 
-def test_broken_model_files(digits_export, tmp_path):
+def test_broken_model_files(tmp_path):
     with pytest.raises(ModelFileError, match="does not exist"):
         EnsembleRuntime(tmp_path / "none.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
@@ -130,28 +120,28 @@ def test_broken_model_files(digits_export, tmp_path):
         EnsembleRuntime(tmp_path / "junk.onnx")
     with pytest.raises(ModelFileError, match="expected NAME.onnx"):
         EnsembleRuntime(tmp_path / "model.pt")
-    shutil.copy(digits_export[0], tmp_path / "alone.onnx")  # the explain twin is missing
+    shutil.copy(MODEL, tmp_path / "alone.onnx")  # the explain twin is missing
     alone = EnsembleRuntime(tmp_path / "alone.onnx")
     alone.predict(np.ones((1, 1, 8, 8), dtype=np.float32))
     with pytest.raises(ModelFileError, match="alone.explain.onnx' does not exist"):
         alone.explain(np.ones((1, 1, 8, 8), dtype=np.float32))
 
 
-def test_providers_are_checked(digits_export):
+def test_providers_are_checked():
     with pytest.raises(ValueError, match="TensorrtExecutionProvider not available in this onnxruntime; available:"):
-        EnsembleRuntime(digits_export[0], providers=["TensorrtExecutionProvider"])
-    assert EnsembleRuntime(digits_export[0], providers=["CPUExecutionProvider"]).providers == ["CPUExecutionProvider"]
+        EnsembleRuntime(MODEL, providers=["TensorrtExecutionProvider"])
+    assert EnsembleRuntime(MODEL, providers=["CPUExecutionProvider"]).providers == ["CPUExecutionProvider"]
 
 
 def test_the_committed_default_model_serves(digits):
-    runtime = EnsembleRuntime(ROOT / "exported" / "digits.onnx")
+    runtime = EnsembleRuntime(MODEL)
     assert (runtime.card.method, runtime.card.members) == ("forde", 8)
     got = runtime.predict(digits.test.x.numpy())
     assert np.mean(got["predicted_class"] == digits.test.y.numpy()) >= 0.95
     assert runtime.explain(digits.test.x[:2].numpy())["input_gradients"].shape == (2, 8, 1, 8, 8)
 
 
-def test_cuda_that_cannot_start_falls_back_with_one_warning(digits_export, monkeypatch, caplog):
+def test_cuda_that_cannot_start_falls_back_with_one_warning(monkeypatch, caplog):
     # MOCK: no GPU on this machine. onnxruntime is made to list the CUDA provider (as the GPU
     # build does on a machine where CUDA cannot start); the real session then runs on the CPU.
     import onnxruntime
@@ -160,7 +150,7 @@ def test_cuda_that_cannot_start_falls_back_with_one_warning(digits_export, monke
         onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     with caplog.at_level("WARNING", logger="forde_serve.runtime"):
-        runtime = EnsembleRuntime(digits_export[0])
+        runtime = EnsembleRuntime(MODEL)
     assert runtime.providers == ["CPUExecutionProvider"]
     assert [r.getMessage() for r in caplog.records] == [
         "CUDAExecutionProvider is installed but could not start; running on CPUExecutionProvider"

@@ -13,10 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FORDE, ROOT, run_forde
 from PIL import Image
 
 from forde_serve.runtime import EnsembleRuntime
+
+from helpers import FORDE, ROOT, run_forde
 
 MODEL = ROOT / "exported" / "digits.onnx"
 UNCERTAINTY = ("predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement")
@@ -133,6 +134,7 @@ def test_bad_parquet_rows_are_listed_not_fatal(tmp_path, runtime):
     }
 
 
+@pytest.mark.slow
 def test_image_folder_matches_the_http_endpoint(tmp_path, server, rows):
     from sklearn.datasets import load_digits
 
@@ -186,6 +188,7 @@ def _manifest_parts(parts_dir) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_every_row_exactly_once(rows, tmp_path):
     _, x = rows
     big = np.concatenate([x] * 25)  # 44925 rows, 75 of them not finite
@@ -246,8 +249,8 @@ def wide_model(tmp_path_factory):
     """A real export of a small untrained MLP ensemble over 256 KiB inputs [16, 64, 64] (no image metadata)."""
     import torch
 
-    from training.ensemble import build_ensemble
     from training.export import export_ensemble
+    from training.models import build_ensemble
 
     torch.manual_seed(0)
     shape = (16, 64, 64)
@@ -264,6 +267,7 @@ def wide_model(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_memory_follows_the_batch_not_the_input(wide_model, tmp_path):
     rows = 4096  # 4096 x 256 KiB = 1 GiB of input
     big = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32, shape=(rows, 16, 64, 64))
@@ -288,6 +292,7 @@ def test_memory_follows_the_batch_not_the_input(wide_model, tmp_path):
     assert peak < allowed, f"peak {peak:.0f} MiB for a 1024 MiB input; a 32-row input peaked at {baseline:.0f} MiB"
 
 
+@pytest.mark.slow
 def test_ray_engine_gives_the_same_rows_as_the_local_engine(rows, tmp_path):
     path, _ = rows
     common = ["--part-rows", 400, "--batch-size", 100]
@@ -390,6 +395,7 @@ def _mkdir(path):
     return path
 
 
+@pytest.mark.slow
 def test_an_array_model_refuses_an_image_folder(wide_model, tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "a.png")
     result = run_forde("score", wide_model, tmp_path, "--out", tmp_path / "s.parquet", check=False)

@@ -1,25 +1,31 @@
-"""The HTTP service against a real `bentoml serve` subprocess and a real HTTP client."""
+"""The HTTP service: BentoML's real ASGI app in process (fast tier) and `bentoml serve` as a subprocess
+with a real HTTP client (slow tier), the same assertions on both."""
 
 import base64
 import io
+import os
 import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT
 from PIL import Image
 
 from forde_serve.runtime import EnsembleRuntime
+
+from helpers import BLOCK_TORCH, MODEL, ROOT, copy_with_metadata, run_forde, start_server, stop_server
 
 OUTPUTS = ("predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement")
 
 
 @pytest.fixture(scope="module")
 def runtime():
-    return EnsembleRuntime(ROOT / "exported" / "digits.onnx")
+    return EnsembleRuntime(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +36,25 @@ def digits():
     return bunch.images.astype(np.float32)[:, None], bunch.target
 
 
-def _post(url, endpoint, body, **kwargs):
-    return httpx.post(f"{url}/{endpoint}", json=body, timeout=30, **kwargs)
+@pytest.fixture(scope="module")
+def in_process():
+    """BentoML's own HTTP app for the service (validation, error mapping, middleware), without a server."""
+    from starlette.testclient import TestClient
+
+    from forde_serve.app.service import FordeEnsemble
+
+    with TestClient(FordeEnsemble.to_asgi()) as client:
+        yield client
+
+
+@pytest.fixture(params=["in-process", pytest.param("bentoml-serve", marks=pytest.mark.slow)])
+def client(request):
+    """An HTTP client of the service: the in-process app, or a real `bentoml serve` on a free port."""
+    if request.param == "in-process":
+        yield request.getfixturevalue("in_process")
+        return
+    with httpx.Client(base_url=request.getfixturevalue("server"), timeout=60) as http:
+        yield http
 
 
 def _assert_matches(row, expected, i):
@@ -43,10 +66,10 @@ def _assert_matches(row, expected, i):
     assert row["abstain"] == bool(expected["abstain"][i])
 
 
-def test_predict_equals_the_in_process_runtime(server, runtime, digits):
+def test_predict_equals_the_runtime(client, runtime, digits):
     x = digits[0][:5]
-    response = _post(
-        server, "predict", {"inputs": [{"input": row.tolist(), "members": i == 0} for i, row in enumerate(x)]}
+    response = client.post(
+        "/predict", json={"inputs": [{"input": row.tolist(), "members": i == 0} for i, row in enumerate(x)]}
     )
     assert response.status_code == 200, response.text
     rows, expected = response.json(), runtime.predict(x)
@@ -57,10 +80,10 @@ def test_predict_equals_the_in_process_runtime(server, runtime, digits):
     assert rows[1]["member_probs"] is None
 
 
-def test_explain_returns_every_members_gradient(server, runtime, digits):
+def test_explain_returns_every_members_gradient(client, runtime, digits):
     x = digits[0][:2]
     body = {"inputs": [{"input": x[0].tolist(), "saliency_png": True}, {"input": x[1].tolist(), "target": "7"}]}
-    response = _post(server, "explain", body)
+    response = client.post("/explain", json=body)
     assert response.status_code == 200, response.text
     first, second = response.json()
     expected = runtime.explain(x, target=[-1, 7])
@@ -81,12 +104,12 @@ def _png(array2d: np.ndarray, size: int = 64) -> bytes:
     return buffer.getvalue()
 
 
-def test_predict_image_converts_as_the_metadata_says(server, runtime, digits):
+def test_predict_image_converts_as_the_metadata_says(client, runtime, digits):
     x, labels = digits
     correct = 0
     for i in range(10):
         png = _png(x[i, 0])
-        response = httpx.post(f"{server}/predict_image", files={"image": ("d.png", png, "image/png")}, timeout=30)
+        response = client.post("/predict_image", files={"image": ("d.png", png, "image/png")})
         assert response.status_code == 200, response.text
         picture = Image.open(io.BytesIO(png)).convert("L").resize((8, 8), Image.BILINEAR)
         converted = (255.0 - np.asarray(picture, dtype=np.float32)) * (16 / 255)
@@ -96,14 +119,15 @@ def test_predict_image_converts_as_the_metadata_says(server, runtime, digits):
     assert correct >= 8
 
 
-def test_metadata_is_the_model_card(server, runtime):
-    card = _post(server, "metadata", {}).json()
+def test_metadata_is_the_model_card(client, runtime):
+    card = client.post("/metadata", json={}).json()
     assert card["class_names"] == list(runtime.card.class_names) and card["input_shape"] == [1, 8, 8]
     assert (card["members"], card["method"]) == (8, "forde")
     assert card["abstain_threshold"] == runtime.card.abstain_threshold
     assert card["metrics"]["accuracy"] >= 0.95 and card["image"]["mode"] == "L"
 
 
+@pytest.mark.slow
 def test_builtin_endpoints_stay(server):
     assert httpx.get(f"{server}/readyz").status_code == 200
     assert httpx.get(f"{server}/livez").status_code == 200
@@ -118,95 +142,101 @@ def _raw_body(row_text: str) -> bytes:
     return b'{"inputs": [{"input": ' + row_text.encode() + b"}]}"
 
 
+def _first_pixel(text: str) -> str:
+    """An all-zero [1, 8, 8] row as JSON text whose first pixel is `text` (e.g. NaN, which json.dumps won't write)."""
+    return "[[[" + text + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"
+
+
+def _json(c, endpoint, body):
+    return c.post(f"/{endpoint}", json=body)
+
+
+def _raw(c, endpoint, content: bytes, content_type="application/json"):
+    return c.post(f"/{endpoint}", content=content, headers={"content-type": content_type})
+
+
 @pytest.mark.parametrize(
     "send,status,message",
     [
         (
-            lambda u: _post(u, "predict", {"inputs": [{"input": np.zeros((8, 8)).tolist()}]}),
+            lambda c: _json(c, "predict", {"inputs": [{"input": np.zeros((8, 8)).tolist()}]}),
             400,
             "input: expected shape [1, 8, 8], got [8, 8]",
         ),
-        (lambda u: _post(u, "predict", {"inputs": [{"input": [[["x"] * 8] * 8]}]}), 400, "non-numeric"),
-        (lambda u: _post(u, "predict", {"inputs": [{"input": [[[0] * 8] * 7 + [[0] * 3]]}]}), 400, "ragged"),
-        (lambda u: _post(u, "predict", {"inputs": [{"input": [[[True] * 8] * 8]}]}), 400, "expected numbers, got bool"),
-        (lambda u: _post(u, "predict", {"inputs": [{"input": [[["1.5"] * 8] * 8]}]}), 400, "expected numbers, got str"),
-        (lambda u: _post(u, "predict", {"inputs": [{"input": ROW, "member": True}]}), 400, "extra_forbidden"),
-        (lambda u: _post(u, "predict", {"inputs": [{"input": ROW, "members": "maybe"}]}), 400, "valid boolean"),
+        (lambda c: _json(c, "predict", {"inputs": [{"input": [[["x"] * 8] * 8]}]}), 400, "non-numeric"),
+        (lambda c: _json(c, "predict", {"inputs": [{"input": [[[0] * 8] * 7 + [[0] * 3]]}]}), 400, "ragged"),
+        (lambda c: _json(c, "predict", {"inputs": [{"input": [[[True] * 8] * 8]}]}), 400, "expected numbers, got bool"),
+        (lambda c: _json(c, "predict", {"inputs": [{"input": [[["1.5"] * 8] * 8]}]}), 400, "expected numbers, got str"),
+        (lambda c: _json(c, "predict", {"inputs": [{"input": ROW, "member": True}]}), 400, "extra_forbidden"),
+        (lambda c: _json(c, "predict", {"inputs": [{"input": ROW, "members": "maybe"}]}), 400, "valid boolean"),
         (
-            lambda u: httpx.post(f"{u}/predict_image", files={"image": ("a.txt", b"hello", "text/plain")}),
+            lambda c: c.post("/predict_image", files={"image": ("a.txt", b"hello", "text/plain")}),
             400,
             "Invalid content type text/plain",
         ),
         (
-            lambda u: httpx.post(
-                f"{u}/predict",
-                content=_raw_body("[[[NaN" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
-                headers={"content-type": "application/json"},
+            lambda c: _raw(
+                c, "predict", _raw_body("[[[NaN" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]")
             ),
             400,
             "expected finite float32 values",
         ),
         (
-            lambda u: httpx.post(
-                f"{u}/predict",
-                content=_raw_body("[[[1e999" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
-                headers={"content-type": "application/json"},
+            lambda c: _raw(
+                c, "predict", _raw_body("[[[1e999" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]")
             ),
             400,
             "expected finite float32 values",
         ),
         (
-            lambda u: httpx.post(
-                f"{u}/predict",
-                content=_raw_body("[[[1e39" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]"),
-                headers={"content-type": "application/json"},
+            lambda c: _raw(
+                c, "predict", _raw_body("[[[1e39" + ", 0" * 7 + "]" + ", [0, 0, 0, 0, 0, 0, 0, 0]" * 7 + "]]")
             ),
             400,
             "beyond +-3.4e38",
         ),
-        (lambda u: _post(u, "predict", {"inputs": []}), 400, "at least 1 item"),
-        (lambda u: _post(u, "predict", {"inputs": [{"input": ROW}] * 257}), 400, "at most 256 items"),
+        (lambda c: _json(c, "predict", {"inputs": []}), 400, "at least 1 item"),
+        (lambda c: _json(c, "predict", {"inputs": [{"input": ROW}] * 257}), 400, "at most 256 items"),
         (
-            lambda u: httpx.post(f"{u}/predict", content=b'{"inputs": [', headers={"content-type": "application/json"}),
+            lambda c: _raw(c, "predict", b'{"inputs": ['),
             400,
             "Invalid JSON",
         ),
         (
-            lambda u: httpx.post(f"{u}/predict", content=b"inputs=1", headers={"content-type": "text/plain"}),
+            lambda c: _raw(c, "predict", b"inputs=1", "text/plain"),
             400,
             "JSON",
         ),
-        (lambda u: _post(u, "predict", {"inputs": "all of them"}), 400, "inputs"),
-        (lambda u: _post(u, "explain", {"inputs": [{"input": ROW, "target": "cat"}]}), 400, "unknown class 'cat'"),
+        (lambda c: _json(c, "predict", {"inputs": "all of them"}), 400, "inputs"),
+        (lambda c: _json(c, "explain", {"inputs": [{"input": ROW, "target": "cat"}]}), 400, "unknown class 'cat'"),
         (
-            lambda u: _post(u, "explain", {"inputs": [{"input": ROW, "target": 10}]}),
+            lambda c: _json(c, "explain", {"inputs": [{"input": ROW, "target": 10}]}),
             400,
             "class index in [0, 9], got 10",
         ),
         (
-            lambda u: httpx.post(f"{u}/predict_image", files={"image": ("x.png", b"\x89PNG not really", "image/png")}),
+            lambda c: c.post("/predict_image", files={"image": ("x.png", b"\x89PNG not really", "image/png")}),
             400,
             "expected a PNG or JPEG file",
         ),
     ],
 )
-def test_bad_input_is_a_4xx_that_names_it_and_the_server_keeps_serving(server, send, status, message):
-    response = send(server)
+def test_bad_input_is_a_4xx_that_names_it_and_the_server_keeps_serving(client, send, status, message):
+    response = send(client)
     assert response.status_code == status, response.text
     assert message in response.text
-    assert _post(server, "predict", {"inputs": [{"input": ROW}]}).status_code == 200
+    assert _json(client, "predict", {"inputs": [{"input": ROW}]}).status_code == 200
 
 
-def test_oversized_image_is_refused(server):
+def test_oversized_image_is_refused(client):
     buffer = io.BytesIO()
     Image.new("L", (5000, 5000), 255).save(buffer, format="PNG")  # compresses to a few KB
-    response = httpx.post(
-        f"{server}/predict_image", files={"image": ("big.png", buffer.getvalue(), "image/png")}, timeout=30
-    )
+    response = client.post("/predict_image", files={"image": ("big.png", buffer.getvalue(), "image/png")})
     assert response.status_code == 413 and "expected at most" in response.text
-    assert _post(server, "predict", {"inputs": [{"input": ROW}]}).status_code == 200
+    assert _json(client, "predict", {"inputs": [{"input": ROW}]}).status_code == 200
 
 
+@pytest.mark.slow
 def test_oversized_body_is_refused_before_it_is_read(server):
     # As an `Expect: 100-continue` client does: headers first, then read the answer.
     parsed = urlparse(server)
@@ -222,7 +252,7 @@ def test_oversized_body_is_refused_before_it_is_read(server):
             answer += chunk
         answer = answer.decode()
     assert answer.startswith("HTTP/1.1 413") and "request body: expected at most" in answer
-    assert _post(server, "predict", {"inputs": [{"input": ROW}]}).status_code == 200
+    assert httpx.post(f"{server}/predict", json={"inputs": [{"input": ROW}]}).status_code == 200
 
 
 def _batches(url) -> tuple[float, float]:
@@ -245,6 +275,7 @@ def _batches(url) -> tuple[float, float]:
     return rows, count
 
 
+@pytest.mark.slow
 def test_64_concurrent_clients_each_get_their_own_answer(server, runtime, digits):
     x = digits[0][:64]
     expected = runtime.predict(x)
@@ -266,12 +297,8 @@ def test_64_concurrent_clients_each_get_their_own_answer(server, runtime, digits
     assert batches_after - batches_before < 64, "no two requests were batched together"
 
 
+@pytest.mark.slow
 def test_bentoml_build_packs_the_model_and_no_torch(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     env = dict(os.environ) | {
         "BENTOML_HOME": str(tmp_path / "home"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -283,17 +310,15 @@ def test_bentoml_build_packs_the_model_and_no_torch(tmp_path):
     (bento,) = [p for p in (tmp_path / "home" / "bentos" / "forde_ensemble").iterdir() if p.name != "latest"]
     src = bento / "src"
     assert (src / "exported" / "digits.onnx").is_file() and (src / "exported" / "digits.explain.onnx").is_file()
-    assert (src / "forde_serve" / "service.py").is_file() and not (src / "training").exists()
+    assert (src / "forde_serve" / "app" / "service.py").is_file() and not (src / "training").exists()
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime" in requirements and "torch" not in requirements
     # the packed source serves without torch: import the service module there with torch blocked
-    from test_torch_free import BLOCK_TORCH
-
     check = subprocess.run(
         [
             sys.executable,
             "-c",
-            BLOCK_TORCH + "import forde_serve.service as s; "
+            BLOCK_TORCH + "import forde_serve.app.service as s; "
             "print(s.__file__); print(s.FordeEnsemble.inner().runtime.card.members)",
         ],
         cwd=src,
@@ -306,48 +331,36 @@ def test_bentoml_build_packs_the_model_and_no_torch(tmp_path):
     assert module_file.startswith(str(src)) and members == "8"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command",
     [["-m", "bentoml", "serve"], ["forde", "serve", "exported/digits.onnx"]],
     ids=["readme-bentoml-serve", "forde-serve"],
 )
 def test_the_documented_ways_to_start_the_server(command):
-    import sys
-    from pathlib import Path
-
-    from conftest import start_server, stop_server
-
     executable = [sys.executable] if command[0] == "-m" else [str(Path(sys.executable).with_name("forde"))]
     process, url = start_server(
         command=executable + command[command[0] != "-m" :],
         env_extra={"FORDE_MODEL": ""} if command[0] == "-m" else None,
     )
     try:
-        card = _post(url, "metadata", {}).json()
+        card = httpx.post(f"{url}/metadata", json={}, timeout=30).json()
         assert card["model"] == "digits.onnx" and card["members"] == 8
     finally:
         stop_server(process)
 
 
 def test_forde_serve_refuses_a_bad_model_file(tmp_path):
-    from conftest import run_forde
-
     (tmp_path / "m.onnx").write_bytes(b"junk")
     result = run_forde("serve", tmp_path / "m.onnx", check=False)
     assert result.returncode == 2 and "is not a loadable ONNX model" in result.stderr
 
 
-def test_saliency_is_refused_for_models_without_images(digits_export, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from test_runtime import _copy_with_metadata
-
-    path = _copy_with_metadata(digits_export[0], tmp_path, lambda p: p.update({"forde.image": "null"}))
+def test_saliency_is_refused_for_models_without_images(tmp_path):
+    path = copy_with_metadata(MODEL, tmp_path, lambda p: p.update({"forde.image": "null"}))
     code = (
         "import pydantic, numpy as np\n"
-        "from forde_serve.service import ExplainRow\n"
+        "from forde_serve.app.service import ExplainRow\n"
         "row = np.zeros((1, 8, 8)).tolist()\n"
         "assert ExplainRow(input=row).saliency_png is False\n"
         "try:\n"

@@ -8,13 +8,15 @@ import time
 
 import pytest
 import torch
-from conftest import FORDE, ROOT, epochs_checkpointed, read_metrics, run_forde
 from safetensors.torch import load_file
-from test_data import _write_cifar
 
-from training.config import OptimConfig, load_config
+from training.config import load_config
 from training.run import RunError, load_run
-from training.trainer import TrainingError, learning_rate, train
+from training.trainer import train
+
+from helpers import FORDE, ROOT, epochs_checkpointed, read_metrics, run_forde, write_cifar
+
+pytestmark = pytest.mark.slow  # trains, exports or runs several processes
 
 METRIC_KEYS = {"accuracy", "nll", "ece", "brier", "gradient_cosine_distance", "mutual_information"}
 
@@ -124,14 +126,6 @@ def test_broken_run_folders_name_the_file(tmp_path, tiny_config):
         load_run(run)
 
 
-def test_learning_rate_schedule():
-    optim = OptimConfig(epochs=100, lr=0.1, lr_ratio=0.01)
-    assert learning_rate(optim, 0) == learning_rate(optim, 50) == 0.1
-    assert learning_rate(optim, 70) == pytest.approx(0.1 * (1 - 0.99 * 0.5))
-    assert learning_rate(optim, 90) == pytest.approx(0.001)
-    assert learning_rate(optim, 99) == pytest.approx(0.001)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
 def test_cuda_without_gpu_is_a_clear_error(tmp_path, tiny_config):
     result = run_forde("train", tiny_config(epochs=1), "--device", "cuda", "--out", tmp_path / "r", check=False)
@@ -139,7 +133,7 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path, tiny_config):
 
 
 def test_cifar_pipeline_with_augmentation_on_a_fake_folder(tmp_path):
-    _write_cifar(tmp_path / "data", "cifar10", [30] * 5, 20, 10)
+    write_cifar(tmp_path / "data", "cifar10", [30] * 5, 20, 10)
     config = load_config(ROOT / "training/configs/cifar10_resnet18.toml").model_copy(deep=True)
     data = config.model_dump()
     data["model"] = {"arch": "cnn", "width": 4}
@@ -157,5 +151,5 @@ def test_cifar_pipeline_with_augmentation_on_a_fake_folder(tmp_path):
 
 
 def test_resume_needs_a_run_folder(tmp_path):
-    with pytest.raises(TrainingError, match="not a training run folder"):
+    with pytest.raises(RunError, match="not a training run folder"):
         train(load_config(ROOT / "training/configs/digits.toml"), tmp_path, resume=True, progress=False)

@@ -14,12 +14,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from forde_serve.errors import FordeError
+
 __all__ = ["ConfigError", "TrainConfig", "load_config", "with_overrides"]
 
 Arch = Literal["mlp", "cnn", "resnet18", "preact_resnet18"]
 
 
-class ConfigError(ValueError):
+class ConfigError(FordeError, ValueError):
     """A config file or override that cannot be used; the message names the field."""
 
 

@@ -17,14 +17,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from forde_serve.errors import FordeError
 from training.config import DataConfig
 
-__all__ = ["Dataset", "DatasetError", "augment_batch", "load_corrupted_cifar", "load_dataset"]
+__all__ = [
+    "IMAGE_SPECS",
+    "INPUT_SPACES",
+    "Dataset",
+    "DatasetError",
+    "augment_batch",
+    "load_corrupted_cifar",
+    "load_dataset",
+]
 
 _CIFAR_VALIDATION = 5000
 
 
-class DatasetError(ValueError):
+class DatasetError(FordeError, ValueError):
     """A dataset folder that is missing or not in the expected layout."""
 
 
@@ -32,6 +41,22 @@ class DatasetError(ValueError):
 class Split:
     x: torch.Tensor  # [N, *input_shape] float32, raw input space
     y: torch.Tensor  # [N] int64
+
+
+# How an uploaded picture becomes a raw input: PIL mode, [height, width], multiply 0..255 by
+# scale, and invert first (digits are bright ink on black; photographed digits are dark on light).
+IMAGE_SPECS = {
+    "digits": {"mode": "L", "size": [8, 8], "scale": 16 / 255, "invert": True},
+    "cifar10": {"mode": "RGB", "size": [32, 32], "scale": 1 / 255, "invert": False},
+    "cifar100": {"mode": "RGB", "size": [32, 32], "scale": 1 / 255, "invert": False},
+}
+
+# What one raw input is, in words (the exported file's `input_space`).
+INPUT_SPACES = {
+    "digits": "scikit-learn load_digits().images as float32 [1, 8, 8], pixel counts 0 to 16",
+    "cifar10": "RGB floats in [0, 1] as float32 [3, 32, 32] (channels first)",
+    "cifar100": "RGB floats in [0, 1] as float32 [3, 32, 32] (channels first)",
+}
 
 
 @dataclass(frozen=True)
@@ -45,6 +70,16 @@ class Dataset:
     val: Split
     test: Split
     augment: bool  # random crop (padding 4) + horizontal flip on training batches
+
+    @property
+    def image(self) -> dict | None:
+        """How an uploaded picture becomes one raw input (None: the inputs are not pictures)."""
+        return IMAGE_SPECS.get(self.name)
+
+    @property
+    def input_space(self) -> str:
+        """What one raw input is, in words."""
+        return INPUT_SPACES[self.name]
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -4,20 +4,31 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from forde_serve.metrics import classification_metrics, gradient_cosine_distance
-from training.ensemble import Ensemble
+from forde_serve.corruptions import corrupted_versions
+from forde_serve.errors import FordeError
+from forde_serve.evaluation import Evaluation, RuntimePredictor, evaluate
+from forde_serve.metrics import classification_metrics, gradient_cosine_distance, validation_abstention
+from forde_serve.runtime import NOT_FINITE, EnsembleRuntime, finite_float32_rows
+from training.config import DataConfig
+from training.data import load_corrupted_cifar, load_dataset
 from training.forde import member_input_gradients
+from training.models import Ensemble
+from training.run import load_run
 
 __all__ = [
     "EvaluationError",
     "TorchPredictor",
+    "EvaluationJob",
     "clean_metrics",
-    "evaluate_source",
+    "evaluate_job",
     "member_probabilities",
     "predicted_class_input_gradients",
 ]
@@ -66,100 +77,132 @@ class TorchPredictor:
         return predicted_class_input_gradients(self.ensemble, torch.from_numpy(np.ascontiguousarray(x)))
 
 
-class EvaluationError(ValueError):
+class EvaluationError(FordeError, ValueError):
     """A source, dataset or OOD file that cannot be evaluated together; the message says why."""
 
 
-def evaluate_source(
-    source: str | Path,
-    data: str,
-    data_root: str | None = None,
-    corrupted_root: str | None = None,
-    ood: str | Path | None = None,
-    seed: int = 0,
-    per_severity: int | None = None,
-    gradient_rows: int = 1000,
-    target_risk: float = 0.01,
-    split: str = "test",
-    on_set=None,
-):
-    """`forde evaluate`: measure a run folder (torch) or an exported NAME.onnx (the serving runtime)
-    on the test split of the data it was trained on, clean and corrupted (digits-C, or
-    CIFAR-10/100-C from `corrupted_root`, default `data_root`). Returns a forde_serve Evaluation.
+@dataclass(frozen=True)
+class EvaluationJob:
+    """One `forde evaluate`: what to measure, on which data, and how much."""
 
-    `split="validation"` measures the validation split instead (digits only: digits-C corrupts any
-    split), for choosing settings without looking at the test split."""
-    from forde_serve.corruptions import corrupted_versions
-    from forde_serve.evaluation import RuntimePredictor, evaluate
-    from forde_serve.runtime import NOT_FINITE, EnsembleRuntime, finite_float32_rows
-    from training.config import DataConfig
-    from training.data import load_corrupted_cifar, load_dataset
-    from training.export import validation_abstention
-    from training.run import load_run
+    source: Path  # a training run folder (measured through PyTorch) or an exported NAME.onnx (the serving runtime)
+    data: str = "digits"  # the dataset the model was trained on: digits | cifar10 | cifar100
+    data_root: str | None = None  # folder holding CIFAR (torchvision's layout)
+    corrupted_root: str | None = None  # folder holding CIFAR-10-C / CIFAR-100-C (default: data_root)
+    ood: Path | None = None  # out-of-distribution inputs (.npy, raw input space) for the MI detection AUROC
+    seed: int = 0  # of the digits-C corruptions
+    per_severity: int | None = None  # CIFAR-C: the first N images of each severity
+    gradient_rows: int = 1000  # inputs per set whose member gradients are compared; 0 skips
+    split: Literal["test", "validation"] = "test"  # validation: choose settings without the test split (digits)
+    target_risk: float = 0.01  # a run folder's abstention threshold is chosen for this, as `forde export` does
 
-    source = Path(source)
+
+@dataclass(frozen=True)
+class _Measured:
+    """The ensemble behind a source, as evaluation sees it."""
+
+    predictor: TorchPredictor | RuntimePredictor
+    engine: str
+    method: str
+    members: int
+    trained_on: str | None
+    split_seed: int
+    abstain_threshold: float | None  # None: a run folder, chosen on its validation split
+
+
+def _measured(source: Path) -> _Measured:
     if not source.exists():
         raise EvaluationError(f"{source} does not exist: give a training run folder or an exported NAME.onnx")
     if source.is_dir():
         run = load_run(source)
-        trained_dataset, split_seed = run.config.data.dataset, run.config.data.split_seed
-        method, members = run.config.ensemble.method, run.ensemble.members
-        predictor, engine = TorchPredictor(run.ensemble), "the PyTorch ensemble (run folder)"
-        threshold = None
-    else:
-        runtime = EnsembleRuntime(source)
-        card = runtime.card
-        trained = card.training_config.get("data") or {}
-        trained_dataset, split_seed = trained.get("dataset"), trained.get("split_seed", 0)
-        method, members = card.method, card.members
-        predictor, engine = RuntimePredictor(runtime), "the exported ONNX file (onnxruntime, as served)"
-        threshold = card.abstain_threshold
-    if trained_dataset is not None and trained_dataset != data:
-        raise EvaluationError(f"--data: {source} was trained on {trained_dataset}, got {data!r}")
-    if split not in ("test", "validation"):
-        raise EvaluationError(f"--split: expected test or validation, got {split!r}")
-    if split == "validation" and data != "digits":
+        return _Measured(
+            TorchPredictor(run.ensemble),
+            "the PyTorch ensemble (run folder)",
+            run.config.ensemble.method,
+            run.ensemble.members,
+            run.config.data.dataset,
+            run.config.data.split_seed,
+            None,
+        )
+    card = (runtime := EnsembleRuntime(source)).card
+    trained = card.training_config.get("data") or {}
+    return _Measured(
+        RuntimePredictor(runtime),
+        "the exported ONNX file (onnxruntime, as served)",
+        card.method,
+        card.members,
+        trained.get("dataset"),
+        trained.get("split_seed", 0),
+        card.abstain_threshold,
+    )
+
+
+def _ood_inputs(path: Path, input_shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        ood_x = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise EvaluationError(f"--ood: cannot read {path} as a .npy array ({err})") from None
+    if ood_x.ndim != len(input_shape) + 1 or ood_x.shape[1:] != input_shape or ood_x.dtype.kind not in "fiu":
+        raise EvaluationError(
+            f"--ood: expected numbers shaped [n, {', '.join(map(str, input_shape))}] in the "
+            f"model's raw input space, got {ood_x.dtype} {list(ood_x.shape)}"
+        )
+    ood_x, finite = finite_float32_rows(np.asarray(ood_x))
+    if not finite.all():
+        raise EvaluationError(f"--ood: {NOT_FINITE} in row(s) {np.flatnonzero(~finite)[:10].tolist()}")
+    return ood_x
+
+
+def evaluate_job(job: EvaluationJob, on_set: Callable[[str], None] | None = None) -> Evaluation:
+    """`forde evaluate`: measure a run folder (torch) or an exported NAME.onnx (the serving runtime)
+    on the test split of the data it was trained on, clean and corrupted (digits-C, or
+    CIFAR-10/100-C from `corrupted_root`, default `data_root`); `on_set(name)` after each set.
+
+    `split="validation"` measures the validation split instead (digits only: digits-C corrupts any
+    split), for choosing settings without looking at the test split."""
+    measured = _measured(Path(job.source))
+    if measured.trained_on is not None and measured.trained_on != job.data:
+        raise EvaluationError(f"--data: {job.source} was trained on {measured.trained_on}, got {job.data!r}")
+    if job.split not in ("test", "validation"):
+        raise EvaluationError(f"--split: expected test or validation, got {job.split!r}")
+    if job.split == "validation" and job.data != "digits":
         raise EvaluationError("--split validation: CIFAR-C corrupts the test split only; evaluate the test split")
-    if data != "digits" and not data_root:
-        raise EvaluationError(f"--data-root: {data} is read from a local folder; give the folder holding it")
-    dataset = load_dataset(DataConfig(dataset=data, root=data_root, augment=False, split_seed=split_seed))
-    chosen = dataset.test if split == "test" else dataset.val
+    if job.data != "digits" and not job.data_root:
+        raise EvaluationError(f"--data-root: {job.data} is read from a local folder; give the folder holding it")
+    dataset = load_dataset(
+        DataConfig(dataset=job.data, root=job.data_root, augment=False, split_seed=measured.split_seed)
+    )
+    chosen = dataset.test if job.split == "test" else dataset.val
     x, y = chosen.x.numpy(), chosen.y.numpy()
+    threshold = measured.abstain_threshold
     if threshold is None:  # a run folder: chosen on its validation split, as `forde export` does
-        threshold = validation_abstention(
-            predictor.member_probs(dataset.val.x.numpy()), dataset.val.y.numpy(), target_risk
-        )["threshold"]
-    if data == "digits":
-        corrupted = ((name, severity, xc, y) for name, severity, xc in corrupted_versions(x, seed, 0.0, 16.0))
-        suite = f"digits-C (seed {seed})"
+        member_probs = measured.predictor.member_probs(dataset.val.x.numpy())
+        threshold = validation_abstention(member_probs, dataset.val.y.numpy(), job.target_risk)["threshold"]
+    if job.data == "digits":
+        corrupted = ((name, severity, xc, y) for name, severity, xc in corrupted_versions(x, job.seed, 0.0, 16.0))
+        suite = f"digits-C (seed {job.seed})"
     else:
-        corrupted = load_corrupted_cifar(data, corrupted_root or data_root, per_severity)
+        corrupted = load_corrupted_cifar(job.data, job.corrupted_root or job.data_root, job.per_severity)
         corrupted = itertools.chain([next(corrupted)], corrupted)  # a missing folder fails here, before any work
-        suite = "CIFAR-10-C" if data == "cifar10" else "CIFAR-100-C"
-    ood_x = None
-    if ood is not None:
-        try:
-            ood_x = np.load(ood, mmap_mode="r")
-        except (OSError, ValueError) as err:
-            raise EvaluationError(f"--ood: cannot read {ood} as a .npy array ({err})") from None
-        if ood_x.ndim != x.ndim or ood_x.shape[1:] != x.shape[1:] or ood_x.dtype.kind not in "fiu":
-            raise EvaluationError(
-                f"--ood: expected numbers shaped [n, {', '.join(map(str, x.shape[1:]))}] in the "
-                f"model's raw input space, got {ood_x.dtype} {list(ood_x.shape)}"
-            )
-        ood_x, finite = finite_float32_rows(np.asarray(ood_x))
-        if not finite.all():
-            raise EvaluationError(f"--ood: {NOT_FINITE} in row(s) {np.flatnonzero(~finite)[:10].tolist()}")
+        suite = "CIFAR-10-C" if job.data == "cifar10" else "CIFAR-100-C"
+    ood_x = None if job.ood is None else _ood_inputs(Path(job.ood), tuple(x.shape[1:]))
     evaluation = evaluate(
-        predictor, x, y, corrupted, abstain_threshold=threshold, ood_x=ood_x, gradient_rows=gradient_rows, on_set=on_set
+        measured.predictor,
+        x,
+        y,
+        corrupted,
+        abstain_threshold=threshold,
+        ood_x=ood_x,
+        gradient_rows=job.gradient_rows,
+        on_set=on_set,
     )
     evaluation.metrics["source"] = {
-        "name": source.name,
-        "path": str(source),
-        "method": method,
-        "members": members,
-        "engine": engine,
-        "data": f"{data} {split} split + {suite}",
+        "name": Path(job.source).name,
+        "path": str(job.source),
+        "method": measured.method,
+        "members": measured.members,
+        "engine": measured.engine,
+        "data": f"{job.data} {job.split} split + {suite}",
     }
     evaluation.metrics["inputs"] = int(len(x))
     return evaluation

@@ -22,27 +22,37 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from forde_serve._io import atomic_path, atomic_write_text
-from training.config import ConfigError, TrainConfig, load_config
-from training.ensemble import Ensemble, build_ensemble
+from forde_serve.errors import FordeError
+from training.config import ConfigError, TrainConfig, load_config, with_overrides
+from training.data import IMAGE_SPECS, INPUT_SPACES, Dataset
 from training.forde import PCABasis
+from training.models import Ensemble, build_ensemble
 
-__all__ = ["DatasetInfo", "LoadedRun", "RunError", "load_run", "write_weights"]
+__all__ = ["DatasetInfo", "LoadedRun", "RunError", "RunPlan", "check_run_dir", "load_run", "plan_run", "write_weights"]
 
 CONFIG, DATASET, PCA = "config.json", "dataset.json", "pca.safetensors"
 CHECKPOINT, LOG, WEIGHTS, METRICS = "checkpoint.safetensors", "train_log.jsonl", "members.safetensors", "metrics.json"
 
 
-class RunError(ValueError):
+class RunError(FordeError, ValueError):
     """A run folder that is incomplete or corrupt; the message names the file."""
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """What a run was trained on, as far as the model and its export need to know."""
+
     name: str
     class_names: tuple[str, ...]
     input_shape: tuple[int, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    input_space: str  # what one raw input is, in words
+    image: dict | None  # how an uploaded picture becomes one raw input; None: inputs are not pictures
+
+    @classmethod
+    def of(cls, data: Dataset) -> DatasetInfo:
+        return cls(data.name, data.class_names, data.input_shape, data.mean, data.std, data.input_space, data.image)
 
     def write(self, run_dir: Path) -> None:
         atomic_write_text(run_dir / DATASET, json.dumps(asdict(self), indent=2))
@@ -53,7 +63,14 @@ class DatasetInfo:
         try:
             raw = json.loads(path.read_text())
             return cls(
-                raw["name"], tuple(raw["class_names"]), tuple(raw["input_shape"]), tuple(raw["mean"]), tuple(raw["std"])
+                raw["name"],
+                tuple(raw["class_names"]),
+                tuple(raw["input_shape"]),
+                tuple(raw["mean"]),
+                tuple(raw["std"]),
+                # run folders written before these keys existed: the dataset's own
+                raw.get("input_space") or INPUT_SPACES[raw["name"]],
+                raw["image"] if "image" in raw else IMAGE_SPECS.get(raw["name"]),
             )
         except FileNotFoundError:
             raise RunError(f"{run_dir} is not a complete training run: {DATASET} is missing") from None
@@ -136,3 +153,61 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     except json.JSONDecodeError as err:
         raise RunError(f"{run_dir / METRICS} is broken: {err}") from None
     return LoadedRun(config, info, ensemble.eval(), metrics)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What `forde train` will do: train `config` into `run_dir`, from scratch or resuming it."""
+
+    config: TrainConfig
+    run_dir: Path
+    resume: bool
+
+
+def plan_run(
+    config: str | Path | None = None,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    **overrides,
+) -> RunPlan:
+    """A new run from a config file (with `overrides`: method, members, epochs, seed, device), or the
+    continuation of a killed run with its own resolved config (only the device may change)."""
+    if resume is not None:
+        changed = [name for name, value in overrides.items() if value is not None and name != "device"]
+        if config is not None or out is not None or changed:
+            raise ConfigError(
+                "--resume continues a run with its own config: give only the run folder (and optionally --device)"
+            )
+        run_dir = Path(resume)
+        _require_run_folder(run_dir)
+        return RunPlan(with_overrides(load_config(run_dir / CONFIG), device=overrides.get("device")), run_dir, True)
+    if config is None:
+        raise ConfigError("missing CONFIG: give a TOML config (e.g. training/configs/digits.toml) or --resume RUN")
+    resolved = with_overrides(load_config(config), **overrides)
+    run_dir = (
+        Path(out)
+        if out is not None
+        else Path("runs") / f"{Path(config).stem}-{resolved.ensemble.method}-seed{resolved.seed}"
+    )
+    return RunPlan(resolved, run_dir, False)
+
+
+def _require_run_folder(run_dir: Path) -> None:
+    if not (run_dir / CONFIG).is_file():
+        raise RunError(f"--resume {run_dir}: not a training run folder ({CONFIG} is missing)")
+
+
+def check_run_dir(config: TrainConfig, run_dir: Path, resume: bool, processes: int = 1) -> None:
+    """Raise RunError if `run_dir` cannot take this run (nothing is written)."""
+    if config.ensemble.method == "forde" and config.forde.batch and processes > 1:
+        raise RunError(
+            "forde.batch (repulsion on a subset of each batch) is not supported with several "
+            "processes yet; remove it from the config or train in one process"
+        )
+    if resume:
+        _require_run_folder(run_dir)
+    elif (run_dir / CHECKPOINT).exists() or (run_dir / WEIGHTS).exists():
+        raise RunError(
+            f"{run_dir} already holds a training run: continue it with `forde train --resume "
+            f"{run_dir}` or choose another --out"
+        )

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors import safe_open
 
 from forde_serve._io import atomic_write_text
+from forde_serve.errors import FordeError
 from forde_serve.metrics import classification_metrics
 from training import run as run_files
 from training.config import OptimConfig, TrainConfig
@@ -38,14 +39,13 @@ from training.distributed import (
     init_world,
     shard,
 )
-from training.ensemble import Ensemble
 from training.evaluation import clean_metrics, member_probabilities
 from training.forde import lengthscale_scales, member_input_gradients, pca_basis, repulsion_with_bandwidth
+from training.models import Ensemble
 
 __all__ = [
     "Repulsion",
     "TrainingError",
-    "check_run_dir",
     "learning_rate",
     "loss_terms",
     "resolve_device",
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 
-class TrainingError(ValueError):
+class TrainingError(FordeError, ValueError):
     """A run that cannot start or continue as asked; the message says what to do."""
 
 
@@ -220,25 +220,8 @@ def _validation_scores(ensemble: Ensemble, data: Dataset) -> dict[str, float]:
     return {"val_accuracy": scores["accuracy"], "val_nll": scores["nll"]}
 
 
-def check_run_dir(config: TrainConfig, run_dir: Path, resume: bool, processes: int = 1) -> None:
-    """Raise TrainingError if `run_dir` cannot take this run (nothing is written)."""
-    if config.ensemble.method == "forde" and config.forde.batch and processes > 1:
-        raise TrainingError(
-            "forde.batch (repulsion on a subset of each batch) is not supported with several "
-            "processes yet; remove it from the config or train in one process"
-        )
-    if resume:
-        if not (run_dir / run_files.CONFIG).is_file():
-            raise TrainingError(f"--resume {run_dir}: not a training run folder ({run_files.CONFIG} is missing)")
-    elif (run_dir / run_files.CHECKPOINT).exists() or (run_dir / run_files.WEIGHTS).exists():
-        raise TrainingError(
-            f"{run_dir} already holds a training run: continue it with `forde train --resume "
-            f"{run_dir}` or choose another --out"
-        )
-
-
 def _prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool, world: World) -> None:
-    check_run_dir(config, run_dir, resume, world.size)
+    run_files.check_run_dir(config, run_dir, resume, world.size)
     if not resume and world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / run_files.CONFIG, config.to_json())
@@ -260,7 +243,7 @@ def train(
     run_dir = Path(run_dir)
     world, device_name = init_world(config.device)
     try:
-        return _train(
+        metrics = _train(
             config,
             run_dir,
             resume,
@@ -269,6 +252,11 @@ def train(
             world,
             resolve_device(device_name),
         )
+        if world.size > 1:
+            # The other ranks wait while rank 0 measures and writes the run: a rank that tore its Gloo
+            # connections down first was seen to abort ("terminate called without an active exception").
+            torch.distributed.barrier()
+        return metrics
     finally:
         if world.size > 1:
             torch.distributed.destroy_process_group()
@@ -286,7 +274,7 @@ def _train(
     _prepare_run_dir(config, run_dir, resume, world)
     torch.manual_seed(config.seed)
     data = load_dataset(config.data)
-    info = run_files.DatasetInfo(data.name, data.class_names, data.input_shape, data.mean, data.std)
+    info = run_files.DatasetInfo.of(data)
     if not resume and world.is_main:
         info.write(run_dir)
     ensemble = run_files.new_ensemble(config, info).to(device)

@@ -1,15 +1,20 @@
 """The `forde` command line.
 
-Commands are thin: parse, validate into a typed config, call one library function.
+Commands are thin: parse, validate into a typed job or config, call one library function.
 This is the only module that reaches both packages: torch-side code (`training`) is
-imported lazily inside the commands that need it, so the inference commands work
-where torch is not installed.
+imported lazily inside the commands that need it (`with _training_extra():`), so the
+inference commands work where torch is not installed.
+
+Every error a user can act on derives from `forde_serve.errors.FordeError`; `_Forde.invoke`
+turns it (and an unreadable or unwritable path) into one line on stderr and its exit code,
+in one place, for every command.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -18,24 +23,34 @@ from rich.progress import ProgressColumn
 from rich.table import Table
 from rich.text import Text
 
+from forde_serve.errors import FordeError
+
 __all__ = ["main"]
 
 
-class BadInput(click.ClickException):
-    """A caller's mistake (argument, config file, data folder): one line, exit code 2."""
+class _UserError(click.ClickException):
+    """One line on stderr, no traceback, and the error's own exit code (2: the caller's mistake)."""
 
-    exit_code = 2
-
-
-def _file_problem(err: OSError) -> BadInput:
-    """An unwritable or unreadable path (e.g. --out under a file) as one line, not a traceback."""
-    return BadInput(f"{err.filename}: {err.strerror or err}")
+    def __init__(self, message: str, exit_code: int = FordeError.exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-def _training(module: str = "training"):
-    """Import a torch-side module, or explain how to get it."""
+class _Forde(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FordeError as err:
+            raise _UserError(str(err), err.exit_code) from None
+        except OSError as err:  # an unwritable or unreadable path (e.g. --out under a file)
+            raise _UserError(f"{err.filename}: {err.strerror or err}") from None
+
+
+@contextmanager
+def _training_extra() -> Iterator[None]:
+    """Around a lazy `from training... import`: say which extra to install when torch is missing."""
     try:
-        return importlib.import_module(module)
+        yield
     except ImportError as err:
         if err.name and err.name.split(".")[0] in {"torch", "torchvision", "sklearn"}:
             raise click.ClickException(
@@ -44,7 +59,7 @@ def _training(module: str = "training"):
         raise
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Forde, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="forde-serve")
 def main() -> None:
     """Train FoRDE ensembles, export them as one ONNX graph, serve them with honest uncertainty.
@@ -56,8 +71,8 @@ def main() -> None:
       forde evaluate runs/digits-forde --out reports/forde     # clean + digits-C report
       forde evaluate runs/digits-de --out reports/de
       forde compare reports/de reports/forde
-      forde export runs/digits-forde --out exported/mine.onnx
-      forde score exported/mine.onnx rows.npy --out scores.parquet
+      forde export runs/digits-forde --out runs/digits-forde.onnx
+      forde score runs/digits-forde.onnx rows.npy --out scores.parquet
     """
 
 
@@ -118,66 +133,43 @@ def train(
     members and takes 1/N of each global batch; the repulsion still sees the whole global batch,
     so the result does not depend on N. Only rank 0 writes the run folder.
     """
-    training = _training()
-    trainer = _training("training.trainer")
-    data_errors = (
-        training.ConfigError,
-        trainer.TrainingError,
-        _training("training.data").DatasetError,
-        _training("training.run").RunError,
-    )
-    try:
-        if resume is not None:
-            if config is not None or any(v is not None for v in (out, method, members, epochs, seed)):
-                raise BadInput(
-                    "--resume continues a run with its own config: give only the run folder (and optionally --device)"
-                )
-            resolved = training.with_overrides(training.load_config(resume / "config.json"), device=device)
-            run_dir = resume
-        else:
-            if config is None:
-                raise BadInput("missing CONFIG: give a TOML config (e.g. training/configs/digits.toml) or --resume RUN")
-            resolved = training.with_overrides(
-                training.load_config(config), method=method, members=members, epochs=epochs, seed=seed, device=device
-            )
-            run_dir = out or Path("runs") / f"{config.stem}-{resolved.ensemble.method}-seed{resolved.seed}"
-        if nproc > 1:  # checked here, so that a mistake is one line rather than N ranks' failures
-            trainer.check_run_dir(resolved, run_dir, resume is not None, processes=nproc)
-            _launch_torchrun(
-                nproc,
-                config,
-                out=None if resume else run_dir,
-                resume=resume,
-                method=method,
-                members=members,
-                epochs=epochs,
-                seed=seed,
-                device=device,
-                quiet=quiet,
-            )
-        metrics = training.train(resolved, run_dir, resume=resume is not None, progress=not quiet)
-    except data_errors as err:
-        raise BadInput(str(err)) from None
-    except OSError as err:
-        raise _file_problem(err) from None
+    with _training_extra():
+        from training import train as run_training
+        from training.run import check_run_dir, plan_run
+
+    plan = plan_run(config, out, resume, method=method, members=members, epochs=epochs, seed=seed, device=device)
+    if nproc > 1:  # checked here, so that a mistake is one line rather than N ranks' failures
+        check_run_dir(plan.config, plan.run_dir, plan.resume, processes=nproc)
+        _launch_torchrun(
+            nproc,
+            config,
+            out=None if plan.resume else plan.run_dir,
+            resume=resume,
+            method=method,
+            members=members,
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            quiet=quiet,
+        )
+    metrics = run_training(plan.config, plan.run_dir, resume=plan.resume, progress=not quiet)
 
     if metrics is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
-    table = Table(title=f"{resolved.ensemble.method} x{resolved.ensemble.members}: clean test metrics")
+    table = Table(title=f"{plan.config.ensemble.method} x{plan.config.ensemble.members}: clean test metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in metrics.items():
         table.add_row(name, f"{value:.4f}")
     console = Console()
     console.print(table)
-    console.print(f"run folder: {run_dir}")
+    console.print(f"run folder: {plan.run_dir}")
 
 
 def _launch_torchrun(nproc: int, config: Path | None, **options) -> None:
     """Re-run this `forde train` as `torchrun --standalone --nproc_per_node N -m training ...` and exit with it."""
     import subprocess
 
-    _training("torch")
     args = [str(config)] if config is not None else []
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
@@ -233,16 +225,11 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
     ensemble; if any output is off, the files are removed and the command exits 1.
     """
     if not out.name.endswith(".onnx") or out.name.endswith(".explain.onnx"):
-        raise BadInput(f"--out: expected a NAME.onnx path for the predict graph, got {str(out)!r}")
-    exporter = _training("training.export")
-    try:
-        exporter.export_run(run, out, target_risk=target_risk, validation_inputs=validation_inputs, echo=click.echo)
-    except (_training("training.run").RunError, _training("training.data").DatasetError) as err:
-        raise BadInput(str(err)) from None
-    except exporter.ExportValidationError as err:
-        raise click.ClickException(str(err)) from None
-    except OSError as err:
-        raise _file_problem(err) from None
+        raise _UserError(f"--out: expected a NAME.onnx path for the predict graph, got {str(out)!r}")
+    with _training_extra():
+        from training.export import export_run
+
+    export_run(run, out, target_risk=target_risk, validation_inputs=validation_inputs, echo=click.echo)
 
 
 @main.command()
@@ -315,19 +302,23 @@ def evaluate(
     An exported file is measured through the serving runtime, a run folder through PyTorch; the
     two agree on the same model. Compare reports with `forde compare`.
     """
-    evaluation_module = _training("training.evaluation")
+    with _training_extra():
+        from training.evaluation import EvaluationJob, evaluate_job
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from forde_serve.corruptions import CORRUPTIONS, SEVERITIES
     from forde_serve.report import write_report
-    from forde_serve.runtime import InvalidInput, ModelFileError
 
-    errors = (
-        evaluation_module.EvaluationError,
-        ModelFileError,
-        InvalidInput,
-        _training("training.run").RunError,
-        _training("training.data").DatasetError,
+    job = EvaluationJob(
+        source=source,
+        data=data,
+        data_root=data_root,
+        corrupted_root=corrupted_root,
+        ood=ood,
+        seed=seed,
+        per_severity=per_severity,
+        gradient_rows=gradient_rows,
+        split=split,
     )
     with Progress(
         TextColumn("evaluating {task.fields[current]}"),
@@ -339,28 +330,8 @@ def evaluate(
     ) as bar:
         total = 1 + len(CORRUPTIONS) * len(SEVERITIES) if data == "digits" else None  # CIFAR-C: as files found
         task = bar.add_task("sets", total=total, current="clean")
-
-        def on_set(name: str) -> None:
-            bar.update(task, advance=1, current=name)
-
-        try:
-            evaluation = evaluation_module.evaluate_source(
-                source,
-                data,
-                data_root,
-                corrupted_root,
-                ood,
-                seed,
-                per_severity,
-                gradient_rows,
-                split=split,
-                on_set=on_set,
-            )
-            paths = write_report(evaluation, out)
-        except errors as err:
-            raise BadInput(str(err)) from None
-        except OSError as err:
-            raise _file_problem(err) from None
+        evaluation = evaluate_job(job, on_set=lambda name: bar.update(task, advance=1, current=name))
+        paths = write_report(evaluation, out)
     if quiet:
         return
     metrics = evaluation.metrics
@@ -393,17 +364,12 @@ def compare(reports: tuple[Path, ...], out: Path) -> None:
     """Put evaluation REPORTS (folders written by `forde evaluate`) side by side, with each one's
     difference to the first (e.g. `forde compare reports/de reports/forde`)."""
     from forde_serve._io import atomic_write_text
-    from forde_serve.report import ReportError, compare_reports
+    from forde_serve.report import compare_reports
 
     if len(reports) < 2:
-        raise BadInput(f"REPORTS: expected at least two report folders to compare, got {len(reports)}")
-    try:
-        names, rows, markdown = compare_reports(list(reports))
-        atomic_write_text(out, markdown)
-    except ReportError as err:
-        raise BadInput(str(err)) from None
-    except OSError as err:
-        raise _file_problem(err) from None
+        raise _UserError(f"REPORTS: expected at least two report folders to compare, got {len(reports)}")
+    names, rows, markdown = compare_reports(list(reports))
+    atomic_write_text(out, markdown)
     table = Table(title="comparison")
     table.add_column("metric")
     for name in names:
@@ -504,8 +470,7 @@ def score(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from forde_serve.runtime import ModelFileError
-    from forde_serve.scoring import InputFileError, ScoreJob, ScoringError
+    from forde_serve.scoring import ScoreJob
     from forde_serve.scoring import score as run_score
 
     columns = (
@@ -522,17 +487,10 @@ def score(
         def on_rows(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        try:
-            job = ScoreJob(
-                model=model, input=input, out=out, key=key, explain=explain, batch_size=batch_size, part_rows=part_rows
-            )
-            summary = run_score(
-                job, engine=engine, address=address, workers=workers, overwrite=overwrite, on_rows=on_rows
-            )
-        except (ModelFileError, InputFileError, ScoringError) as err:
-            raise BadInput(str(err)) from None
-        except OSError as err:
-            raise _file_problem(err) from None
+        job = ScoreJob(
+            model=model, input=input, out=out, key=key, explain=explain, batch_size=batch_size, part_rows=part_rows
+        )
+        summary = run_score(job, engine=engine, address=address, workers=workers, overwrite=overwrite, on_rows=on_rows)
     if not quiet:
         table = Table(title=f"scored {input} with {model.name}")
         table.add_column("")
@@ -569,27 +527,24 @@ class _RowsPerSecond(ProgressColumn):
 def serve(model: Path | None, port: int, host: str) -> None:
     """Serve an exported MODEL (NAME.onnx; default: exported/digits.onnx) over HTTP with BentoML.
 
-    The same as `FORDE_MODEL=MODEL bentoml serve forde_serve.service:FordeEnsemble --port PORT`.
+    The same as `FORDE_MODEL=MODEL bentoml serve forde_serve.app.service:FordeEnsemble --port PORT`.
     Endpoints: /predict, /explain, /predict_image, /metadata (POST), /readyz, /metrics, /docs.
     """
     import os
     import subprocess
 
-    from forde_serve.runtime import EnsembleRuntime, ModelFileError
+    from forde_serve.runtime import EnsembleRuntime
 
     env = dict(os.environ)
     if model is not None:
-        try:
-            EnsembleRuntime(model, providers=["CPUExecutionProvider"])
-        except ModelFileError as err:
-            raise BadInput(str(err)) from None
+        EnsembleRuntime(model, providers=["CPUExecutionProvider"])  # a bad file is one line here, not in the server
         env["FORDE_MODEL"] = str(model.resolve())
     command = [
         sys.executable,
         "-m",
         "bentoml",
         "serve",
-        "forde_serve.service:FordeEnsemble",
+        "forde_serve.app.service:FordeEnsemble",
         "--port",
         str(port),
         "--host",

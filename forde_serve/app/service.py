@@ -33,16 +33,16 @@ from forde_serve.runtime import EnsembleRuntime, InvalidInput
 __all__ = ["FordeEnsemble"]
 
 MODEL_ENV = "FORDE_MODEL"  # path of the exported NAME.onnx to serve
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "exported" / "digits.onnx"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "exported" / "digits.onnx"
 MAX_INPUTS = int(os.environ.get("FORDE_MAX_INPUTS", "256"))  # rows per request
 MAX_BODY_BYTES = int(os.environ.get("FORDE_MAX_BODY_BYTES", str(8 * 1024 * 1024)))
 BATCHING = os.environ.get("FORDE_BATCHING", "1") != "0"  # adaptive batching of predict (0: off)
 
 MODEL_PATH = Path(os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
-# Opened here (CPU, in every process that parses requests) so that request models check each row
-# at parse time with the runtime's own rules; the service's runtime below may run on a GPU.
-_CHECK = EnsembleRuntime(MODEL_PATH, providers=["CPUExecutionProvider"])
-_CARD = _CHECK.card
+# The one runtime of this process, opened at import: the request models below check each row at
+# parse time with its rules (shape, finiteness), and the service answers with its sessions.
+RUNTIME = EnsembleRuntime(MODEL_PATH, max_batch=max(MAX_INPUTS, 1024))
+_CARD = RUNTIME.card
 _SHAPE = list(_CARD.input_shape)
 
 
@@ -59,7 +59,7 @@ def _raw_input(value: Any) -> np.ndarray:
     if kinds:
         raise ValueError(f"expected numbers, got {', '.join(sorted(k.__name__ for k in kinds))} values")
     try:
-        return _CHECK.validate_one(array)
+        return RUNTIME.validate_one(array)
     except InvalidInput as err:
         raise ValueError(str(err)) from None
 
@@ -215,7 +215,7 @@ class FordeEnsemble:
     """Robust predictions with honest uncertainty from an exported FoRDE (or deep) ensemble."""
 
     def __init__(self) -> None:
-        self.runtime = EnsembleRuntime(MODEL_PATH, max_batch=max(MAX_INPUTS, 1024))
+        self.runtime = RUNTIME
 
     @bentoml.api(batchable=BATCHING, max_batch_size=1024, max_latency_ms=10_000)
     def predict(
@@ -254,7 +254,7 @@ class FordeEnsemble:
     @bentoml.api
     def metadata(self) -> dict:
         """The model card: classes, input shape, members, method, kernel, metrics, abstention."""
-        card = self.runtime.card
+        card = _CARD
         return {
             "model": MODEL_PATH.name,
             "class_names": list(card.class_names),
@@ -281,7 +281,7 @@ class FordeEnsemble:
 
     def _image_to_input(self, path: Path) -> np.ndarray:
         try:
-            return image_to_input(path, self.runtime.card.image)
+            return image_to_input(path, _CARD.image)
         except ImageTooLarge as err:
             raise BentoMLException(str(err), error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
         except InvalidInput as err:

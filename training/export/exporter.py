@@ -1,0 +1,132 @@
+"""Export a trained ensemble: write its predict and explain graphs, check them against PyTorch,
+and give them the metadata a server needs (DESIGN's file contract: `forde_serve.contract`).
+
+A file that does not match the PyTorch ensemble is removed, never left half-right.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from forde_serve.contract import FORMAT_VERSION, INPUT, METADATA_KEYS, TARGET, explain_path
+from forde_serve.metrics import uncertainty, validation_abstention
+from training.data import load_dataset
+from training.evaluation import member_probabilities
+from training.export.checks import ExportContract, validate_files
+from training.export.graphs import write_explain_graph, write_predict_graph
+from training.forde import member_input_gradients
+from training.models import Ensemble
+from training.run import load_run
+
+__all__ = ["export_ensemble", "export_run"]
+
+
+def _reference(ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
+    """What the files must compute, from the PyTorch ensemble (autograd) and forde_serve's numpy maths."""
+    with torch.no_grad():
+        logits = ensemble(x)
+    member_probs = logits.softmax(-1).double().numpy()
+    probs = member_probs.mean(1)
+    chosen = torch.where(target < 0, torch.from_numpy(probs.argmax(-1)), target)
+    _, grads = member_input_gradients(ensemble, ensemble.normalize(x), chosen)
+    return {
+        "probs": probs,
+        "member_logits": logits.double().numpy(),
+        "member_probs": member_probs,
+        **uncertainty(member_probs),
+        "input_gradients": (grads / ensemble.std).double().numpy(),
+    }
+
+
+def export_ensemble(
+    ensemble: Ensemble,
+    path: str | Path,
+    metadata: dict[str, str],
+    validation_x: torch.Tensor,
+    validation_target: torch.Tensor,
+    contract: ExportContract | None = None,
+    echo=print,
+) -> dict[str, Path]:
+    """Write `path` (predict) and its `.explain.onnx` twin, then validate them; returns both paths.
+
+    `metadata` maps METADATA_KEYS names (without the `forde.` prefix) to strings; the format
+    version and graph kind are added here. On a failed validation both files are removed.
+    The ensemble is switched to eval mode, float32, on the CPU (in place).
+    """
+    contract = contract or ExportContract()
+    ensemble = ensemble.eval().cpu().float()
+    path = Path(path)
+    paths = {"predict": path, "explain": Path(explain_path(str(path)))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    props = {METADATA_KEYS[k]: v for k, v in metadata.items()} | {METADATA_KEYS["format_version"]: FORMAT_VERSION}
+    example = validation_x[:2].float()
+    tmp = {graph: p.with_name(f".{p.name}.tmp") for graph, p in paths.items()}
+    try:
+        write_predict_graph(ensemble, tmp["predict"], props | {METADATA_KEYS["graph"]: "predict"}, contract)
+        write_explain_graph(ensemble, example, tmp["explain"], props | {METADATA_KEYS["graph"]: "explain"}, contract)
+        x = validation_x.float()
+        feeds = {"predict": {INPUT: x.numpy()}, "explain": {INPUT: x.numpy(), TARGET: validation_target.numpy()}}
+        validate_files(tmp, feeds, _reference(ensemble, x, validation_target), contract, echo)
+        for graph in paths:
+            tmp[graph].replace(paths[graph])
+    finally:
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+    return paths
+
+
+def export_run(
+    run_dir: str | Path,
+    path: str | Path,
+    target_risk: float = 0.01,
+    validation_inputs: int = 64,
+    contract: ExportContract | None = None,
+    echo=print,
+) -> dict:
+    """Export a finished training run; the abstention threshold is chosen on its validation split."""
+    contract = contract or ExportContract()
+    run = load_run(run_dir)
+    data = load_dataset(run.config.data)
+    abstain = validation_abstention(member_probabilities(run.ensemble, data.val.x), data.val.y.numpy(), target_risk)
+    forde = run.config.forde
+    metadata = {
+        "class_names": json.dumps(list(run.dataset.class_names)),
+        "input_shape": json.dumps(list(run.dataset.input_shape)),
+        "input_space": run.dataset.input_space,
+        "image": json.dumps(run.dataset.image),
+        "members": str(run.ensemble.members),
+        "method": run.config.ensemble.method,
+        "kernel": json.dumps(
+            {
+                "lengthscale": forde.lengthscale,
+                "alpha": forde.alpha,
+                "every": forde.every,
+                "batch": forde.batch,
+                "strength": forde.strength,
+            }
+            if run.config.ensemble.method == "forde"
+            else None
+        ),
+        "training_config": run.config.to_json(),
+        "metrics": json.dumps(run.metrics),
+        "abstain_threshold": repr(abstain["threshold"]),
+        "abstain_target_risk": repr(target_risk),
+        "abstain_coverage": repr(abstain["coverage"]),
+        "abstain_validation_risk": repr(abstain["risk"]),
+    }
+    count = min(validation_inputs, len(data.val.x))
+    x = data.val.x[:count]
+    # Half the rows ask for the true class, half for the ensemble's own prediction (-1).
+    target = torch.where(torch.arange(count) % 2 == 0, data.val.y[:count], torch.full((count,), -1))
+    echo(f"exporting {run_dir} ({run.ensemble.members} members) -> {path}")
+    paths = export_ensemble(run.ensemble, path, metadata, x, target, contract, echo)
+    sizes = {graph: p.stat().st_size for graph, p in paths.items()}
+    echo(
+        f"abstain when mutual_information > {abstain['threshold']:.4g}: validation coverage "
+        f"{abstain['coverage']:.1%} at error rate {abstain['risk']:.2%} (target {target_risk:.0%})"
+    )
+    return {"paths": paths, "sizes": sizes, "abstain": abstain}

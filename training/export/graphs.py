@@ -1,0 +1,218 @@
+"""The two graphs of an export, as PyTorch modules that `torch.onnx.export` can write.
+
+The predict graph runs all M members as one computation (the fused layers of `training.models`:
+grouped convolutions, batched matmuls) and returns `forde_serve.contract.PREDICT_OUTPUTS`. The
+explain graph also returns every member's input gradient, computed inside the graph: the gradient
+function is traced with `make_fx` into plain ATen ops, and the backward ops that have no ONNX
+translation are replaced by their forward-op equivalents (input gradient only).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from forde_serve.contract import EXPLAIN_OUTPUTS, INPUT, PREDICT_OUTPUTS, TARGET
+from training.export.checks import ExportContract, ExportError
+from training.models import Ensemble
+
+__all__ = ["trace_explain", "write_explain_graph", "write_predict_graph"]
+
+aten = torch.ops.aten
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def _heads(member_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Member logits `[B, M, C]` -> the PREDICT_OUTPUTS, in order (same maths as forde_serve.metrics)."""
+    member_probs = member_logits.softmax(-1)
+    probs = member_probs.mean(1)
+    predictive = _entropy(probs)
+    expected = _entropy(member_probs).mean(1)
+    disagreement = (member_probs.argmax(-1) != probs.argmax(-1, keepdim=True)).float().mean(1)
+    return (
+        probs,
+        member_logits,
+        member_probs,
+        predictive,
+        expected,
+        (predictive - expected).clamp_min(0.0),
+        disagreement,
+    )
+
+
+class _PredictGraph(nn.Module):
+    def __init__(self, ensemble: Ensemble):
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: A002 - the graph input's name
+        return _heads(self.ensemble(input))
+
+
+def _explain(ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """PREDICT_OUTPUTS + each member's gradient of its `target` logit w.r.t. the raw input."""
+    members = ensemble.members
+    x_members = x.unsqueeze(1).expand(-1, members, *x.shape[1:]).contiguous().requires_grad_(True)
+    member_logits = ensemble.forward_members(ensemble.normalize(x_members))
+    outputs = _heads(member_logits)
+    chosen = torch.where(target < 0, outputs[0].argmax(-1), target)
+    picked = member_logits.gather(2, chosen.view(-1, 1, 1).expand(-1, members, 1)).sum()
+    (gradients,) = torch.autograd.grad(picked, x_members)
+    return (*outputs, gradients)
+
+
+# Backward ops without an ONNX translation, written with forward ops (input gradient only).
+def _convolution_backward(
+    grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, output_mask
+):
+    if transposed:
+        raise ExportError("explain graph: transposed convolutions inside a member are not supported")
+    kernel = weight.shape[2:]
+    if (
+        list(stride) == [1, 1]
+        and list(dilation) == [1, 1]
+        and all(p <= k - 1 for p, k in zip(padding, kernel, strict=True))
+    ):
+        # Stride 1: the input gradient is a plain convolution with each group's kernel flipped and
+        # its in/out channels swapped; onnxruntime runs Conv several times faster than ConvTranspose.
+        out_channels, in_per_group = weight.shape[:2]
+        flipped = (
+            weight.view(groups, out_channels // groups, in_per_group, *kernel)
+            .transpose(1, 2)
+            .flip(3, 4)
+            .reshape(groups * in_per_group, out_channels // groups, *kernel)
+        )
+        grad_input = aten.convolution(
+            grad_output,
+            flipped,
+            None,
+            [1, 1],
+            [k - 1 - p for p, k in zip(padding, kernel, strict=True)],
+            [1, 1],
+            False,
+            [0, 0],
+            groups,
+        )
+        return grad_input, None, None
+    # Strided: a transposed convolution is the input gradient of a convolution; output_padding
+    # restores the rows/columns that the strided convolution dropped.
+    restore = [
+        input.shape[2 + d]
+        - ((grad_output.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (weight.shape[2 + d] - 1) + 1)
+        for d in range(2)
+    ]
+    grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, restore, groups)
+    return grad_input, None, None
+
+
+def _max_pool2d_backward(grad_output, input, kernel_size, stride, padding, dilation, ceil_mode, indices):
+    # Every pooled gradient goes back to the position its maximum came from.
+    batch, channels, height, width = input.shape
+    grad_input = grad_output.new_zeros(batch, channels, height * width)
+    return grad_input.scatter_add(2, indices.flatten(2), grad_output.flatten(2)).view(batch, channels, height, width)
+
+
+def trace_explain(ensemble: Ensemble, example: torch.Tensor) -> torch.fx.GraphModule:
+    from torch._decomp import core_aten_decompositions
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    table = dict(core_aten_decompositions())
+    table[aten.convolution_backward.default] = _convolution_backward
+    table[aten.max_pool2d_with_indices_backward.default] = _max_pool2d_backward
+    target = torch.full((len(example),), -1, dtype=torch.int64)
+    # torch.export refuses autograd inside forward; make_fx unrolls the backward into ATen ops,
+    # symbolically so that the batch axis stays free.
+    traced = make_fx(
+        lambda x, t: _explain(ensemble, x, t),
+        decomposition_table=table,
+        tracing_mode="symbolic",
+        _allow_non_fake_inputs=True,
+    )(example, target)
+    leftovers = sorted(
+        {str(n.target) for n in traced.graph.nodes if n.op == "call_function" and "backward" in str(n.target)}
+    )
+    if leftovers:
+        raise ExportError(
+            f"explain graph: no ONNX equivalent for {', '.join(leftovers)}; "
+            "add a forward-op decomposition in training/export/graphs.py"
+        )
+    return traced
+
+
+class _ExplainGraph(nn.Module):
+    def __init__(self, traced: torch.fx.GraphModule):
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: A002
+        return self.traced(input, target)
+
+
+def _write_onnx(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    input_names: list[str],
+    output_names: tuple[str, ...],
+    contract: ExportContract,
+    metadata: dict[str, str],
+) -> None:
+    import onnx
+
+    batch = torch.export.Dim(contract.batch_axis, min=1)
+    dynamic = {name: {0: batch} for name in input_names}
+    with warnings.catch_warnings():
+        # input and target share the one batch axis on purpose; torch warns that it names it once.
+        warnings.filterwarnings("ignore", message=r".*The axis name")
+        program = torch.onnx.export(
+            module.eval(),
+            args,
+            dynamo=True,
+            input_names=input_names,
+            output_names=list(output_names),
+            dynamic_shapes=dynamic,
+            opset_version=contract.opset,
+            verbose=False,
+        )
+    model = program.model_proto
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
+def write_predict_graph(
+    ensemble: Ensemble,
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+    contract: ExportContract | None = None,
+) -> None:
+    """Write only the predict graph of `ensemble` (no validation); `metadata` are metadata_props."""
+    contract = contract or ExportContract()
+    example = torch.zeros(2, *ensemble.input_shape)
+    _write_onnx(
+        _PredictGraph(ensemble.eval()), (example,), Path(path), [INPUT], PREDICT_OUTPUTS, contract, metadata or {}
+    )
+
+
+def write_explain_graph(
+    ensemble: Ensemble,
+    example: torch.Tensor,
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+    contract: ExportContract | None = None,
+) -> None:
+    """Trace the explain function on `example` inputs (any batch; the axis stays symbolic) and write it."""
+    contract = contract or ExportContract()
+    traced = trace_explain(ensemble, example)
+    target = torch.full((len(example),), -1, dtype=torch.int64)
+    _write_onnx(
+        _ExplainGraph(traced), (example, target), Path(path), [INPUT, TARGET], EXPLAIN_OUTPUTS, contract, metadata or {}
+    )
