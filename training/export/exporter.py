@@ -22,7 +22,7 @@ from training.forde import member_input_gradients
 from training.models import Ensemble
 from training.run import load_run
 
-__all__ = ["export_ensemble", "export_run"]
+__all__ = ["export_ensemble", "export_run", "export_validated"]
 
 
 def _reference(ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
@@ -79,6 +79,53 @@ def export_ensemble(
     return paths
 
 
+def export_validated(
+    ensemble: Ensemble,
+    path: str | Path,
+    metadata: dict[str, str],
+    validation: tuple[torch.Tensor, torch.Tensor] | None,
+    target_risk: float = 0.01,
+    check_inputs: int = 64,
+    contract: ExportContract | None = None,
+    echo=print,
+) -> dict:
+    """Export `ensemble` with what its validation split decides, then check the files against PyTorch.
+
+    `validation` is (raw inputs, labels) of a split the ensemble was not trained on; it chooses the
+    abstention threshold (target error rate `target_risk` among accepted inputs), and its first
+    `check_inputs` rows are the export check's inputs. Without it (None) the file never abstains
+    and the check runs on uniform random inputs in [0, 1]. `metadata` describes the model (class
+    names, input shape, members, method, ...); this adds what the validation split decides.
+    """
+    if validation is not None:
+        x, y = validation
+        abstain = validation_abstention(member_probabilities(ensemble, x), y.numpy(), target_risk)
+        count = min(check_inputs, len(x))
+        # Half the rows ask for the true class, half for the ensemble's own prediction (-1).
+        check_x = x[:count]
+        check_target = torch.where(torch.arange(count) % 2 == 0, y[:count], torch.full((count,), -1))
+    else:
+        abstain = {"threshold": float("inf"), "coverage": None, "risk": None}
+        check_x = torch.rand(check_inputs, *ensemble.input_shape, generator=torch.Generator().manual_seed(0))
+        check_target = torch.full((check_inputs,), -1)
+    metadata = metadata | {"abstain_threshold": repr(abstain["threshold"])}
+    if validation is not None:
+        metadata |= {
+            "abstain_target_risk": repr(target_risk),
+            "abstain_coverage": repr(abstain["coverage"]),
+            "abstain_validation_risk": repr(abstain["risk"]),
+        }
+    paths = export_ensemble(ensemble, path, metadata, check_x, check_target, contract, echo)
+    if validation is not None:
+        echo(
+            f"abstain when mutual_information > {abstain['threshold']:.4g}: validation coverage "
+            f"{abstain['coverage']:.1%} at error rate {abstain['risk']:.2%} (target {target_risk:.0%})"
+        )
+    else:
+        echo("no validation data: the file never abstains (abstention threshold +inf)")
+    return {"paths": paths, "sizes": {graph: p.stat().st_size for graph, p in paths.items()}, "abstain": abstain}
+
+
 def export_run(
     run_dir: str | Path,
     path: str | Path,
@@ -87,11 +134,9 @@ def export_run(
     contract: ExportContract | None = None,
     echo=print,
 ) -> dict:
-    """Export a finished training run; the abstention threshold is chosen on its validation split."""
-    contract = contract or ExportContract()
+    """Export a finished training run; what needs held-out data is chosen on its validation split."""
     run = load_run(run_dir)
     data = load_dataset(run.config.data)
-    abstain = validation_abstention(member_probabilities(run.ensemble, data.val.x), data.val.y.numpy(), target_risk)
     forde = run.config.forde
     metadata = {
         "class_names": json.dumps(list(run.dataset.class_names)),
@@ -113,20 +158,8 @@ def export_run(
         ),
         "training_config": run.config.to_json(),
         "metrics": json.dumps(run.metrics),
-        "abstain_threshold": repr(abstain["threshold"]),
-        "abstain_target_risk": repr(target_risk),
-        "abstain_coverage": repr(abstain["coverage"]),
-        "abstain_validation_risk": repr(abstain["risk"]),
     }
-    count = min(validation_inputs, len(data.val.x))
-    x = data.val.x[:count]
-    # Half the rows ask for the true class, half for the ensemble's own prediction (-1).
-    target = torch.where(torch.arange(count) % 2 == 0, data.val.y[:count], torch.full((count,), -1))
     echo(f"exporting {run_dir} ({run.ensemble.members} members) -> {path}")
-    paths = export_ensemble(run.ensemble, path, metadata, x, target, contract, echo)
-    sizes = {graph: p.stat().st_size for graph, p in paths.items()}
-    echo(
-        f"abstain when mutual_information > {abstain['threshold']:.4g}: validation coverage "
-        f"{abstain['coverage']:.1%} at error rate {abstain['risk']:.2%} (target {target_risk:.0%})"
+    return export_validated(
+        run.ensemble, path, metadata, (data.val.x, data.val.y), target_risk, validation_inputs, contract, echo
     )
-    return {"paths": paths, "sizes": sizes, "abstain": abstain}
