@@ -7,8 +7,10 @@ run can be rebuilt from its folder alone.
 
 from __future__ import annotations
 
+import difflib
 import json
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,13 +18,67 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from forde_serve.errors import FordeError
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "with_overrides"]
-
-Arch = Literal["mlp", "cnn", "resnet18", "preact_resnet18"]
+__all__ = [
+    "BUILTIN_ARCHITECTURES",
+    "FACTORY",
+    "TORCHVISION",
+    "ConfigError",
+    "TrainConfig",
+    "check_model",
+    "load_config",
+    "with_overrides",
+]
 
 
 class ConfigError(FordeError, ValueError):
     """A config file or override that cannot be used; the message names the field."""
+
+
+BUILTIN_ARCHITECTURES = ("mlp", "cnn", "resnet18", "preact_resnet18")
+TORCHVISION = "torchvision:"  # model.arch = "torchvision:NAME": a torchvision classification builder
+FACTORY = "factory"  # model.arch = "factory": model.factory = "package.module:function"
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_model(arch: str, kwargs: Mapping[str, Any] | None = None, factory: str | None = None) -> None:
+    """Raise ConfigError unless `arch` (with `kwargs`, `factory`) names a member this package can build.
+
+    Checked here, at load, so a bad name stops a run before anything is built; torchvision is
+    imported only for a torchvision:NAME."""
+    kwargs = kwargs or {}
+    if arch == FACTORY:
+        if not factory:
+            raise ConfigError('model.arch "factory" needs model.factory = "package.module:function"')
+        module, _, function = factory.partition(":")
+        if not module or not function or not all(part.isidentifier() for part in (*module.split("."), function)):
+            raise ConfigError(f'model.factory: expected "package.module:function", got {factory!r}')
+    elif factory:
+        raise ConfigError(f'model.factory is given, so model.arch must be "factory" (or left out), got {arch!r}')
+    elif arch.startswith(TORCHVISION):
+        name, names = arch[len(TORCHVISION) :], _torchvision_names()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+            hint = f"close matches: {', '.join(TORCHVISION + c for c in close)}" if close else "none is close"
+            raise ConfigError(
+                f"model.arch: {name!r} is not a torchvision classifier ({hint}; all: torchvision.models.list_models())"
+            )
+    elif arch not in BUILTIN_ARCHITECTURES:
+        raise ConfigError(
+            f"model.arch: expected one of {', '.join(BUILTIN_ARCHITECTURES)}, torchvision:NAME or factory, got {arch!r}"
+        )
+    elif kwargs:
+        raise ConfigError(f"model.kwargs: the built-in {arch!r} takes model.width and model.depth, not kwargs")
+    if "weights" in kwargs:
+        raise ConfigError(
+            "model.kwargs.weights: nothing is downloaded; start the members from a local file with model.init = PATH"
+        )
+    if "num_classes" in kwargs:
+        raise ConfigError("model.kwargs.num_classes: the class count comes from the data, leave it out")
 
 
 class _Section(BaseModel):
@@ -30,9 +86,27 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    arch: Arch = "cnn"  # mlp | cnn | resnet18 | preact_resnet18
-    width: int = Field(32, gt=0)  # channels of the first conv (cnn) or hidden units (mlp)
-    depth: int = Field(2, gt=0)  # hidden layers of the mlp; ignored by the others
+    # mlp | cnn | resnet18 | preact_resnet18 | torchvision:NAME (any torchvision classifier) | factory
+    arch: str = "cnn"
+    width: int = Field(32, gt=0)  # built-ins: channels of the first conv (cnn) or hidden units (mlp)
+    depth: int = Field(2, gt=0)  # built-ins: hidden layers of the mlp; ignored by the others
+    kwargs: dict[str, Any] = {}  # torchvision:NAME and factory: the builder's keyword arguments
+    factory: str | None = None  # "package.module:function", called as function(num_classes, **kwargs)
+    init: str | None = None  # one member's weights (.safetensors, .pt, .pth) every member starts from
+
+    @model_validator(mode="before")
+    @classmethod
+    def _factory_sets_arch(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("factory") and "arch" not in data:
+            return {**data, "arch": "factory"}
+        return data
+
+    @model_validator(mode="after")
+    def _buildable(self) -> ModelConfig:
+        check_model(self.arch, self.kwargs, self.factory)
+        if self.init is not None and not self.init.endswith((".safetensors", ".pt", ".pth")):
+            raise ValueError(f"model.init: expected a .safetensors, .pt or .pth file of weights, got {self.init!r}")
+        return self
 
 
 class DataConfig(_Section):

@@ -78,16 +78,21 @@ class DatasetInfo:
             raise RunError(f"{path} is broken ({err!r}); re-run training to regenerate it") from None
 
 
-def new_ensemble(config: TrainConfig, info: DatasetInfo) -> Ensemble:
+def new_ensemble(config: TrainConfig, info: DatasetInfo, load_init: bool = False) -> Ensemble:
+    """The run's ensemble, freshly built; `load_init`: start the members from `model.init` (a new run)."""
+    model = config.model
     return build_ensemble(
-        config.model.arch,
+        model.arch,
         config.ensemble.members,
         info.input_shape,
         len(info.class_names),
         info.mean,
         info.std,
-        width=config.model.width,
-        depth=config.model.depth,
+        width=model.width,
+        depth=model.depth,
+        kwargs=model.kwargs,
+        factory=model.factory,
+        init=model.init if load_init else None,
     )
 
 

@@ -277,7 +277,7 @@ def _train(
     info = run_files.DatasetInfo.of(data)
     if not resume and world.is_main:
         info.write(run_dir)
-    ensemble = run_files.new_ensemble(config, info).to(device)
+    ensemble = run_files.new_ensemble(config, info, load_init=not resume).to(device)
     broadcast_state(ensemble, world)
     repulsion = _repulsion_for(config, data, ensemble, run_dir, resume, device, world)
     optim = config.optim

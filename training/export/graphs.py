@@ -118,6 +118,65 @@ def _max_pool2d_backward(grad_output, input, kernel_size, stride, padding, dilat
     return grad_input.scatter_add(2, indices.flatten(2), grad_output.flatten(2)).view(batch, channels, height, width)
 
 
+def _adaptive_max_pool2d_backward(grad_output, input, indices):
+    # Like max pooling: every pooled gradient goes back to where its maximum came from.
+    return _max_pool2d_backward(grad_output, input, None, None, None, None, None, indices)
+
+
+def _pooling_matrix(windows: list[tuple[int, int, float]], size: int, like: torch.Tensor) -> torch.Tensor:
+    """`[outputs, size]`: row o spreads 1 / divisor over window o's input positions [start, end)."""
+    rows = [[1.0 / divisor if start <= i < end else 0.0 for i in range(size)] for start, end, divisor in windows]
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+
+
+def _separable_pool_backward(grad_output, input, windows_h, windows_w):
+    # Average pooling is A_h x A_w^T per channel (each window's divisor is a product of one count per
+    # axis), so its input gradient is A_h^T g A_w: two plain matmuls, exact for any window layout.
+    height, width = int(input.shape[2]), int(input.shape[3])
+    rows_h = _pooling_matrix(windows_h, height, grad_output)  # [out_h, H]
+    rows_w = _pooling_matrix(windows_w, width, grad_output)  # [out_w, W]
+    return torch.matmul(torch.matmul(rows_h.t(), grad_output), rows_w)
+
+
+def _adaptive_avg_pool2d_backward(grad_output, input):
+    def windows(size: int, outputs: int) -> list[tuple[int, int, float]]:
+        spans = [((o * size) // outputs, -(-((o + 1) * size) // outputs)) for o in range(outputs)]
+        return [(start, end, float(end - start)) for start, end in spans]
+
+    return _separable_pool_backward(
+        grad_output,
+        input,
+        windows(int(input.shape[2]), int(grad_output.shape[2])),
+        windows(int(input.shape[3]), int(grad_output.shape[3])),
+    )
+
+
+def _avg_pool2d_backward(
+    grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+):
+    kernel = list(kernel_size) * (2 // len(kernel_size))
+    stride = list(stride or kernel) * (2 // len(stride or kernel))
+    padding = list(padding) * (2 // len(padding))
+
+    def windows(axis: int) -> list[tuple[int, int, float]]:
+        # As PyTorch's kernel: the window may reach into the padding (counted with count_include_pad)
+        # but not past it; divisor_override replaces the whole count (so one axis carries it).
+        size, spans = int(input.shape[2 + axis]), []
+        for o in range(int(grad_output.shape[2 + axis])):
+            start = o * stride[axis] - padding[axis]
+            end = min(start + kernel[axis], size + padding[axis])
+            padded = end - start
+            start, end = max(start, 0), min(end, size)
+            if divisor_override:
+                divisor = float(divisor_override) if axis == 0 else 1.0
+            else:
+                divisor = float(padded if count_include_pad else end - start)
+            spans.append((start, end, divisor))
+        return spans
+
+    return _separable_pool_backward(grad_output, input, windows(0), windows(1))
+
+
 def trace_explain(ensemble: Ensemble, example: torch.Tensor) -> torch.fx.GraphModule:
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -125,6 +184,9 @@ def trace_explain(ensemble: Ensemble, example: torch.Tensor) -> torch.fx.GraphMo
     table = dict(core_aten_decompositions())
     table[aten.convolution_backward.default] = _convolution_backward
     table[aten.max_pool2d_with_indices_backward.default] = _max_pool2d_backward
+    table[aten.adaptive_max_pool2d_backward.default] = _adaptive_max_pool2d_backward
+    table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
+    table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_backward
     target = torch.full((len(example),), -1, dtype=torch.int64)
     # torch.export refuses autograd inside forward; make_fx unrolls the backward into ATen ops,
     # symbolically so that the batch axis stays free.
