@@ -233,6 +233,90 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
 
 
 @main.command()
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--arch",
+    help="The members' architecture: torchvision:NAME (e.g. torchvision:resnet18), or a built-in "
+    "(mlp, cnn, resnet18, preact_resnet18). Leave out with --factory.",
+)
+@click.option("--factory", metavar="MODULE:FUNCTION", help="Your own member: FUNCTION(num_classes, **kwargs).")
+@click.option("--kwargs", metavar="JSON", help="The builder's keyword arguments, e.g. '{\"width_mult\": 0.5}'.")
+@click.option("--width", type=click.IntRange(min=1), default=32, show_default=True, help="Built-ins: model.width.")
+@click.option("--depth", type=click.IntRange(min=1), default=2, show_default=True, help="Built-ins: model.depth.")
+@click.option("--input-shape", required=True, metavar="C,H,W", help="One raw input's shape, e.g. 3,32,32.")
+@click.option("--mean", metavar="A,B,C", help="Per-channel mean subtracted inside the graph (default 0).")
+@click.option("--std", metavar="A,B,C", help="Per-channel std divided by inside the graph (default 1).")
+@click.option("--classes", metavar="NAME,NAME,...", help="Class names (default 0, 1, ...).")
+@click.option("--classes-file", type=click.Path(dir_okay=False, path_type=Path), help="Class names, one per line.")
+@click.option(
+    "--validation",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="DATA.npz",
+    help="Held-out data: x (raw inputs) and y (labels). Chooses the abstention threshold and the check's "
+    "inputs; without it the file never abstains and is checked on random inputs.",
+)
+@click.option(
+    "--target-risk",
+    type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
+    default=0.01,
+    show_default=True,
+    help="Error rate the accepted validation predictions should reach (sets the abstention threshold).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Predict graph to write, NAME.onnx; the explain graph goes beside it as NAME.explain.onnx.",
+)
+def fuse(
+    checkpoints: tuple[Path, ...],
+    arch: str | None,
+    factory: str | None,
+    kwargs: str | None,
+    width: int,
+    depth: int,
+    input_shape: str,
+    mean: str | None,
+    std: str | None,
+    classes: str | None,
+    classes_file: Path | None,
+    validation: Path | None,
+    target_risk: float,
+    out: Path,
+) -> None:
+    """Fuse CHECKPOINTS, one member each, trained elsewhere, into one ONNX graph and its explain twin.
+
+    \b
+    Each CKPT is a state dict of the same architecture: .safetensors, or a .pt/.pth written by
+    torch.save(model.state_dict(), path) (read without running pickled code). The class count
+    comes from the classifier weights. The files are the ones `forde export` writes (method
+    "external"), checked against the PyTorch ensemble before they are kept:
+      forde fuse a.pt b.pt c.pt --arch torchvision:resnet18 --input-shape 3,224,224 \\
+          --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --validation val.npz --out fused.onnx
+    """
+    with _training_extra():
+        from training.export.fuse import FuseJob, fuse_checkpoints
+
+    job = FuseJob.parse(
+        checkpoints,
+        out,
+        arch,
+        factory,
+        kwargs,
+        input_shape,
+        mean=mean,
+        std=std,
+        classes=classes,
+        classes_file=classes_file,
+        validation=validation,
+        target_risk=target_risk,
+        width=width,
+        depth=depth,
+    )
+    fuse_checkpoints(job, echo=click.echo)
+
+
+@main.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
     "--data",
