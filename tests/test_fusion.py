@@ -109,6 +109,25 @@ def test_a_forward_that_mixes_members_is_caught_and_named():
     assert "'dense' (" in message and "_ConcatBlock" in message
 
 
+class _FixedReshape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        self.linear = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.linear(self.conv(x).reshape(len(x), 8))  # one member's 2 x 2 x 2 features
+
+
+def test_a_forward_that_assumes_one_members_width_is_named():
+    with pytest.raises(
+        FusionError,
+        match=r"the fused members cannot run \(shape '\[2, 8\]' is invalid.*assumes one "
+        "member's channel count",
+    ):
+        ensemble_of([_FixedReshape(), _FixedReshape()], (3, 2, 2), 5, [0.0] * 3, [1.0] * 3)
+
+
 def test_a_channel_shuffle_is_caught():
     with pytest.raises(FusionError, match="mixes channels across members"):
         build_ensemble("torchvision:shufflenet_v2_x0_5", 2, (3, 32, 32), 5, [0.0] * 3, [1.0] * 3)

@@ -83,9 +83,10 @@ def _stochastic_depth(modules: Sequence[nn.Module], _fuse_child) -> nn.Module:
 def _batch_norm(modules: Sequence[nn.Module], _fuse_child) -> nn.Module:
     counts = {int(m.num_batches_tracked) for m in modules if m.num_batches_tracked is not None}
     if modules[0].momentum is None and len(counts) > 1:
-        raise FusionError(
-            "batch norm with momentum=None averages over its batch count, but the members' "
-            f"num_batches_tracked differ ({sorted(counts)}); give it a momentum or equal counts"
+        raise _NotSupported(
+            "with momentum=None batch norm averages over its batch count, but the members' "
+            f"num_batches_tracked differ ({sorted(counts)}); give it a momentum or equal counts",
+            list_supported=False,
         )
     return FusedBatchNorm(modules)
 
@@ -165,10 +166,15 @@ SUPPORTED = (
 class _NotSupported(Exception):
     """Raised inside a rule; turned into a FusionError that names the module."""
 
+    def __init__(self, why: str, list_supported: bool = True):
+        super().__init__(why)
+        self.list_supported = list_supported
 
-def _refuse(path: str, module: nn.Module, why: str) -> FusionError:
+
+def _refuse(path: str, module: nn.Module, why: str, list_supported: bool = True) -> FusionError:
     where = repr(path) if path else "the model itself"
-    return FusionError(f"model: cannot fuse {where} ({_name(type(module))}): {why}; supported {SUPPORTED}")
+    supported = f"; supported {SUPPORTED}" if list_supported else ""
+    return FusionError(f"model: cannot fuse {where} ({_name(type(module))}): {why}{supported}")
 
 
 def _own_tensors(module: nn.Module) -> list[str]:
@@ -192,7 +198,7 @@ def _fuse(modules: Sequence[nn.Module], path: str, rules: dict, kept: tuple) -> 
         try:
             return rules[kind](modules, fuse_child)
         except _NotSupported as err:
-            raise _refuse(path, module, str(err)) from None
+            raise _refuse(path, module, str(err), err.list_supported) from None
     if kind in kept:
         if kind is nn.Flatten and module.start_dim == 0:
             raise _refuse(path, module, "flattening the batch dimension mixes inputs and members")
@@ -301,7 +307,6 @@ def _first_mixing_module(fused: nn.Module, copies: Sequence[nn.Module], example:
 def check_fused(fused: nn.Module, copies: Sequence[nn.Module], example: torch.Tensor) -> None:
     """Raise FusionError unless `fused` computes what `copies` compute on `example` (eval mode)."""
     modes = [m.training for m in (fused, *copies)]
-    culprit = None
     try:
         for model in (fused, *copies):
             model.eval()
@@ -316,11 +321,15 @@ def check_fused(fused: nn.Module, copies: Sequence[nn.Module], example: torch.Te
                 got = list(plain[0].shape) if isinstance(plain[0], torch.Tensor) else type(plain[0]).__name__
                 raise FusionError(f"model: a member must return logits [batch, classes], got {got}")
             try:
-                if _close(fused(fold_members(example, len(copies))), plain):
-                    return
-                culprit = _first_mixing_module(fused, copies, example)
-            except RuntimeError:  # e.g. a reshape to a member's channel count inside a forward
-                pass
+                out = fused(fold_members(example, len(copies)))
+            except RuntimeError as err:  # e.g. a view to one member's channel count inside a forward
+                raise FusionError(
+                    f"model: the fused members cannot run ({str(err).splitlines()[0]}): a forward in this "
+                    "architecture assumes one member's channel count, so it cannot be fused"
+                ) from None
+            if _close(out, plain):
+                return
+            culprit = _first_mixing_module(fused, copies, example)
     finally:
         for model, mode in zip((fused, *copies), modes, strict=True):
             model.train(mode)
