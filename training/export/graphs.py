@@ -138,6 +138,21 @@ def _separable_pool_backward(grad_output, input, windows_h, windows_w):
     return torch.matmul(torch.matmul(rows_h.t(), grad_output), rows_w)
 
 
+class _ContiguousPoolInputs(torch.overrides.TorchFunctionMode):
+    """Adaptive average pooling of a contiguous copy of its input, while the explain graph is traced.
+
+    ATen's adaptive_avg_pool2d (a composite, so above autograd and out of the decomposition table's
+    reach) pools to 1x1 with a mean followed by an in-place as_strided_ that keeps a channels-last
+    input's strides (ConvNeXt's permuted blocks make one); that view's backward becomes
+    as_strided_scatter, which has no ONNX translation. A contiguous input takes no such step.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.nn.functional.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d):
+            args = (args[0].contiguous(), *args[1:])
+        return func(*args, **(kwargs or {}))
+
+
 def _adaptive_avg_pool2d_backward(grad_output, input):
     def windows(size: int, outputs: int) -> list[tuple[int, int, float]]:
         spans = [((o * size) // outputs, -(-((o + 1) * size) // outputs)) for o in range(outputs)]
@@ -190,12 +205,13 @@ def trace_explain(ensemble: Ensemble, example: torch.Tensor) -> torch.fx.GraphMo
     target = torch.full((len(example),), -1, dtype=torch.int64)
     # torch.export refuses autograd inside forward; make_fx unrolls the backward into ATen ops,
     # symbolically so that the batch axis stays free.
-    traced = make_fx(
-        lambda x, t: _explain(ensemble, x, t),
-        decomposition_table=table,
-        tracing_mode="symbolic",
-        _allow_non_fake_inputs=True,
-    )(example, target)
+    with _ContiguousPoolInputs():
+        traced = make_fx(
+            lambda x, t: _explain(ensemble, x, t),
+            decomposition_table=table,
+            tracing_mode="symbolic",
+            _allow_non_fake_inputs=True,
+        )(example, target)
     leftovers = sorted(
         {str(n.target) for n in traced.graph.nodes if n.op == "call_function" and "backward" in str(n.target)}
     )
