@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.models.builtin import BUILTIN
+from training.models.builtin import BUILTIN, draw_as_fused_layers_did
 from training.models.ensemble import Ensemble, member_state_dict
 from training.models.fuse import FusionError, fuse_members
 from training.models.members import (
@@ -76,8 +76,14 @@ def build_ensemble(
     `init`: a plain member's weights (.safetensors, or a .pt/.pth state dict) every member starts
     from; a classifier made for another class count is left out, so each member keeps its own head.
     """
+    redraw = arch in BUILTIN and init is None
+    start = torch.random.get_rng_state() if redraw else None
     copies = [build_member(arch, input_shape, classes, width, depth, kwargs, factory) for _ in range(members)]
     if init is not None:
         heads = classifier_keys(lambda n: build_member(arch, input_shape, n, width, depth, kwargs, factory))
         load_initial_weights(copies, init, heads, arch if arch != "factory" else f"model.factory {factory!r}")
-    return ensemble_of(copies, input_shape, classes, mean, std)
+    ensemble = ensemble_of(copies, input_shape, classes, mean, std)
+    if redraw:  # a seed gives the built-in ensemble it gave before the fusion pass existed
+        torch.random.set_rng_state(start)
+        draw_as_fused_layers_did(ensemble.body)
+    return ensemble

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import BUILTIN_ARCHITECTURES
+from training.models.layers import FusedConv2d, FusedLinear
 
-__all__ = ["BUILTIN", "build_builtin"]
+__all__ = ["BUILTIN", "build_builtin", "draw_as_fused_layers_did"]
 
 BUILTIN = BUILTIN_ARCHITECTURES
 
@@ -124,3 +125,25 @@ def build_builtin(arch: str, input_shape: Sequence[int], classes: int, width: in
     if arch == "cnn":
         return _cnn(input_shape, classes, width)
     return _resnet18(input_shape, classes, preact=arch == "preact_resnet18")
+
+
+def draw_as_fused_layers_did(body: nn.Module) -> None:
+    """Re-draw a fused built-in's weights as the fused layers that preceded the fusion pass drew them.
+
+    Same distributions as the plain members' own init, but in that order: layer by layer, all M
+    members at once (`[M, ...]`). Drawn from the random state the build started from, a seed gives
+    bit for bit the ensemble it gave before, so earlier runs and recorded figures repeat (the
+    quickstart's FoRDE-over-DE gradient diversity, measured for seed 0, depends on the draw).
+    """
+    for module in body.modules():
+        if isinstance(module, FusedConv2d):
+            fan_in = math.prod(module.weight.shape[2:])  # in / groups * kh * kw
+            with torch.no_grad():
+                nn.init.normal_(module.weight, std=math.sqrt(2.0 / fan_in))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        elif isinstance(module, FusedLinear):
+            bound = 1.0 / math.sqrt(module.in_features)  # PyTorch's Linear default, U(+-1/sqrt(fan_in))
+            with torch.no_grad():
+                nn.init.uniform_(module.weight, -bound, bound)
+                nn.init.uniform_(module.bias, -bound, bound)
