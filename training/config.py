@@ -54,7 +54,9 @@ class EnsembleConfig(_Section):
 
 
 class FordeConfig(_Section):
-    lengthscale: Literal["pca", "identity", "tuned"] = "pca"
+    # pca: PCA of the uncentred second moment X^T X / (n - 1) (the reference code); pca_centred: of the
+    # covariance; identity; tuned: the pca basis with lengthscales mixed towards identity by alpha
+    lengthscale: Literal["pca", "pca_centred", "identity", "tuned"] = "pca"
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # tuned mix: 1 = pca, 0 = identity
     every: int = Field(1, ge=1)  # compute the repulsion every k-th step (paper's cost cut)
     batch: int | None = Field(None, ge=2)  # repulsion on the first N inputs of each batch (extra forward)

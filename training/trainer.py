@@ -40,7 +40,13 @@ from training.distributed import (
     shard,
 )
 from training.evaluation import clean_metrics, member_probabilities
-from training.forde import lengthscale_scales, member_input_gradients, pca_basis, repulsion_with_bandwidth
+from training.forde import (
+    PCA_MAX_INPUT_SIZE,
+    lengthscale_scales,
+    member_input_gradients,
+    pca_basis,
+    repulsion_with_bandwidth,
+)
 from training.models import Ensemble
 
 __all__ = [
@@ -161,17 +167,42 @@ def _repulsion_for(
     if config.ensemble.method == "de":
         return None
     basis = scales = None
-    if config.forde.lengthscale != "identity":
+    mode = config.forde.lengthscale
+    if mode != "identity":
+        centred = mode == "pca_centred"  # pca and tuned use the reference's uncentred basis
         if resume:
             pca = run_files.read_pca(run_dir)
+            if pca.centred != centred:
+                raise TrainingError(
+                    f"{run_dir / run_files.PCA} holds the {_basis_kind(pca.centred)} PCA basis (a file written "
+                    f"before the basis was recorded always does), but forde.lengthscale = {mode!r} uses the "
+                    f"{_basis_kind(centred)} one; a run keeps the basis it started with: set forde.lengthscale "
+                    f"to {'pca_centred' if pca.centred else 'pca'!r} in {run_dir / run_files.CONFIG}, or train "
+                    "the run again from the start"
+                )
         else:
             with torch.no_grad():
-                pca = pca_basis(ensemble.normalize(data.train.x.to(device)))
+                pca = pca_basis(ensemble.normalize(data.train.x.to(device)), centred=centred)
             if world.is_main:
                 run_files.write_pca(run_dir, pca)
         basis = pca.eigenvectors.to(device)
         scales = lengthscale_scales(config.forde.lengthscale, pca.eigenvalues, config.forde.alpha).to(device)
     return Repulsion(basis, scales, config.forde.eps, config.forde.batch, config.forde.strength)
+
+
+def _basis_kind(centred: bool) -> str:
+    return "centred" if centred else "uncentred"
+
+
+def _check_basis_size(config: TrainConfig, input_shape: tuple[int, ...]) -> None:
+    """Refuse, before anything is trained, a lengthscale whose PCA basis is too large to compute."""
+    size = math.prod(input_shape)
+    if config.ensemble.method == "forde" and config.forde.lengthscale != "identity" and size > PCA_MAX_INPUT_SIZE:
+        raise TrainingError(
+            f"forde.lengthscale = {config.forde.lengthscale!r} needs the eigendecomposition of a {size} x {size} "
+            f"matrix (inputs of shape {tuple(input_shape)}), above the limit of {PCA_MAX_INPUT_SIZE} values per "
+            "input; set forde.lengthscale = 'identity'"
+        )
 
 
 def _save_checkpoint(
@@ -274,6 +305,7 @@ def _train(
     _prepare_run_dir(config, run_dir, resume, world)
     torch.manual_seed(config.seed)
     data = load_dataset(config.data)
+    _check_basis_size(config, data.input_shape)
     info = run_files.DatasetInfo.of(data)
     if not resume and world.is_main:
         info.write(run_dir)

@@ -125,7 +125,7 @@ def train(
 ) -> None:
     """Train an ensemble from a TOML CONFIG (see training/configs/) into a run folder.
 
-    The run folder holds the resolved config, the PCA basis (FoRDE with pca/tuned lengthscales),
+    The run folder holds the resolved config, the PCA basis (FoRDE with pca/pca_centred/tuned lengthscales),
     member weights (safetensors), train_log.jsonl and metrics.json (clean test accuracy, NLL,
     ECE, Brier, gradient cosine distance). A checkpoint is written after every epoch.
 
