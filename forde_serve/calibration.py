@@ -21,7 +21,7 @@ import numpy as np
 from forde_serve.errors import FordeError
 from forde_serve.metrics import ECE_BINS, expected_calibration_error
 
-__all__ = ["CalibrationError", "TemperatureFit", "ensemble_nll", "ensemble_probs", "fit_temperature"]
+__all__ = ["CalibrationError", "TemperatureFit", "ensemble_nll", "ensemble_probs", "fit_temperature", "member_probs"]
 
 # Golden-section search on log T stops when the bracket is this narrow: T is then known to a
 # relative 1e-7, far below the statistical error of any fit (about 1/sqrt(N) relative).
@@ -37,14 +37,17 @@ class CalibrationError(FordeError, ValueError):
     """Member logits, labels, a temperature or calibration metadata that cannot be used."""
 
 
-def ensemble_probs(member_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Ensemble probabilities `[N, C]` at `temperature` from member logits `[N, M, C]`.
-
-    Each member's logits are divided by the temperature before its softmax (computed as
-    exp(z - max z) / sum, so large logits do not overflow); the members' softmaxes are averaged.
-    """
+def member_probs(member_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Each member's softmax `[N, M, C]` of its logits `[N, M, C]` divided by `temperature`
+    (computed as exp(z - max z) / sum, so large logits do not overflow)."""
     logits = _check_logits(member_logits)
-    return np.exp(_log_softmax(logits / _check_temperature(temperature))).mean(axis=1)
+    return np.exp(_log_softmax(logits / _check_temperature(temperature)))
+
+
+def ensemble_probs(member_logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Ensemble probabilities `[N, C]` at `temperature` from member logits `[N, M, C]`: the mean of
+    the members' softmaxes of their logits divided by the temperature (`member_probs`)."""
+    return member_probs(member_logits, temperature).mean(axis=1)
 
 
 def ensemble_nll(member_logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:

@@ -15,6 +15,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
+from forde_serve.calibration import TemperatureFit
+from forde_serve.conformal import ConformalCalibration, ConformalError, prediction_sets
 from forde_serve.contract import (
     EXPLAIN_OUTPUTS,
     FORMAT_VERSION,
@@ -71,6 +73,18 @@ class ModelCard:
     abstain_target_risk: float | None
     training_config: dict
     format_version: str
+    calibration: TemperatureFit | None = None  # None: exported without calibration (T = 1)
+    conformal: ConformalCalibration | None = None  # None: no prediction sets (exported before them)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature baked into the graphs: their `member_logits` are the raw logits divided by it."""
+        return 1.0 if self.calibration is None else self.calibration.temperature
+
+    @property
+    def coverage_levels(self) -> tuple[float, ...]:
+        """Coverage levels with stored conformal thresholds (empty: the file cannot give prediction sets)."""
+        return () if self.conformal is None else self.conformal.coverages
 
 
 def _open_session(path: Path, providers: Sequence[str], options: ort.SessionOptions) -> ort.InferenceSession:
@@ -139,6 +153,12 @@ def _card(path: Path, meta: dict[str, str]) -> ModelCard:
             abstain_target_risk=number("abstain_target_risk"),
             training_config=json.loads(get("training_config", "{}")),
             format_version=get("format_version"),
+            calibration=None
+            if get("calibration") is None
+            else TemperatureFit.from_metadata(json.loads(get("calibration"))),
+            conformal=None
+            if get("conformal") is None
+            else ConformalCalibration.from_metadata(json.loads(get("conformal"))),
         )
     except (json.JSONDecodeError, TypeError, ValueError) as err:
         raise ModelFileError(f"{path}: broken metadata ({err}); re-export the model") from None
@@ -277,14 +297,43 @@ class EnsembleRuntime:
         out["abstain"] = out["mutual_information"] > self.card.abstain_threshold
         return out
 
-    def predict(self, x) -> dict[str, np.ndarray]:
-        """Raw inputs `[batch, *input_shape]` -> outputs, each `[batch, ...]`."""
-        batch = self.validate(x)
-        return self._finish(PREDICT_OUTPUTS, self._predict.run(None, {INPUT: batch}))
+    def prediction_sets(self, probs: np.ndarray, coverage: float) -> np.ndarray:
+        """Conformal prediction sets `[batch, classes]` (bool) of ensemble probabilities `[batch, classes]`
+        at a stored `coverage` level (`card.coverage_levels`)."""
+        self.check_coverage(coverage)
+        return prediction_sets(probs, self.card.conformal, coverage)
 
-    def explain(self, x, target=None) -> dict[str, np.ndarray]:
+    def check_coverage(self, coverage: float) -> None:
+        """Raise InvalidInput unless this file has conformal thresholds for `coverage`."""
+        if self.card.conformal is None:
+            raise InvalidInput(
+                f"coverage: this model file has no conformal thresholds, so it gives no prediction sets (got "
+                f"{coverage!r}); re-export it with a current `forde export` (or `forde fuse --validation`)"
+            )
+        try:
+            self.card.conformal.threshold(coverage)
+        except ConformalError as err:
+            raise InvalidInput(str(err)) from None
+
+    def _with_sets(self, out: dict[str, np.ndarray], coverage: float | None) -> dict[str, np.ndarray]:
+        if coverage is not None:
+            out["prediction_set"] = self.prediction_sets(out["probs"], coverage)
+            out["set_size"] = out["prediction_set"].sum(axis=1)
+        return out
+
+    def predict(self, x, coverage: float | None = None) -> dict[str, np.ndarray]:
+        """Raw inputs `[batch, *input_shape]` -> outputs, each `[batch, ...]`; with `coverage` also
+        `prediction_set` `[batch, classes]` (bool) and `set_size` `[batch]`."""
+        batch = self.validate(x)
+        if coverage is not None:
+            self.check_coverage(coverage)  # before the model runs
+        return self._with_sets(self._finish(PREDICT_OUTPUTS, self._predict.run(None, {INPUT: batch})), coverage)
+
+    def explain(self, x, target=None, coverage: float | None = None) -> dict[str, np.ndarray]:
         """`predict` plus `input_gradients` `[batch, members, *input_shape]` of each member's logit of
         `target` (`[batch]` class indices; None or -1 = the ensemble's predicted class)."""
         batch = self.validate(x)
+        if coverage is not None:
+            self.check_coverage(coverage)
         feed = {INPUT: batch, TARGET: self._target(target, len(batch))}
-        return self._finish(EXPLAIN_OUTPUTS, self._explain.run(None, feed))
+        return self._with_sets(self._finish(EXPLAIN_OUTPUTS, self._explain.run(None, feed)), coverage)

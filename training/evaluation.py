@@ -12,11 +12,13 @@ from typing import Literal
 import numpy as np
 import torch
 
+from forde_serve.conformal import ConformalCalibration
 from forde_serve.corruptions import corrupted_versions
 from forde_serve.errors import FordeError
 from forde_serve.evaluation import Evaluation, RuntimePredictor, evaluate
-from forde_serve.metrics import classification_metrics, gradient_cosine_distance, validation_abstention
+from forde_serve.metrics import classification_metrics, gradient_cosine_distance
 from forde_serve.runtime import NOT_FINITE, EnsembleRuntime, finite_float32_rows
+from forde_serve.validation import choose_on_validation
 from training.config import DataConfig
 from training.data import load_corrupted_cifar, load_dataset
 from training.forde import member_input_gradients
@@ -29,9 +31,18 @@ __all__ = [
     "EvaluationJob",
     "clean_metrics",
     "evaluate_job",
+    "member_logits",
     "member_probabilities",
     "predicted_class_input_gradients",
 ]
+
+
+@torch.no_grad()
+def member_logits(ensemble: Ensemble, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    """Every member's logits, `[N, M, C]` float64, for raw inputs `x` `[N, *input_shape]`."""
+    device = next(ensemble.parameters()).device
+    chunks = [ensemble(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(chunks).double().numpy()
 
 
 @torch.no_grad()
@@ -70,8 +81,8 @@ class TorchPredictor:
         self.ensemble = ensemble.eval()
         self.members = ensemble.members
 
-    def member_probs(self, x: np.ndarray) -> np.ndarray:
-        return member_probabilities(self.ensemble, torch.from_numpy(np.ascontiguousarray(x)))
+    def member_logits(self, x: np.ndarray) -> np.ndarray:
+        return member_logits(self.ensemble, torch.from_numpy(np.ascontiguousarray(x)))
 
     def input_gradients(self, x: np.ndarray) -> np.ndarray:
         return predicted_class_input_gradients(self.ensemble, torch.from_numpy(np.ascontiguousarray(x)))
@@ -107,7 +118,9 @@ class _Measured:
     members: int
     trained_on: str | None
     split_seed: int
-    abstain_threshold: float | None  # None: a run folder, chosen on its validation split
+    # None: a run folder, whose temperature, conformal and abstention thresholds are chosen on its
+    # validation split exactly as `forde export` chooses them.
+    choices: tuple[float, ConformalCalibration | None, float] | None
 
 
 def _measured(source: Path) -> _Measured:
@@ -133,7 +146,7 @@ def _measured(source: Path) -> _Measured:
         card.members,
         trained.get("dataset"),
         trained.get("split_seed", 0),
-        card.abstain_threshold,
+        (card.temperature, card.conformal, card.abstain_threshold),
     )
 
 
@@ -174,10 +187,13 @@ def evaluate_job(job: EvaluationJob, on_set: Callable[[str], None] | None = None
     )
     chosen = dataset.test if job.split == "test" else dataset.val
     x, y = chosen.x.numpy(), chosen.y.numpy()
-    threshold = measured.abstain_threshold
-    if threshold is None:  # a run folder: chosen on its validation split, as `forde export` does
-        member_probs = measured.predictor.member_probs(dataset.val.x.numpy())
-        threshold = validation_abstention(member_probs, dataset.val.y.numpy(), job.target_risk)["threshold"]
+    choices = measured.choices
+    if choices is None:  # a run folder: chosen on its validation split, as `forde export` does
+        chosen = choose_on_validation(
+            measured.predictor.member_logits(dataset.val.x.numpy()), dataset.val.y.numpy(), target_risk=job.target_risk
+        )
+        choices = (chosen.temperature_value, chosen.conformal, chosen.abstention["threshold"])
+    temperature, conformal, threshold = choices
     if job.data == "digits":
         corrupted = ((name, severity, xc, y) for name, severity, xc in corrupted_versions(x, job.seed, 0.0, 16.0))
         suite = f"digits-C (seed {job.seed})"
@@ -192,6 +208,8 @@ def evaluate_job(job: EvaluationJob, on_set: Callable[[str], None] | None = None
         y,
         corrupted,
         abstain_threshold=threshold,
+        temperature=temperature,
+        conformal=conformal,
         ood_x=ood_x,
         gradient_rows=job.gradient_rows,
         on_set=on_set,

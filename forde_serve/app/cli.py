@@ -193,6 +193,62 @@ def _launch_torchrun(nproc: int, config: Path | None, **options) -> None:
         sys.exit(130)
 
 
+def _held_out_options(command):
+    """The options of what held-out validation data decides (`forde export`, `forde fuse`)."""
+    options = [
+        click.option(
+            "--target-risk",
+            type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
+            default=0.01,
+            show_default=True,
+            help="Error rate the accepted predictions should reach on the validation split; sets the "
+            "abstention threshold on mutual information.",
+        ),
+        click.option(
+            "--no-calibrate",
+            is_flag=True,
+            help="Keep temperature 1 (by default a temperature is fitted on the validation split by NLL and "
+            "baked into both graphs).",
+        ),
+        click.option(
+            "--conformal-score",
+            type=click.Choice(["lac", "aps", "raps"]),
+            default="lac",
+            show_default=True,
+            help="Score of the conformal prediction sets: lac (1 - p_y, smallest sets), aps (adaptive), raps "
+            "(aps with a penalty on unlikely classes).",
+        ),
+        click.option(
+            "--alpha",
+            type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
+            multiple=True,
+            help="Also store thresholds for coverage 1 - ALPHA (repeatable); 0.8, 0.9, 0.95 and 0.99 always are.",
+        ),
+        click.option("--raps-k-reg", type=click.IntRange(min=0), help="RAPS k_reg (default: chosen on validation)."),
+        click.option(
+            "--raps-lambda", type=click.FloatRange(min=0.0), help="RAPS lambda (default: chosen on validation)."
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _held_out(target_risk, no_calibrate, conformal_score, alpha, raps_k_reg, raps_lambda):
+    from training.export import HeldOutOptions
+
+    if conformal_score != "raps" and (raps_k_reg is not None or raps_lambda is not None):
+        raise _UserError(f"--raps-k-reg / --raps-lambda: only for --conformal-score raps, got {conformal_score}")
+    return HeldOutOptions(
+        calibrate=not no_calibrate,
+        score=conformal_score,
+        coverages=tuple(round(1.0 - a, 12) for a in alpha),
+        k_reg=raps_k_reg,
+        lam=raps_lambda,
+        target_risk=target_risk,
+    )
+
+
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
@@ -201,14 +257,7 @@ def _launch_torchrun(nproc: int, config: Path | None, **options) -> None:
     required=True,
     help="Predict graph to write, NAME.onnx; the explain graph goes beside it as NAME.explain.onnx.",
 )
-@click.option(
-    "--target-risk",
-    type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
-    default=0.01,
-    show_default=True,
-    help="Error rate the accepted predictions should reach on the validation split; sets the "
-    "abstention threshold on mutual information.",
-)
+@_held_out_options
 @click.option(
     "--validation-inputs",
     type=click.IntRange(min=1),
@@ -216,11 +265,18 @@ def _launch_torchrun(nproc: int, config: Path | None, **options) -> None:
     show_default=True,
     help="Validation inputs on which both files are checked against the PyTorch ensemble.",
 )
-def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> None:
+def export(run: Path, out: Path, validation_inputs: int, **held_out) -> None:
     """Fuse a training RUN into one batched ONNX graph (NAME.onnx) and its explain twin.
 
+    \b
+    On the run's validation split, in this order:
+      temperature      fitted by NLL, baked into both graphs (--no-calibrate: T = 1)
+      prediction sets  split-conformal thresholds on the calibrated probabilities for coverage
+                       0.8, 0.9, 0.95, 0.99 (+ 1 - --alpha), served by `coverage` in requests
+      abstention       the mutual-information threshold reaching --target-risk
+
     Both files carry everything a server needs in their metadata (classes, input shape, members,
-    method, kernel, training config, metrics, abstention threshold). After writing, both are run
+    method, kernel, training config, metrics, temperature, thresholds). After writing, both are run
     in onnxruntime on real validation inputs and compared output by output with the PyTorch
     ensemble; if any output is off, the files are removed and the command exits 1.
     """
@@ -229,7 +285,8 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
     with _training_extra():
         from training.export import export_run
 
-    export_run(run, out, target_risk=target_risk, validation_inputs=validation_inputs, echo=click.echo)
+        options = _held_out(**held_out)
+    export_run(run, out, options, validation_inputs=validation_inputs, echo=click.echo)
 
 
 @main.command()
