@@ -71,6 +71,8 @@ class ModelCard:
     abstain_target_risk: float | None
     training_config: dict
     format_version: str
+    # Coverages with conformal thresholds in the file, e.g. (0.8, 0.9, 0.95, 0.99); () when it has none.
+    coverage_levels: tuple[float, ...] = ()
 
 
 def _open_session(path: Path, providers: Sequence[str], options: ort.SessionOptions) -> ort.InferenceSession:
