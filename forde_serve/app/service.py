@@ -7,7 +7,8 @@ Settings (environment): FORDE_MODEL, FORDE_MAX_INPUTS (rows per request, 256),
 FORDE_MAX_BODY_BYTES (8 MiB), FORDE_BATCHING (1; 0 turns adaptive batching off).
 
 Endpoints (POST, JSON): `predict` (adaptive batching), `explain`, `predict_image` (file
-upload), `metadata`; BentoML's own `/readyz`, `/livez`, `/metrics` and `/docs` stay.
+upload), `metadata`; BentoML's own `/readyz`, `/livez`, `/metrics` and `/docs` stay. `/ui` is a
+page to try the model in a browser (forde_serve/app/ui.py), on the same runtime.
 Every row is validated when its request is parsed, before it can join a batch, so one
 caller's bad input never fails another caller's request.
 """
@@ -26,6 +27,7 @@ from bentoml.exceptions import BentoMLException, InvalidArgument
 from bentoml.validators import ContentType
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from forde_serve.app.ui import mount_page
 from forde_serve.images import ImageTooLarge, image_to_input
 from forde_serve.runtime import EnsembleRuntime, InvalidInput
 from forde_serve.saliency import saliency_png
@@ -277,3 +279,4 @@ class FordeEnsemble:
 
 
 FordeEnsemble.add_asgi_middleware(_BodyLimit)
+mount_page(FordeEnsemble, RUNTIME)  # the /ui page, answering with this same runtime
