@@ -25,7 +25,17 @@ from forde_serve.images import image_to_input
 from forde_serve.runtime import EnsembleRuntime, InvalidInput
 from forde_serve.saliency import saliency_png
 
-__all__ = ["PATH", "PageAnswer", "answer", "build_page", "drawing_to_input", "mount_page", "upload_to_input"]
+__all__ = [
+    "EXAMPLES",
+    "PATH",
+    "EmptyDrawing",
+    "PageAnswer",
+    "answer",
+    "build_page",
+    "drawing_to_input",
+    "mount_page",
+    "upload_to_input",
+]
 
 PATH = "/ui"
 EXAMPLES = Path(__file__).with_name("examples")  # test-split digits for the bundled model (tests/pin_ui_assets.py)
@@ -67,11 +77,6 @@ def answer(runtime: EnsembleRuntime, x: np.ndarray, coverage: float | None = Non
     out = runtime.explain(np.asarray(x)[None])  # predict's outputs plus the gradients, in one call
     predicted, confidence = int(out["predicted_class"][0]), float(out["confidence"][0])
     member_probs = out["member_probs"][0]  # [M, classes]
-    prediction_set = ""
-    if coverage is not None and card.coverage_levels:
-        level = _nearest_level(card.coverage_levels, coverage)
-        sets = runtime.predict(np.asarray(x)[None], coverage=level)
-        prediction_set = _prediction_set_md(card.class_names, sets["prediction_set"][0], level, coverage)
     return PageAnswer(
         label=f"{card.class_names[predicted]} ({confidence:.2f})",
         predicted_class=predicted,
@@ -81,7 +86,7 @@ def answer(runtime: EnsembleRuntime, x: np.ndarray, coverage: float | None = Non
         votes_html=_votes_html(member_probs, predicted, card.class_names),
         uncertainty_md=_uncertainty_md(out, len(card.class_names), card.members),
         abstain_md=_abstain_md(float(out["mutual_information"][0]), bool(out["abstain"][0]), card),
-        prediction_set_md=prediction_set,
+        prediction_set_md=_prediction_set(runtime, x, coverage),
         saliency_png=saliency_png(
             np.asarray(x), out["input_gradients"][0], member_probs, card.class_names, predicted, card.image
         ),
@@ -123,6 +128,17 @@ def drawing_to_input(card, path: str | Path | None) -> np.ndarray:
     square.save(buffer, format="PNG")
     buffer.seek(0)
     return image_to_input(buffer, card.image, field="drawing")
+
+
+def _prediction_set(runtime: EnsembleRuntime, x: np.ndarray, coverage: float | None) -> str:
+    """The prediction set of one raw input at the calibrated level nearest `coverage`, as Markdown
+    ("" when the file has no conformal thresholds or no coverage was asked)."""
+    levels = runtime.card.coverage_levels
+    if coverage is None or not levels:
+        return ""
+    level = _nearest_level(levels, coverage)
+    sets = runtime.predict(np.asarray(x)[None], coverage=level)
+    return _prediction_set_md(runtime.card.class_names, sets["prediction_set"][0], level, coverage)
 
 
 def _nearest_level(levels: tuple[float, ...], coverage: float) -> float:
@@ -412,9 +428,7 @@ def build_page(runtime: EnsembleRuntime, title: str | None = None):
         if card.coverage_levels:
 
             def on_coverage(x, level):
-                if x is None:
-                    return ""
-                return answer(runtime, x, level).prediction_set_md
+                return "" if x is None else _prediction_set(runtime, x, level)
 
             coverage.release(on_coverage, inputs=[last_input, coverage], outputs=prediction_set)
     return page
