@@ -135,12 +135,16 @@ def test_the_service_loads_gradio_only_when_the_page_is_first_opened():
 
 
 @pytest.fixture(scope="module")
-def page_server():
-    """`forde serve` with the committed model, as a user starts it."""
+def page_server(tmp_path_factory):
+    """`forde serve` with the committed model, as a user starts it (Gradio's uploads kept in a tmp dir)."""
     reason = browser_missing()
     if reason:
         pytest.skip(f"browser tests need headless Chromium: {reason}")
-    process, url = start_server(command=[FORDE, "serve", str(MODEL), "--host", "127.0.0.1"], timeout=240)
+    process, url = start_server(
+        command=[FORDE, "serve", str(MODEL), "--host", "127.0.0.1"],
+        env_extra={"GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))},
+        timeout=240,
+    )
     yield url
     stop_server(process)
 
