@@ -3,6 +3,7 @@ fake dataset folders. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -167,3 +168,136 @@ def write_cifar(root, name, train_sizes, test_size, classes):
         (folder / "test").write_bytes(pickle.dumps(batch(test_size, "fine_labels"), protocol=2))
         (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(classes)]}))
     return folder
+
+
+# The /ui page in a real browser (tests/test_ui.py, tests/pin_ui_assets.py): Debian's chromium + chromedriver.
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def browser_missing() -> str | None:
+    """Why the browser tests cannot run here, or None when they can."""
+    import shutil
+
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    found = {name: shutil.which(name) for name in ("chromium", "chromedriver")}
+    missing = [name for name, path in found.items() if path is None]
+    return f"{' and '.join(missing)} not on PATH (apt-get install chromium chromium-driver)" if missing else None
+
+
+@contextlib.contextmanager
+def browser(profile: Path):
+    """Headless Chromium driven by Selenium 4, with a fresh profile in `profile`.
+
+    The flags keep Chromium from reaching for the network (this machine has none, and Chromium
+    stalls on connection attempts) and let it run as root in a container.
+    """
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,1400",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def ui_open(driver, url: str) -> None:
+    """Open the /ui page and wait until its Predict button is there."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(f"{url}/ui")
+    WebDriverWait(driver, 120).until(expected_conditions.element_to_be_clickable((By.ID, "forde-submit")))
+
+
+def ui_tab(driver, name: str) -> None:
+    """Open the input tab called `name` ("Draw" or "Upload"); a tab's contents are built when opened."""
+    from selenium.webdriver.common.by import By
+
+    (tab,) = [b for b in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == name]
+    _click(driver, tab)
+
+
+def _click(driver, element) -> None:
+    """Click `element` once Gradio's loading overlay (its status tracker) no longer covers it."""
+    from selenium.common.exceptions import ElementClickInterceptedException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def clicked(_) -> bool:
+        element.click()
+        return True
+
+    WebDriverWait(driver, 60, ignored_exceptions=(ElementClickInterceptedException,)).until(clicked)
+
+
+def ui_upload(driver, path: Path) -> None:
+    """Put the picture at `path` into the Upload tab's image (replacing any picture there)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ui_tab(driver, "Upload")
+    for remove in driver.find_elements(By.CSS_SELECTOR, '#forde-input button[aria-label="Remove Image"]'):
+        _click(driver, remove)
+    file_input = WebDriverWait(driver, 30).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#forde-input input[type=file]")
+    )
+    file_input.send_keys(str(path))
+    # The picture is uploaded once the component shows its Remove button.
+    WebDriverWait(driver, 60).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, '#forde-input button[aria-label="Remove Image"]')
+    )
+
+
+def ui_draw_one(driver) -> None:
+    """Open the Draw tab and draw a vertical stroke (a "1") on the pad with pointer actions."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ui_tab(driver, "Draw")
+    canvas = WebDriverWait(driver, 30).until(
+        lambda d: [c for c in d.find_elements(By.CSS_SELECTOR, "#forde-draw canvas") if c.is_displayed()]
+    )[0]
+    strokes = ActionChains(driver).move_to_element_with_offset(canvas, 0, -100).click_and_hold()
+    for _ in range(4):
+        strokes = strokes.move_by_offset(0, 50)
+    strokes.release().perform()
+
+
+def ui_texts(driver) -> dict[str, str]:
+    """The text of the page's answer fields, by elem_id without the `forde-` prefix."""
+    from selenium.webdriver.common.by import By
+
+    names = ("label", "message", "abstain", "uncertainty", "votes")
+    return {name: driver.find_element(By.ID, f"forde-{name}").text.strip() for name in names}
+
+
+def ui_predict(driver, done, timeout: float = 120) -> dict[str, str]:
+    """Press Predict and wait until `done(texts)` holds for `ui_texts`; returns those texts."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _click(driver, driver.find_element(By.ID, "forde-submit"))
+    WebDriverWait(driver, timeout).until(lambda d: done(ui_texts(d)))
+    return ui_texts(driver)

@@ -311,6 +311,7 @@ def test_bentoml_build_packs_the_model_and_no_torch(tmp_path):
     src = bento / "src"
     assert (src / "exported" / "digits.onnx").is_file() and (src / "exported" / "digits.explain.onnx").is_file()
     assert (src / "forde_serve" / "app" / "service.py").is_file() and not (src / "training").exists()
+    assert (src / "forde_serve" / "app" / "examples" / "digit-3.png").is_file()  # the /ui page's examples
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime" in requirements and "torch" not in requirements
     # the packed source serves without torch: import the service module there with torch blocked

@@ -585,7 +585,8 @@ def serve(model: Path | None, port: int, host: str) -> None:
     """Serve an exported MODEL (NAME.onnx; default: exported/digits.onnx) over HTTP with BentoML.
 
     The same as `FORDE_MODEL=MODEL bentoml serve forde_serve.app.service:FordeEnsemble --port PORT`.
-    Endpoints: /predict, /explain, /predict_image, /metadata (POST), /readyz, /metrics, /docs.
+    Endpoints: /predict, /explain, /predict_image, /metadata (POST), /readyz, /metrics, /docs, and
+    /ui, a page to try the model in a browser.
     """
     import os
     import subprocess

@@ -7,7 +7,8 @@ Settings (environment): FORDE_MODEL, FORDE_MAX_INPUTS (rows per request, 256),
 FORDE_MAX_BODY_BYTES (8 MiB), FORDE_BATCHING (1; 0 turns adaptive batching off).
 
 Endpoints (POST, JSON): `predict` (adaptive batching), `explain`, `predict_image` (file
-upload), `metadata`; BentoML's own `/readyz`, `/livez`, `/metrics` and `/docs` stay.
+upload), `metadata`; BentoML's own `/readyz`, `/livez`, `/metrics` and `/docs` stay. `/ui` is a
+page to try the model in a browser (forde_serve/app/ui.py), on the same runtime.
 Every row is validated when its request is parsed, before it can join a batch, so one
 caller's bad input never fails another caller's request.
 """
@@ -15,7 +16,6 @@ caller's bad input never fails another caller's request.
 from __future__ import annotations
 
 import base64
-import io
 import os
 from http import HTTPStatus
 from pathlib import Path
@@ -27,8 +27,10 @@ from bentoml.exceptions import BentoMLException, InvalidArgument
 from bentoml.validators import ContentType
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from forde_serve.app.ui import mount_page
 from forde_serve.images import ImageTooLarge, image_to_input
 from forde_serve.runtime import EnsembleRuntime, InvalidInput
+from forde_serve.saliency import saliency_png
 
 __all__ = ["FordeEnsemble"]
 
@@ -124,7 +126,7 @@ class Explanation(Prediction):
     target: int = Field(description="class whose input gradients are returned")
     input_gradients: list = Field(description="[members, *input_shape]: d member logit[target] / d input")
     mean_gradient: list = Field(description="[*input_shape]: the members' mean input gradient")
-    saliency_png: str | None = Field(None, description="base64 PNG: input, mean |gradient|, each member's")
+    saliency_png: str | None = Field(None, description="base64 PNG: input, mean gradient, each member's gradient")
 
 
 def _rows(out: dict[str, np.ndarray], members: list[bool]) -> list[dict]:
@@ -148,24 +150,10 @@ def _rows(out: dict[str, np.ndarray], members: list[bool]) -> list[dict]:
     return rows
 
 
-def _saliency_png(x: np.ndarray, gradients: np.ndarray) -> str:
-    """Input, mean |gradient| and each member's |gradient|, side by side, as a base64 PNG."""
-    from PIL import Image
-
-    def tile(map2d: np.ndarray) -> np.ndarray:
-        low, high = float(map2d.min()), float(map2d.max())
-        return np.uint8(255 * (map2d - low) / (high - low + 1e-12))
-
-    # Image models only (checked at parse time): x is [C, H, W], gradients [M, C, H, W].
-    saliency = np.abs(gradients).max(axis=1)  # [M, H, W], strongest channel
-    tiles = [tile(x.mean(0)), tile(saliency.mean(0))] + [tile(s) for s in saliency]
-    height = tiles[0].shape[0]
-    scale = max(1, 96 // height)
-    strip = np.concatenate([np.pad(t, ((0, 0), (0, 1)), constant_values=255) for t in tiles], axis=1)
-    image = Image.fromarray(strip).resize((strip.shape[1] * scale, height * scale), Image.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+def _saliency_png(x: np.ndarray, gradients: np.ndarray, member_probs: np.ndarray, target: int) -> str:
+    """forde_serve.saliency's figure for one row (input, mean gradient, each member's), base64 PNG."""
+    figure = saliency_png(x, gradients, member_probs, _CARD.class_names, target, _CARD.image)
+    return base64.b64encode(figure).decode()
 
 
 class _BodyLimit:
@@ -241,7 +229,9 @@ class FordeEnsemble:
                 "target": int(chosen[i]),
                 "input_gradients": grads.tolist(),
                 "mean_gradient": grads.mean(0).tolist(),
-                "saliency_png": _saliency_png(x[i], grads) if row.saliency_png else None,
+                "saliency_png": _saliency_png(x[i], grads, out["member_probs"][i], int(chosen[i]))
+                if row.saliency_png
+                else None,
             }
         return rows
 
@@ -289,3 +279,4 @@ class FordeEnsemble:
 
 
 FordeEnsemble.add_asgi_middleware(_BodyLimit)
+mount_page(FordeEnsemble, RUNTIME)  # the /ui page, answering with this same runtime
