@@ -362,7 +362,10 @@ def _corrupted_npz(path):
         (lambda d: (MODEL, d / "x.npy", ["--out", d / "s.txt"]), "--out: expected a .parquet or .csv file name"),
         (lambda d: (MODEL, d / "x.npy", ["--engine", "spark"]), "Invalid value for '--engine'"),
         (lambda d: (MODEL, d / "x.npy", ["--batch-size", "0"]), "Invalid value for '--batch-size'"),
-        (lambda d: (MODEL, _mkdir(d / "nothing"), []), "expected PNG or JPEG images in this folder, found none"),
+        (
+            lambda d: (MODEL, _mkdir(d / "nothing"), []),
+            "expected pictures in this folder (.png .jpg .jpeg .webp .bmp .tif .tiff .gif files), found none",
+        ),
     ],
 )
 def test_bad_arguments_and_files_exit_2_with_the_reason(tmp_path, make, message):
@@ -415,3 +418,50 @@ def test_existing_output_and_other_jobs_parts_are_not_clobbered(rows, tmp_path):
     (tmp_path / "t.parquet.parts" / "manifest.json").write_text(json.dumps({"identity": {"part_rows": 3}, "done": {}}))
     other = run_forde("score", MODEL, path, "--out", tmp_path / "t.parquet", check=False)
     assert other.returncode == 2 and "holds parts of a different job" in other.stderr
+
+
+def _score_here(model, data, out, **options):
+    """The scorer itself, in this process (the `forde` command around it is tested above)."""
+    from forde_serve.scoring import ScoreJob, score
+
+    return score(ScoreJob(model=model, input=data, out=out, **options))
+
+
+def test_rows_whose_outputs_overflow_go_to_the_errors_file(tmp_path):
+    # 3e38 is a finite float32 (it passes the input check) on which the graph overflows into NaN.
+    x = np.ones((6, 1, 8, 8), dtype=np.float32)
+    x[2, 0, 4, 4] = x[5, 0, 0, 0] = 3e38
+    np.save(tmp_path / "x.npy", x)
+    summary = _score_here(MODEL, tmp_path / "x.npy", tmp_path / "s.parquet", batch_size=4, explain=True)
+    assert (summary.scored, summary.failed) == (4, 2)
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table["row_id"].to_pylist() == [0, 1, 3, 4]
+    for name in ("confidence", *UNCERTAINTY):
+        assert np.isfinite(table[name].to_numpy()).all(), name
+    errors = _errors(tmp_path / "s.errors.csv")
+    assert [e["row_id"] for e in errors] == ["2", "5"] and all("not finite" in e["reason"] for e in errors)
+    gradients = np.load(tmp_path / "s.gradients.npy")
+    assert np.isnan(gradients[[2, 5]]).all() and np.isfinite(gradients[[0, 1, 3, 4]]).all()
+
+
+def test_image_folders_take_every_format_by_suffix_and_decode_by_content(runtime, tmp_path):
+    from sklearn.datasets import load_digits
+
+    from forde_serve.images import image_to_input
+
+    ink = np.uint8(255 - load_digits().images[5] * 255 / 16)
+    picture = Image.fromarray(ink).resize((24, 24), Image.NEAREST)
+    saved = {"a.png": "PNG", "b.WEBP": "WEBP", "c.bmp": "BMP", "d.tif": "TIFF", "e.tiff": "TIFF", "f.gif": "GIF"}
+    saved |= {"g.jpg": "PNG", "h.jpeg": "JPEG"}  # a .jpg holding a PNG decodes as the PNG it is
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for name, format in saved.items():
+        picture.save(folder / name, format=format, **({"lossless": True} if format == "WEBP" else {}))
+    picture.save(folder / "no-suffix", format="PNG")  # not picked up: a folder scan goes by suffix
+    (folder / "notes.txt").write_text("not a picture")
+    _score_here(MODEL, folder, tmp_path / "s.parquet")
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table["row_id"].to_pylist() == sorted(saved)
+    expected = runtime.predict(np.stack([image_to_input(folder / n, runtime.card.image) for n in sorted(saved)]))
+    np.testing.assert_allclose(np.stack(table["probs"].to_numpy(zero_copy_only=False)), expected["probs"], atol=1e-6)
+    assert len(set(table["predicted_class"].to_pylist()[:6])) == 1  # the lossless ones are one picture

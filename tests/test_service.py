@@ -217,7 +217,7 @@ def _raw(c, endpoint, content: bytes, content_type="application/json"):
         (
             lambda c: c.post("/predict_image", files={"image": ("x.png", b"\x89PNG not really", "image/png")}),
             400,
-            "expected a PNG or JPEG file",
+            "image: expected a PNG, JPEG",
         ),
     ],
 )
