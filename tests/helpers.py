@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +23,8 @@ MODEL = ROOT / "exported" / "digits.onnx"  # the committed default model
 
 def run_forde(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     """Run the installed `forde` console script as a real process."""
-    result = subprocess.run([FORDE, *map(str, args)], capture_output=True, text=True, cwd=ROOT, **kwargs)
+    kwargs.setdefault("cwd", ROOT)
+    result = subprocess.run([FORDE, *map(str, args)], capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"forde {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
     return result
@@ -82,19 +84,23 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
         "--host",
         "127.0.0.1",
     ]
-    process = subprocess.Popen(
-        [*command, "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    # The server's output (its log) goes to a file, not a pipe: nobody reads a pipe while the server runs,
+    # and a full one would block the server. `process.log` is its path.
+    with tempfile.NamedTemporaryFile(prefix="forde-server-", suffix=".log", delete=False) as log:
+        process = subprocess.Popen(
+            [*command, "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    process.log = Path(log.name)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"bentoml serve exited: {process.stderr.read().decode()[-2000:]}")
+            raise AssertionError(f"bentoml serve exited: {process.log.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return process, url
@@ -106,13 +112,17 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
 
 
 def stop_server(process) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    """Stop a server from `start_server` and everything left in its process group; remove its log."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)  # the group: children that outlived their parent too
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    process.log.unlink(missing_ok=True)
 
 
 # Put in front of `python -c` code: makes torch and torchvision unimportable in that process.
