@@ -66,6 +66,19 @@ def test_an_unwritable_out_is_one_line_with_exit_2(tmp_path, tiny_config):
         assert str(blocker) in result.stderr and "Traceback" not in result.stderr
 
 
+def test_forde_serve_on_a_port_in_use_is_one_line_with_exit_2():
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_forde("serve", "--port", port, check=False, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"--port: {port} on 127.0.0.1 is already in use" in lines[0], result.stderr
+
+
 def test_outputs_respect_the_umask(tmp_path):
     """Files written atomically get the permissions any new file gets (0666 less the umask), not mkstemp's 0600.
     The commands run in this process (click's runner), under the umask set here."""
@@ -100,3 +113,11 @@ def test_outputs_respect_the_umask(tmp_path):
         for path in written:
             assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, (path.name, oct(path.stat().st_mode))
 
+
+def test_compare_without_out_prints_and_writes_nothing(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "metrics.json").write_text('{"accuracy": 0.5, "nll": 1.0}')
+    result = run_forde("compare", tmp_path / "a", tmp_path / "b", check=False, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]

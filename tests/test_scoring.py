@@ -444,6 +444,12 @@ def test_rows_whose_outputs_overflow_go_to_the_errors_file(tmp_path):
     assert np.isnan(gradients[[2, 5]]).all() and np.isfinite(gradients[[0, 1, 3, 4]]).all()
 
 
+def test_the_summary_gives_one_throughput_figure(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((300, 1, 8, 8), dtype=np.float32))
+    result = run_forde("score", MODEL, tmp_path / "x.npy", "--out", tmp_path / "s.parquet", "--batch-size", 50)
+    assert result.stdout.count("rows/s") == 1, result.stdout
+
+
 def _scored_input(path, rows) -> np.ndarray:
     """The float32 batch `forde score` feeds the graph for `path`'s rows (its reader, then its cast)."""
     from forde_serve._sources import open_source
