@@ -121,3 +121,31 @@ def test_compare_without_out_prints_and_writes_nothing(tmp_path):
     result = run_forde("compare", tmp_path / "a", tmp_path / "b", check=False, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "accuracy" in result.stdout and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+@pytest.mark.slow
+def test_export_and_evaluate_outputs_respect_the_umask(tmp_path, tiny_config):
+    import os
+    import stat
+
+    run_forde("train", tiny_config(epochs=1), "--out", tmp_path / "run", "--quiet")
+
+    def umask_027():
+        os.umask(0o027)
+
+    run_forde("export", tmp_path / "run", "--out", tmp_path / "out" / "m.onnx", preexec_fn=umask_027)
+    run_forde(
+        "evaluate",
+        tmp_path / "out" / "m.onnx",
+        "--out",
+        tmp_path / "out" / "report",
+        "--gradient-rows",
+        "8",
+        "--quiet",
+        preexec_fn=umask_027,
+    )
+    written = sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert {"m.onnx", "m.explain.onnx", "metrics.json", "report.md"} <= {p.name for p in written}
+    assert any(p.suffix == ".png" for p in written)
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, (path.name, oct(path.stat().st_mode))

@@ -677,6 +677,7 @@ def test_a_members_form_field_must_be_a_boolean(client):
 def test_every_error_has_one_shape(client):
     """The body of every 4xx, from whichever layer refused the request, has the same two keys."""
     cases = [
+        (client.get("/predict"), 405),
         (_json(client, "predict", {"inputs": [{"input": ROW, "member": True}]}), 400),
         (_json(client, "predict", {"inputs": []}), 400),
         (_raw(client, "predict", b'{"inputs": ['), 400),
@@ -704,6 +705,8 @@ def test_the_openapi_spec_describes_what_the_service_does(client):
     # member_probs is null unless asked for; saliency_png is null unless asked for
     assert schemas["Prediction"]["properties"]["member_probs"]["nullable"] is True
     assert schemas["Explanation"]["properties"]["saliency_png"]["nullable"] is True
+    form = spec["paths"]["/predict_image"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["additionalProperties"] is False and form["required"] == ["image"]
     image_answer = spec["paths"]["/predict_image"]["post"]["responses"]["200"]["content"]["application/json"]
     assert image_answer["schema"] == {"$ref": "#/components/schemas/Prediction"}
     # an input is described with its shape, so a client (or a fuzzer) can build a valid one

@@ -132,10 +132,11 @@ class RequestEdge:
             return await self.app(scope, receive, send)
         if scope["method"] == "GET" and scope["path"] == "/docs.json":
             return await self.app(scope, receive, _Rewrite(send, self._spec, statuses=(200,)))
-        route = self.routes.get(scope["path"]) if scope["method"] == "POST" else None
+        route = self.routes.get(scope["path"])
+        post = route is not None and scope["method"] == "POST"
         try:
-            receive = await self._within_limit(scope, receive, buffer=route is not None and bool(route.files))
-            if route is not None:
+            receive = await self._within_limit(scope, receive, buffer=post and bool(route.files))
+            if post:
                 await self._check(route, scope, receive)
         except _Refuse as refused:
             return await _answer(send, refused.status, refused.field, refused.message)
@@ -204,7 +205,7 @@ async def _check_form(route: _Route, scope, body: bytes) -> None:
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    request = Request({**scope, "app": None}, once)
+    request = Request(scope, once)
     try:
         form = await request.form(max_files=len(route.files) + 1, max_fields=len(route.fields) + 1)
     except (MultiPartException, HTTPException) as err:
@@ -340,6 +341,9 @@ def truthful_spec(spec: dict[str, Any], routes: dict[str, _Route]) -> dict[str, 
                 "content": {JSON: {"schema": {"$ref": _REF.format(model="ErrorBody")}}},
             }
         operation["responses"] = responses
+        if route.media_type == MULTIPART:  # the edge refuses any other part
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                media.get("schema", {})["additionalProperties"] = False
     _use_originals(spec, schemas)
     _nullable(schemas)
     return spec
