@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,7 +75,10 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
     import httpx
 
     port = free_port()
-    env = dict(os.environ) | {"FORDE_MODEL": str(MODEL)} | (env_extra or {})
+    # Its own BENTOML_HOME: every `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it
+    # starts, which would wipe the /metrics of any other server on the machine (another test's, too).
+    home = tempfile.mkdtemp(prefix="forde-bentoml-home-")
+    env = dict(os.environ) | {"FORDE_MODEL": str(MODEL), "BENTOML_HOME": home} | (env_extra or {})
     command = command or [
         sys.executable,
         "-m",
@@ -95,7 +99,7 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    process.log = Path(log.name)
+    process.log, process.home = Path(log.name), Path(home)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,7 +116,7 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
 
 
 def stop_server(process) -> None:
-    """Stop a server from `start_server` and everything left in its process group; remove its log."""
+    """Stop a server from `start_server` and everything left in its process group; remove its log and home."""
     try:
         os.killpg(process.pid, signal.SIGTERM)  # the group: children that outlived their parent too
     except ProcessLookupError:
@@ -123,6 +127,7 @@ def stop_server(process) -> None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     process.log.unlink(missing_ok=True)
+    shutil.rmtree(process.home, ignore_errors=True)
 
 
 # Put in front of `python -c` code: makes torch and torchvision unimportable in that process.

@@ -448,28 +448,32 @@ def _strict_json_row(first_pixel: str):
 
 def test_one_callers_overflow_does_not_fail_another_callers_batch(client, runtime, digits, monkeypatch):
     """Adaptive batching runs concurrent requests as one graph call: a row that overflows must fail its own
-    request only."""
+    request only. Whether requests share a batch is up to BentoML's timing, so bursts are sent until one did."""
     x = digits[0][:24]
+    expected = runtime.predict(x)
     overflow = _strict_json_row("3e38")
 
     def call(i):
         row = overflow if i % 4 == 1 else x[i].tolist()
         return i, client.post("/predict", json={"inputs": [{"input": row}]})
 
-    batches = _count_batches(client, monkeypatch)
-    with ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(call, range(24)))
-    rows, calls = batches()
-    assert rows == 24 and calls < 24, "no two requests were batched together: nothing was tested"
-    expected = runtime.predict(x)
-    for i, response in answers:
-        if i % 4 == 1:
-            _assert_error_shape(response, 400, "row(s) 0")
-        else:
-            assert response.status_code == 200, response.text
-            row = _strict_json(response)[0]
-            assert row["predicted_class"] == int(expected["predicted_class"][i])
-            np.testing.assert_allclose(row["probs"], expected["probs"][i], atol=1e-5)
+    for _ in range(5):
+        batches = _count_batches(client, monkeypatch)
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(call, range(24)))
+        for i, response in answers:
+            if i % 4 == 1:
+                _assert_error_shape(response, 400, "row(s) 0")
+            else:
+                assert response.status_code == 200, response.text
+                row = _strict_json(response)[0]
+                assert row["predicted_class"] == int(expected["predicted_class"][i])
+                np.testing.assert_allclose(row["probs"], expected["probs"][i], atol=1e-5)
+        rows, calls = batches()
+        assert rows == 24
+        if calls < 24:
+            return
+    pytest.fail("in five bursts of 24 concurrent requests no two were batched together: nothing was tested")
 
 
 @pytest.mark.parametrize("digits_count", [39, 309, 400, 4000])
