@@ -70,10 +70,12 @@ def test_caller_mistakes_are_logged_on_one_line():
             assert httpx.post(f"{url}/predict", json=body, timeout=30).status_code == 400
         files = {"image": ("x.png", b"not a picture", "image/png")}
         assert httpx.post(f"{url}/predict_image", files=files, timeout=30).status_code == 400
+        text = {"content-type": "text/plain"}  # refused before BentoML parses it
+        assert httpx.post(f"{url}/predict", content=b"{}", headers=text, timeout=30).status_code == 415
         time.sleep(1)  # let the worker flush its log
         log = process.log.read_text()
         refused = [line for line in log.splitlines() if "Refused" in line]
-        assert len(refused) == 4, log[-3000:]
+        assert len(refused) == 5, log[-3000:]
         assert "Traceback" not in log and "Exception on" not in log, log[-3000:]
         assert "inputs[0].input: expected shape [1, 8, 8], got [8, 8]" in refused[0]
     finally:

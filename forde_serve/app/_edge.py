@@ -35,6 +35,8 @@ from forde_serve.runtime import InvalidInput
 
 __all__ = ["ErrorBody", "Problem", "RequestEdge", "quiet_caller_errors", "refusal", "truthful_spec"]
 
+log = logging.getLogger(__name__)
+
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
 _REF = "#/components/schemas/{model}"
@@ -139,6 +141,7 @@ class RequestEdge:
             if post:
                 await self._check(route, scope, receive)
         except _Refuse as refused:
+            log.warning("Refused %s [%s]: %s: %s", scope["path"], scope["method"], refused.field, refused.message)
             return await _answer(send, refused.status, refused.field, refused.message)
         if route is None:
             return await self.app(scope, receive, send)
