@@ -61,12 +61,10 @@ class ErrorBody(BaseModel):
     )
 
 
-def refusal(err: InvalidInput, field: str | None = None) -> BentoMLException:
-    """A caller's bad input as the exception BentoML answers with its status (413 for a picture too
-    large, else 400); `field` replaces the runtime's own field name (its message's prefix)."""
+def refusal(err: InvalidInput) -> BentoMLException:
+    """A caller's bad input as the exception BentoML answers with its status: 413 for a picture too
+    large, else 400. The message (field: expected, got) is the error's own."""
     message = str(err)
-    if field is not None:
-        message = f"{field}: {message.split(': ', 1)[-1]}"
     if isinstance(err, ImageTooLarge):
         return BentoMLException(message, error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
     return InvalidArgument(message)

@@ -329,13 +329,14 @@ class FordeEnsemble:
 
     @staticmethod
     def _run(field: str, method, *args) -> dict[str, np.ndarray]:
-        """`method(*args)` of the runtime, its refusals as BentoML's 4xx naming the request's `field`."""
+        """`method(*args)` of the runtime, its refusals as BentoML's 4xx; rows whose outputs are not finite
+        are named as rows of the request's `field`."""
         try:
             return method(*args)
         except NonFiniteOutput as err:
             raise _unscorable(list(err.rows), field) from None
         except InvalidInput as err:
-            raise refusal(err, field) from None
+            raise refusal(err) from None
 
     def _image_to_input(self, path: Path) -> np.ndarray:
         try:
