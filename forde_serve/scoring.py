@@ -24,7 +24,7 @@ import numpy as np
 from forde_serve._io import atomic_path, atomic_write_text
 from forde_serve._sources import InputFileError, open_source
 from forde_serve.errors import FordeError
-from forde_serve.runtime import NOT_FINITE, EnsembleRuntime, finite_float32_rows
+from forde_serve.runtime import NOT_FINITE, NOT_FINITE_OUTPUTS, EnsembleRuntime, NonFiniteOutput, finite_float32_rows
 
 __all__ = ["InputFileError", "ScoreJob", "ScoreSummary", "ScoringError", "score"]
 
@@ -260,9 +260,9 @@ class _PartScorer:
                     bad.setdefault(int(r), f"input: {NOT_FINITE}")
                 ok = np.ones(len(x), dtype=bool)
                 ok[list(bad)] = False
+                out = self._run(x, ok, bad) if ok.any() else None
                 ids = self.source.row_ids(first, last)
                 errors += [{"row": first + r, "row_id": _plain(ids[r]), "reason": bad[r]} for r in sorted(bad)]
-                out = self._run(x[ok]) if ok.any() else None
                 table = _table(out, ids[ok], np.flatnonzero(ok) + first, self._class_names, self._named_rows)
                 writer = writer or pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
@@ -280,8 +280,19 @@ class _PartScorer:
             atomic_write_text(_part_path(job, part, "errors"), json.dumps(errors))
         return {"rows": stop - start, "failed": len(errors)}
 
-    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return self.runtime.explain(x) if self.job.explain else self.runtime.predict(x)
+    def _run(self, x: np.ndarray, ok: np.ndarray, bad: dict[int, str]) -> dict[str, np.ndarray] | None:
+        """Outputs for the rows of `x` marked `ok`. Rows whose outputs come out NaN or infinite join `bad`
+        (and leave `ok`) rather than the results: the rest of the batch is kept, not run again."""
+        positions = np.flatnonzero(ok)
+        try:
+            return self.runtime.explain(x[ok]) if self.job.explain else self.runtime.predict(x[ok])
+        except NonFiniteOutput as err:
+            for r in err.rows:
+                bad[int(positions[r])] = f"input: {NOT_FINITE_OUTPUTS}"
+            ok[positions[list(err.rows)]] = False
+            keep = np.ones(len(positions), dtype=bool)
+            keep[list(err.rows)] = False
+            return {name: value[keep] for name, value in err.outputs.items()} if keep.any() else None
 
 
 def _plain(value):

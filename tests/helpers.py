@@ -7,10 +7,12 @@ import contextlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +25,8 @@ MODEL = ROOT / "exported" / "digits.onnx"  # the committed default model
 
 def run_forde(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     """Run the installed `forde` console script as a real process."""
-    result = subprocess.run([FORDE, *map(str, args)], capture_output=True, text=True, cwd=ROOT, **kwargs)
+    kwargs.setdefault("cwd", ROOT)
+    result = subprocess.run([FORDE, *map(str, args)], capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"forde {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
     return result
@@ -73,7 +76,10 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
     import httpx
 
     port = free_port()
-    env = dict(os.environ) | {"FORDE_MODEL": str(MODEL)} | (env_extra or {})
+    # Its own BENTOML_HOME: every `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it
+    # starts, which would wipe the /metrics of any other server on the machine (another test's, too).
+    home = tempfile.mkdtemp(prefix="forde-bentoml-home-")
+    env = dict(os.environ) | {"FORDE_MODEL": str(MODEL), "BENTOML_HOME": home} | (env_extra or {})
     command = command or [
         sys.executable,
         "-m",
@@ -83,19 +89,23 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
         "--host",
         "127.0.0.1",
     ]
-    process = subprocess.Popen(
-        [*command, "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    # The server's output (its log) goes to a file, not a pipe: nobody reads a pipe while the server runs,
+    # and a full one would block the server. `process.log` is its path.
+    with tempfile.NamedTemporaryFile(prefix="forde-server-", suffix=".log", delete=False) as log:
+        process = subprocess.Popen(
+            [*command, "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    process.log, process.home = Path(log.name), Path(home)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"bentoml serve exited: {process.stderr.read().decode()[-2000:]}")
+            raise AssertionError(f"bentoml serve exited: {process.log.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return process, url
@@ -107,13 +117,18 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
 
 
 def stop_server(process) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    """Stop a server from `start_server` and everything left in its process group; remove its log and home."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)  # the group: children that outlived their parent too
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    process.log.unlink(missing_ok=True)
+    shutil.rmtree(process.home, ignore_errors=True)
 
 
 # Put in front of `python -c` code: makes torch and torchvision unimportable in that process.

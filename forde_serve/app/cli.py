@@ -19,9 +19,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import ProgressColumn
 from rich.table import Table
-from rich.text import Text
 
 from forde_serve.errors import FordeError
 
@@ -413,20 +411,19 @@ def evaluate(
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("comparison.md"),
-    show_default=True,
-    help="Markdown file to write the table to.",
+    help="Also write the table as Markdown to this file (default: print it only, write nothing).",
 )
-def compare(reports: tuple[Path, ...], out: Path) -> None:
+def compare(reports: tuple[Path, ...], out: Path | None) -> None:
     """Put evaluation REPORTS (folders written by `forde evaluate`) side by side, with each one's
-    difference to the first (e.g. `forde compare reports/de reports/forde`)."""
+    difference to the first (e.g. `forde compare reports/de reports/forde --out comparison.md`)."""
     from forde_serve._io import atomic_write_text
     from forde_serve.report import compare_reports
 
     if len(reports) < 2:
         raise _UserError(f"REPORTS: expected at least two report folders to compare, got {len(reports)}")
     names, rows, markdown = compare_reports(list(reports))
-    atomic_write_text(out, markdown)
+    if out is not None:
+        atomic_write_text(out, markdown)
     table = Table(title="comparison")
     table.add_column("metric")
     for name in names:
@@ -440,7 +437,8 @@ def compare(reports: tuple[Path, ...], out: Path) -> None:
             *["n/a" if d is None else f"{d:+.4f}" for d in diffs],
         )
     Console().print(table)
-    click.echo(f"written to {out}")
+    if out is not None:
+        click.echo(f"written to {out}")
 
 
 SOME_ROWS_FAILED = 3  # `forde score` finished, but rows listed in the errors file were not scored
@@ -530,15 +528,10 @@ def score(
     from forde_serve.scoring import ScoreJob
     from forde_serve.scoring import score as run_score
 
-    columns = (
-        TextColumn("scoring"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("rows"),
-        _RowsPerSecond(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, disable=quiet, transient=False) as bar:
+    # No rate on the bar: the summary's end-to-end figure is the one throughput this prints, and the bar
+    # leaves the screen when the job is done.
+    columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn())
+    with Progress(*columns, disable=quiet, transient=True) as bar:
         task = bar.add_task("score", total=None)
 
         def on_rows(done: int, total: int) -> None:
@@ -559,8 +552,9 @@ def score(
         table.add_row("mean mutual information", f"{summary.mean_mutual_information:.4f}")
         table.add_row("mean predictive entropy", f"{summary.mean_predictive_entropy:.4f}")
         table.add_row(
-            "this run",
-            f"{summary.rows_this_run} rows in {summary.seconds:.1f} s ({summary.rows_per_second:,.0f} rows/s)",
+            "throughput",
+            f"{summary.rows_this_run} rows in {summary.seconds:.1f} s: {summary.rows_per_second:,.0f} rows/s "
+            "(this run, end to end: model loading and writing included)",
         )
         for name, path in summary.outputs.items():
             table.add_row(name, path)
@@ -572,24 +566,25 @@ def score(
         sys.exit(SOME_ROWS_FAILED)
 
 
-class _RowsPerSecond(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:,.0f} rows/s" if task.speed else "- rows/s")
-
-
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--port", type=click.IntRange(1, 65535), default=3000, show_default=True, help="HTTP port.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on: 127.0.0.1 is this machine only; 0.0.0.0 is every interface.",
+)
 def serve(model: Path | None, port: int, host: str) -> None:
     """Serve an exported MODEL (NAME.onnx; default: exported/digits.onnx) over HTTP with BentoML.
 
-    The same as `FORDE_MODEL=MODEL bentoml serve forde_serve.app.service:FordeEnsemble --port PORT`.
-    Endpoints: /predict, /explain, /predict_image, /metadata (POST), /readyz, /metrics, /docs, and
-    /ui, a page to try the model in a browser.
+    The same as `FORDE_MODEL=MODEL bentoml serve forde_serve.app.service:FordeEnsemble --host HOST
+    --port PORT`, which this command becomes (it replaces itself with it), so SIGTERM or Ctrl+C stops
+    the server and its worker processes. Endpoints: /predict, /explain, /predict_image, /metadata (POST);
+    /readyz, /livez, /metrics; the Swagger page at /, the OpenAPI
+    spec at /docs.json, and /ui, a page to try the model in a browser.
     """
     import os
-    import subprocess
 
     from forde_serve.runtime import EnsembleRuntime
 
@@ -597,6 +592,7 @@ def serve(model: Path | None, port: int, host: str) -> None:
     if model is not None:
         EnsembleRuntime(model, providers=["CPUExecutionProvider"])  # a bad file is one line here, not in the server
         env["FORDE_MODEL"] = str(model.resolve())
+    _check_can_listen(host, port)
     command = [
         sys.executable,
         "-m",
@@ -608,10 +604,33 @@ def serve(model: Path | None, port: int, host: str) -> None:
         "--host",
         host,
     ]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exec, not a child: a supervisor's SIGTERM then reaches BentoML's own process, which stops its workers
+    # and frees the port; a child left behind by a killed parent would keep serving.
+    os.execve(sys.executable, command, env)
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Refuse, in one line, a port that is taken (or a host that is not this machine's) before BentoML
+    starts and fails with a traceback. The server binds a moment later, so a race stays possible."""
+    import errno
+    import socket
+
     try:
-        sys.exit(subprocess.call(command, env=env))
-    except KeyboardInterrupt:  # Ctrl+C reaches the server too; it shuts itself down
-        sys.exit(130)
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise _UserError(f"--host: expected an address of this machine, got {host!r} ({err.strerror})") from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise _UserError(
+                    f"--port: {port} on {host} is already in use; stop what holds it or pick another"
+                ) from None
+            raise _UserError(f"--host/--port: cannot listen on {host}:{port} ({err.strerror})") from None
 
 
 if __name__ == "__main__":  # pragma: no cover
