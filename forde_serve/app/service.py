@@ -192,7 +192,7 @@ class Explanation(Prediction):
     mean_gradient: Annotated[list, _nested_numbers(_SHAPE, "[*input_shape]: the members' mean input gradient")]
     saliency_png: str | None = Field(
         None,
-        description="base64 PNG: each member's input gradient over the input, titled with its vote; null unless asked for",
+        description="base64 PNG: each member's input gradient over the input; null unless asked for",
     )
 
 
