@@ -106,7 +106,7 @@ def test_bad_pictures_get_a_message_that_names_them(runtime, tmp_path):
             drawing_to_input(runtime.card, empty)
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a picture")
-    with pytest.raises(InvalidInput, match="^image: expected a PNG or JPEG file"):
+    with pytest.raises(InvalidInput, match="^image: expected a PNG, JPEG, WEBP, BMP, TIFF or GIF picture"):
         upload_to_input(runtime.card, junk)
     with pytest.raises(InvalidInput, match="^image: expected an uploaded picture, got none"):
         upload_to_input(runtime.card, None)
