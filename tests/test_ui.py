@@ -194,7 +194,7 @@ def test_an_invalid_upload_shows_a_message_and_the_page_keeps_working(driver, tm
     junk.write_bytes(b"this is not a picture")
     ui_upload(driver, junk)
     texts = ui_predict(driver, lambda t: t["message"] != "")
-    assert "image: expected a PNG or JPEG file" in texts["message"] and texts["label"] == "–"
+    assert "image: expected a PNG, JPEG, WEBP, BMP, TIFF or GIF picture" in texts["message"] and texts["label"] == "–"
 
     huge = tmp_path / "huge.png"
     Image.new("L", (5000, 4000), 255).save(huge)  # 20 Mpx, a small file
