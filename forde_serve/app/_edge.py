@@ -230,7 +230,7 @@ async def _check_form(route: _Route, scope, body: bytes) -> None:
             if name in route.files and not is_file:
                 raise _Refuse(400, name, "expected a file part (one with a filename), got a text field")
             if name not in route.files and is_file:
-                raise _Refuse(400, name, "expected a text field (JSON: true or false), got a file part")
+                raise _Refuse(400, name, "expected a text field (a JSON value such as true or 0.9), got a file part")
         missing = [f for f, required in route.fields.items() if required and f not in names]
         if missing:
             raise _Refuse(400, missing[0], f"{route.takes()}, got no {missing[0]} part")

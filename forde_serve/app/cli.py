@@ -487,6 +487,12 @@ SOME_ROWS_FAILED = 3  # `forde score` finished, but rows listed in the errors fi
     type=click.IntRange(min=1),
     help="Ray actors (default: one per GPU, else one per CPU); for a local cluster, also its CPUs.",
 )
+@click.option(
+    "--coverage",
+    type=float,
+    help="Also write each row's conformal prediction set at this coverage (a level the model stores, e.g. 0.9): "
+    "columns prediction_set (class names) and set_size.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT (and any unfinished parts) and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 def score(
@@ -500,6 +506,7 @@ def score(
     engine: str,
     address: str | None,
     workers: int | None,
+    coverage: float | None,
     overwrite: bool,
     quiet: bool,
 ) -> None:
@@ -510,12 +517,12 @@ def score(
       rows.npy      [rows, *input_shape], memory-mapped (files larger than RAM work)
       rows.npz      one named array (--key NAME when it holds several)
       rows.parquet  a column of number lists (--key COLUMN; default 'input')
-      images/       a folder of PNG/JPEG files, converted as the model's metadata says
+      images/       a folder of pictures (PNG, JPEG, WebP, BMP, TIFF, GIF), converted as the model's metadata says
 
     Each output row holds row_id (input index, or file name for images), predicted_class,
     class_name, confidence, probs, predictive_entropy, expected_entropy, mutual_information,
-    vote_disagreement and abstain. Rows that cannot be scored (non-finite values, unreadable
-    images) go to NAME.errors.csv with the reason.
+    vote_disagreement and abstain (and, with --coverage, prediction_set and set_size). Rows that
+    cannot be scored (non-finite values, unreadable images) go to NAME.errors.csv with the reason.
 
     Killed? Run the same command again: finished parts (NAME.parquet.parts/) are kept and the
     rest is scored, each row exactly once.
@@ -538,7 +545,14 @@ def score(
             bar.update(task, completed=done, total=total)
 
         job = ScoreJob(
-            model=model, input=input, out=out, key=key, explain=explain, batch_size=batch_size, part_rows=part_rows
+            model=model,
+            input=input,
+            out=out,
+            key=key,
+            explain=explain,
+            batch_size=batch_size,
+            part_rows=part_rows,
+            coverage=coverage,
         )
         summary = run_score(job, engine=engine, address=address, workers=workers, overwrite=overwrite, on_rows=on_rows)
     if not quiet:

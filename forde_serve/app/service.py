@@ -114,12 +114,30 @@ def _one_request(rows: list) -> list:
     return rows
 
 
+def _check_coverage(value: float | None) -> float | None:
+    if value is not None:
+        try:
+            RUNTIME.check_coverage(value)
+        except InvalidInput as err:
+            raise ValueError(str(err).removeprefix("coverage: ")) from None
+    return value
+
+
+_COVERAGE_DESCRIPTION = (
+    "also return the conformal prediction set at this coverage: the classes that hold the true one with "
+    f"this probability on data like the validation split; one of {', '.join(f'{c:g}' for c in _CARD.coverage_levels)}"
+    if _CARD.coverage_levels
+    else "prediction sets: this model file has no conformal thresholds, so only null is accepted"
+)
+
+
 class PredictRow(BaseModel):
     # extra: a misspelt option is an error, not silently ignored; strict: "yes" is not a boolean
     model_config = ConfigDict(extra="forbid", strict=True)
 
     input: Annotated[list, _nested_numbers(_SHAPE, f"one raw input shaped {_SHAPE}: {_CARD.input_space}")]
     members: bool = Field(False, description="also return every member's probabilities")
+    coverage: float | None = Field(None, description=_COVERAGE_DESCRIPTION)
     _position: int = PrivateAttr(0)
     _request: _Request | None = PrivateAttr(None)
 
@@ -127,6 +145,11 @@ class PredictRow(BaseModel):
     @classmethod
     def _check_input(cls, value: list) -> np.ndarray:
         return _raw_input(value)
+
+    @field_validator("coverage")
+    @classmethod
+    def _check_coverage(cls, value: float | None) -> float | None:
+        return _check_coverage(value)
 
 
 _TARGET_SCHEMA = {
@@ -173,6 +196,12 @@ class Prediction(BaseModel):
     member_probs: list[list[float]] | None = Field(
         None, description="[members, classes]: each member's probabilities; null unless asked for with members"
     )
+    prediction_set: list[str] | None = Field(
+        None,
+        description="class names in the conformal prediction set at the requested coverage (may be empty: no "
+        "class is likely enough); null unless asked for with coverage",
+    )
+    set_size: int | None = Field(None, description="number of classes in prediction_set; null unless asked for")
 
     @model_validator(mode="before")
     @classmethod
@@ -206,9 +235,15 @@ class ModelInfo(BaseModel):
     method: str = Field(description="forde or de")
     kernel: dict | None
     metrics: dict = Field(description="the run's clean test metrics (a value the file holds as NaN is null)")
-    abstain_threshold: float = Field(description="abstain when mutual_information is above this")
+    abstain_threshold: float | None = Field(
+        description="abstain when mutual_information is above this; null: never (no validation data chose one)"
+    )
     abstain_coverage: float | None
     abstain_target_risk: float | None
+    temperature: float = Field(description="the member logits are divided by this before the softmax (calibration)")
+    calibration: dict | None = Field(description="temperature fit: NLL and ECE on the validation split before/after")
+    coverage_levels: list[float] = Field(description="levels a request may ask prediction sets for (coverage)")
+    conformal_score: str | None = Field(description="score of the prediction sets: lac, aps or raps")
     max_inputs_per_request: int
     format_version: str
 
@@ -227,7 +262,19 @@ def _json_safe(value: Any) -> Any:
 _ROWS_PER_REQUEST = Field(min_length=1, max_length=MAX_INPUTS)
 
 
-def _rows(out: dict[str, np.ndarray], members: list[bool]) -> list[dict]:
+def _prediction_sets(probs: np.ndarray, coverages: list[float | None], skip=()) -> list[list[str] | None]:
+    """Each row's prediction set (class names) at its own coverage level (None: not asked for). Rows of
+    a batch may ask for different levels: one vectorized call per level present."""
+    sets: list[list[str] | None] = [None] * len(coverages)
+    for level in {c for c in coverages if c is not None}:
+        rows = [i for i, c in enumerate(coverages) if c == level and i not in skip]
+        if rows:
+            for i, mask in zip(rows, RUNTIME.prediction_sets(probs[rows], level), strict=True):
+                sets[i] = [_CARD.class_names[k] for k in np.flatnonzero(mask)]
+    return sets
+
+
+def _rows(out: dict[str, np.ndarray], members: list[bool], sets: list[list[str] | None] | None = None) -> list[dict]:
     rows = []
     for i, with_members in enumerate(members):
         index = int(out["predicted_class"][i])
@@ -243,6 +290,8 @@ def _rows(out: dict[str, np.ndarray], members: list[bool]) -> list[dict]:
                 },
                 "abstain": bool(out["abstain"][i]),
                 "member_probs": out["member_probs"][i].tolist() if with_members else None,
+                "prediction_set": None if sets is None else sets[i],
+                "set_size": None if sets is None or sets[i] is None else len(sets[i]),
             }
         )
     return rows
@@ -271,7 +320,8 @@ class FordeEnsemble:
             out, unscorable = self.runtime.predict(x), ()
         except NonFiniteOutput as err:
             out, unscorable = err.outputs, err.rows
-        rows: list = _rows(out, [row.members for row in inputs])
+        sets = _prediction_sets(out["probs"], [row.coverage for row in inputs], skip=set(unscorable))
+        rows: list = _rows(out, [row.members for row in inputs], sets)
         # `inputs` may hold the rows of several requests (adaptive batching): a row whose outputs are not
         # finite is answered by its request, which the response model refuses (`Prediction`), so only that
         # request fails; called with rows not parsed from a request, the whole call fails.
@@ -290,7 +340,7 @@ class FordeEnsemble:
         targets = np.asarray([-1 if row.target is None else row.target for row in inputs], dtype=np.int64)
         out = self._run("inputs", self.runtime.explain, x, targets)
         chosen = np.where(targets < 0, out["predicted_class"], targets)
-        rows = _rows(out, [row.members for row in inputs])
+        rows = _rows(out, [row.members for row in inputs], _prediction_sets(out["probs"], [r.coverage for r in inputs]))
         for i, row in enumerate(inputs):
             grads = out["input_gradients"][i]
             rows[i] |= {
@@ -308,10 +358,16 @@ class FordeEnsemble:
         self,
         image: Annotated[Path, Field(description=f"a picture ({', '.join(IMAGE_FORMATS)}), known by its content")],
         members: Annotated[bool, Strict()] = False,
+        coverage: Annotated[float | None, Strict(), Field(description=_COVERAGE_DESCRIPTION)] = None,
     ) -> Prediction:
         """An uploaded picture, converted to the model's input as its metadata says."""
+        try:
+            _check_coverage(coverage)
+        except ValueError as err:
+            raise InvalidArgument(f"coverage: {err}") from None
         x = self._image_to_input(image)
-        return Prediction(**_rows(self._run("image", self.runtime.predict, x[None]), [members])[0])
+        out = self._run("image", self.runtime.predict, x[None])
+        return Prediction(**_rows(out, [members], _prediction_sets(out["probs"], [coverage]))[0])
 
     @bentoml.api
     def metadata(self) -> ModelInfo:
@@ -346,9 +402,13 @@ _MODEL_INFO = ModelInfo(
     method=_CARD.method,
     kernel=_json_safe(_CARD.kernel),
     metrics=_json_safe(_CARD.metrics),
-    abstain_threshold=_CARD.abstain_threshold,
+    abstain_threshold=_json_safe(_CARD.abstain_threshold),
     abstain_coverage=_json_safe(_CARD.abstain_coverage),
     abstain_target_risk=_json_safe(_CARD.abstain_target_risk),
+    temperature=_CARD.temperature,
+    calibration=None if _CARD.calibration is None else _CARD.calibration.to_metadata(),
+    coverage_levels=list(_CARD.coverage_levels),
+    conformal_score=None if _CARD.conformal is None else _CARD.conformal.score,
     max_inputs_per_request=MAX_INPUTS,
     format_version=_CARD.format_version,
 )
