@@ -129,6 +129,9 @@ def train(
     member weights (safetensors), train_log.jsonl and metrics.json (clean test accuracy, NLL,
     ECE, Brier, gradient cosine distance). A checkpoint is written after every epoch.
 
+    Your own pictures: data.dataset = "imagefolder", data.root holding train/<class>/ (and
+    optionally val/ and test/), data.image_size S; see training/configs/imagefolder.toml.
+
     With --nproc N (or `torchrun --nproc_per_node N -m training ...`) every process holds all
     members and takes 1/N of each global batch; the repulsion still sees the whole global batch,
     so the result does not depend on N. Only rank 0 writes the run folder.
@@ -156,13 +159,16 @@ def train(
 
     if metrics is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
-    table = Table(title=f"{plan.config.ensemble.method} x{plan.config.ensemble.members}: clean test metrics")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in metrics.items():
-        table.add_row(name, f"{value:.4f}")
     console = Console()
-    console.print(table)
+    if metrics:
+        table = Table(title=f"{plan.config.ensemble.method} x{plan.config.ensemble.members}: clean test metrics")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in metrics.items():
+            table.add_row(name, f"{value:.4f}")
+        console.print(table)
+    else:
+        console.print("no test split (the image folder has no test/): metrics.json is empty")
     console.print(f"run folder: {plan.run_dir}")
 
 
