@@ -1,6 +1,6 @@
 """Your own pictures: the image-folder layout and its errors, the held-out validation split, the
-normalization statistics, streamed training batches, and the serving side's conversion (equal to
-torchvision's evaluation transform)."""
+normalization statistics, streamed training batches, the serving side's conversion (equal to
+torchvision's evaluation transform), and the RGB corruption suite."""
 
 import shutil
 
@@ -12,6 +12,7 @@ from torchvision.transforms import v2
 
 from forde_serve.images import image_to_input
 from training.config import ConfigError, DataConfig, load_config
+from training.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupted_versions
 from training.data import Dataset, DatasetError, Split, augment_batch, load_dataset
 
 from helpers import PICTURE_CLASSES, draw_picture, write_image_folder
@@ -229,3 +230,44 @@ def test_digits_and_cifar_specs_convert_as_before(tmp_path):
     digits = {"mode": "L", "size": [8, 8], "scale": 16 / 255, "invert": True}
     gray = np.asarray(picture.convert("L").resize((8, 8), Image.BILINEAR), dtype=np.float32)
     assert np.array_equal(image_to_input(path, digits)[0], (255.0 - gray) * np.float32(16 / 255))
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    rng = np.random.default_rng(0)
+    arrays = [np.asarray(draw_picture(PICTURE_CLASSES[i % 3], 20, 20, rng)) for i in range(6)]
+    return torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def test_rgb_suite_is_deterministic_in_range_and_grows_with_severity(pictures):
+    sets = list(corrupted_versions(pictures, seed=3))
+    assert len(CORRUPTIONS) == 15 and len(sets) == 75
+    for name, severity, x in sets:
+        assert x.shape == pictures.shape and x.dtype == torch.float32, name
+        assert 0.0 <= x.min() and x.max() <= 1.0, name
+        assert torch.equal(x, corrupt(pictures, name, severity, seed=3)), f"{name} {severity} not deterministic"
+    for name in CORRUPTIONS:
+        change = [float((corrupt(pictures, name, s, seed=3) - pictures).abs().mean()) for s in SEVERITIES]
+        assert change[0] > 0 and change[4] > change[0], f"{name}: severity 5 should change more than 1: {change}"
+    assert not torch.equal(corrupt(pictures, "snow", 3, seed=0), corrupt(pictures, "snow", 3, seed=1))
+    # a set's randomness does not depend on which sets came before it
+    assert torch.equal(
+        corrupt(pictures[:2], "gaussian_noise", 2, seed=5), corrupt(pictures[:2], "gaussian_noise", 2, 5)
+    )
+
+
+def test_rgb_suite_by_hand(pictures):
+    # contrast: torchvision's adjust_contrast, a blend toward the grey mean with factor 0.15 at severity 5
+    grey = (0.2989 * pictures[:, 0] + 0.587 * pictures[:, 1] + 0.114 * pictures[:, 2]).mean((1, 2))
+    expected = (0.15 * pictures + 0.85 * grey[:, None, None, None]).clamp(0, 1)
+    torch.testing.assert_close(corrupt(pictures, "contrast", 5), expected, atol=1e-5, rtol=0)
+    # brightness in HSV: V + 0.3 with hue and saturation kept, so each channel scales by (V + 0.3) / V
+    value = pictures.amax(1, keepdim=True)
+    expected = torch.where(value > 0, pictures * (value + 0.3).clamp_max(1) / value, 0.3)
+    torch.testing.assert_close(corrupt(pictures, "brightness", 5), expected.clamp(0, 1))
+    with pytest.raises(ValueError, match="expected one of"):
+        corrupt(pictures, "frost", 1)
+    with pytest.raises(ValueError, match="severity: expected 1 to 5, got 0"):
+        corrupt(pictures, "fog", 0)
+    with pytest.raises(ValueError, match=r"expected RGB pictures \[N, 3, H, W\]"):
+        corrupt(pictures[:, :1], "fog", 1)

@@ -242,12 +242,16 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
     "--data",
-    type=click.Choice(["digits", "cifar10", "cifar100"]),
+    type=click.Choice(["digits", "cifar10", "cifar100", "imagefolder"]),
     default="digits",
     show_default=True,
     help="The dataset the model was trained on; its test split is evaluated clean and corrupted.",
 )
-@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding CIFAR (torchvision's layout).")
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    help="Folder holding CIFAR (torchvision's layout), or the image folder (train/, val/, test/ of class folders).",
+)
 @click.option(
     "--corrupted-root",
     type=click.Path(file_okay=False),
@@ -259,11 +263,13 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
     type=click.Path(dir_okay=False, path_type=Path),
     help="Out-of-distribution inputs (.npy, raw input space) for the MI detection AUROC.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the digits-C corruptions.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the digits-C and image-folder corruptions."
+)
 @click.option(
     "--per-severity",
     type=click.IntRange(min=1),
-    help="CIFAR-C: evaluate the first N images of each severity (default: all 10000).",
+    help="CIFAR-C and image folders: corrupt only the first N images of each severity (default: all).",
 )
 @click.option(
     "--gradient-rows",
@@ -277,7 +283,7 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
     type=click.Choice(["test", "validation"]),
     default="test",
     show_default=True,
-    help="validation: measure the validation split (digits), to choose settings without the test split.",
+    help="validation: measure the validation split (digits, image folders), to choose settings without the test split.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 def evaluate(
@@ -297,8 +303,9 @@ def evaluate(
 
     \b
     Clean and corrupted test data (digits: the digits-C suite, 11 corruptions x 5 severities;
-    CIFAR: CIFAR-10-C / CIFAR-100-C from a local folder), averaged over all corruption types and
-    severities. Writes to REPORT_DIR (--out):
+    CIFAR: CIFAR-10-C / CIFAR-100-C from a local folder; an image folder: its test/ split through
+    an RGB suite in the spirit of CIFAR-10-C, 15 corruptions x 5 severities, seeded by --seed),
+    averaged over all corruption types and severities. Writes to REPORT_DIR (--out):
       metrics.json    accuracy, NLL, ECE, Brier, uncertainty decomposition, gradient cosine
                       distance, risk-coverage area, accuracy at the model's abstention threshold,
                       OOD AUROC; `corrupted`, `per_severity`, `per_corruption` and `per_set`
@@ -334,7 +341,12 @@ def evaluate(
         disable=quiet,
         transient=True,
     ) as bar:
-        total = 1 + len(CORRUPTIONS) * len(SEVERITIES) if data == "digits" else None  # CIFAR-C: as files found
+        if data == "imagefolder":
+            with _training_extra():
+                from training.corruptions import CORRUPTIONS as RGB_CORRUPTIONS
+            total = 1 + len(RGB_CORRUPTIONS) * len(SEVERITIES)
+        else:
+            total = 1 + len(CORRUPTIONS) * len(SEVERITIES) if data == "digits" else None  # CIFAR-C: as files found
         task = bar.add_task("sets", total=total, current="clean")
         evaluation = evaluate_job(job, on_set=lambda name: bar.update(task, advance=1, current=name))
         paths = write_report(evaluation, out)
