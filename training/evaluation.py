@@ -223,7 +223,7 @@ def evaluate_job(job: EvaluationJob, on_set: Callable[[str], None] | None = None
         rows = slice(None, job.per_severity)
         corrupted = (
             (name, severity, xc.numpy(), y[rows])
-            for name, severity, xc in rgb_corruptions.corrupted_versions(chosen.x[rows], job.seed)
+            for name, severity, xc in rgb_corruptions.corrupted_versions(torch.from_numpy(x[rows]), job.seed)
         )
         suite = f"the RGB corruption suite (training/corruptions.py, seed {job.seed})"
     else:
