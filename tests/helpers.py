@@ -316,3 +316,44 @@ def ui_predict(driver, done, timeout: float = 120) -> dict[str, str]:
     _click(driver, driver.find_element(By.ID, "forde-submit"))
     WebDriverWait(driver, timeout).until(lambda d: done(ui_texts(d)))
     return ui_texts(driver)
+
+
+PICTURE_CLASSES = ("disc", "square", "triangle")
+
+
+def draw_picture(shape: str, width: int, height: int, rng):
+    """A PIL RGB picture of one coloured `shape` (disc, square, triangle) on a noisy background."""
+    from PIL import Image, ImageDraw
+
+    background = rng.integers(0, 90, (height, width, 3), dtype=np.uint8)
+    picture = Image.fromarray(background)
+    draw = ImageDraw.Draw(picture)
+    side = min(width, height) * rng.uniform(0.5, 0.8)
+    left, top = rng.uniform(0, width - side), rng.uniform(0, height - side)
+    box = [left, top, left + side, top + side]
+    colour = {"disc": (230, 60, 40), "square": (40, 200, 60), "triangle": (60, 90, 240)}[shape]
+    colour = tuple(int(c + rng.integers(-20, 21)) for c in colour)
+    if shape == "disc":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(left, top + side), (left + side, top + side), (left + side / 2, top)], fill=colour)
+    return picture
+
+
+def write_image_folder(root, counts=None, seed: int = 0, formats=("png", "jpg", "bmp", "webp")):
+    """An image folder in torchvision's ImageFolder layout: root/<split>/<class>/NNN.<format>, drawn
+    shapes at varied sizes and aspect ratios, formats taken in turn. `counts` maps split -> pictures
+    per class (default: 12 train, 4 test; no val/)."""
+    rng = np.random.default_rng(seed)
+    counts = counts or {"train": 12, "test": 4}
+    for split, count in counts.items():
+        for shape in PICTURE_CLASSES:
+            folder = root / split / shape
+            folder.mkdir(parents=True)
+            for i in range(count):
+                width, height = int(rng.integers(14, 48)), int(rng.integers(14, 48))
+                suffix = formats[i % len(formats)]
+                draw_picture(shape, width, height, rng).save(folder / f"{i:03d}.{suffix}")
+    return root

@@ -28,7 +28,7 @@ from forde_serve.errors import FordeError
 from forde_serve.metrics import classification_metrics
 from training import run as run_files
 from training.config import OptimConfig, TrainConfig
-from training.data import Dataset, augment_batch, load_dataset
+from training.data import Dataset, load_dataset
 from training.distributed import (
     SINGLE,
     World,
@@ -182,7 +182,7 @@ def _repulsion_for(
                 )
         else:
             with torch.no_grad():
-                pca = pca_basis(ensemble.normalize(data.train.x.to(device)), centred=centred)
+                pca = pca_basis(ensemble.normalize(data.pca_inputs().to(device)), centred=centred)
             if world.is_main:
                 run_files.write_pca(run_dir, pca)
         basis = pca.eigenvectors.to(device)
@@ -329,8 +329,7 @@ def _train(
         if world.is_main:
             console.print(f"resuming {run_dir} after epoch {epochs_done}/{optim.epochs}")
 
-    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
-    steps_per_epoch = math.ceil(len(train_x) / optim.batch_size)
+    steps_per_epoch = math.ceil(len(data.train) / optim.batch_size)
     step = epochs_done * steps_per_epoch
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
@@ -343,15 +342,10 @@ def _train(
             ensemble.train()
             ce_sum = rows = repulsion_sum = bandwidth_sum = 0.0
             repulsion_steps = 0
-            order = torch.randperm(len(train_x), generator=generator).to(device)
             step_task = bar.add_task(f"epoch {epoch + 1}", total=steps_per_epoch)
-            for start in range(0, len(train_x), optim.batch_size):
-                index = order[start : start + optim.batch_size]
-                if len(index) < max(2, world.size):  # batch norm and the median bandwidth need two inputs
-                    continue
-                x, y = train_x[index], train_y[index]
-                if data.augment:
-                    x = augment_batch(x, generator)
+            # batch norm and the median bandwidth need two inputs; every rank needs one
+            for x, y in data.train_batches(generator, optim.batch_size, min_rows=max(2, world.size)):
+                x, y = x.to(device), y.to(device)
                 use_repulsion = repulsion is not None and step % config.forde.every == 0
                 ce, r, bandwidth = train_step(ensemble, optimizer, x, y, repulsion if use_repulsion else None, world)
                 step += 1
@@ -394,7 +388,8 @@ def _train(
     if not world.is_main:
         return None
     ensemble.eval()
-    metrics = clean_metrics(ensemble, data.test.x.to(device), data.test.y)
+    # An image folder without test/ has no test metrics: metrics.json is then an empty object.
+    metrics = {} if data.test is None else clean_metrics(ensemble, data.test.x.to(device), data.test.y)
     run_files.write_weights(run_dir, ensemble)
     atomic_write_text(run_dir / run_files.METRICS, json.dumps(metrics, indent=2))
     return metrics

@@ -127,6 +127,9 @@ def train(
     member weights (safetensors), train_log.jsonl and metrics.json (clean test accuracy, NLL,
     ECE, Brier, gradient cosine distance). A checkpoint is written after every epoch.
 
+    Your own pictures: data.dataset = "imagefolder", data.root holding train/<class>/ (and
+    optionally val/ and test/), data.image_size S; see training/configs/imagefolder.toml.
+
     With --nproc N (or `torchrun --nproc_per_node N -m training ...`) every process holds all
     members and takes 1/N of each global batch; the repulsion still sees the whole global batch,
     so the result does not depend on N. Only rank 0 writes the run folder.
@@ -154,13 +157,16 @@ def train(
 
     if metrics is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
-    table = Table(title=f"{plan.config.ensemble.method} x{plan.config.ensemble.members}: clean test metrics")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in metrics.items():
-        table.add_row(name, f"{value:.4f}")
     console = Console()
-    console.print(table)
+    if metrics:
+        table = Table(title=f"{plan.config.ensemble.method} x{plan.config.ensemble.members}: clean test metrics")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in metrics.items():
+            table.add_row(name, f"{value:.4f}")
+        console.print(table)
+    else:
+        console.print("no test split (the image folder has no test/): metrics.json is empty")
     console.print(f"run folder: {plan.run_dir}")
 
 
@@ -291,12 +297,16 @@ def export(run: Path, out: Path, validation_inputs: int, **held_out) -> None:
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
     "--data",
-    type=click.Choice(["digits", "cifar10", "cifar100"]),
+    type=click.Choice(["digits", "cifar10", "cifar100", "imagefolder"]),
     default="digits",
     show_default=True,
     help="The dataset the model was trained on; its test split is evaluated clean and corrupted.",
 )
-@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding CIFAR (torchvision's layout).")
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    help="Folder holding CIFAR (torchvision's layout), or the image folder (train/, val/, test/ of class folders).",
+)
 @click.option(
     "--corrupted-root",
     type=click.Path(file_okay=False),
@@ -308,11 +318,13 @@ def export(run: Path, out: Path, validation_inputs: int, **held_out) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Out-of-distribution inputs (.npy, raw input space) for the MI detection AUROC.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the digits-C corruptions.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the digits-C and image-folder corruptions."
+)
 @click.option(
     "--per-severity",
     type=click.IntRange(min=1),
-    help="CIFAR-C: evaluate the first N images of each severity (default: all 10000).",
+    help="CIFAR-C and image folders: corrupt only the first N images of each severity (default: all).",
 )
 @click.option(
     "--gradient-rows",
@@ -326,7 +338,7 @@ def export(run: Path, out: Path, validation_inputs: int, **held_out) -> None:
     type=click.Choice(["test", "validation"]),
     default="test",
     show_default=True,
-    help="validation: measure the validation split (digits), to choose settings without the test split.",
+    help="validation: measure the validation split (digits, image folders), to choose settings without the test split.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 def evaluate(
@@ -346,8 +358,9 @@ def evaluate(
 
     \b
     Clean and corrupted test data (digits: the digits-C suite, 11 corruptions x 5 severities;
-    CIFAR: CIFAR-10-C / CIFAR-100-C from a local folder), averaged over all corruption types and
-    severities. Writes to REPORT_DIR (--out):
+    CIFAR: CIFAR-10-C / CIFAR-100-C from a local folder; an image folder: its test/ split through
+    an RGB suite in the spirit of CIFAR-10-C, 15 corruptions x 5 severities, seeded by --seed),
+    averaged over all corruption types and severities. Writes to REPORT_DIR (--out):
       metrics.json    accuracy, NLL, ECE, Brier, uncertainty decomposition, gradient cosine
                       distance, risk-coverage area, accuracy at the model's abstention threshold,
                       OOD AUROC; `corrupted`, `per_severity`, `per_corruption` and `per_set`
@@ -383,7 +396,12 @@ def evaluate(
         disable=quiet,
         transient=True,
     ) as bar:
-        total = 1 + len(CORRUPTIONS) * len(SEVERITIES) if data == "digits" else None  # CIFAR-C: as files found
+        if data == "imagefolder":
+            with _training_extra():
+                from training.corruptions import CORRUPTIONS as RGB_CORRUPTIONS
+            total = 1 + len(RGB_CORRUPTIONS) * len(SEVERITIES)
+        else:
+            total = 1 + len(CORRUPTIONS) * len(SEVERITIES) if data == "digits" else None  # CIFAR-C: as files found
         task = bar.add_task("sets", total=total, current="clean")
         evaluation = evaluate_job(job, on_set=lambda name: bar.update(task, advance=1, current=name))
         paths = write_report(evaluation, out)

@@ -186,7 +186,7 @@ def export_run(
 ) -> dict:
     """Export a finished training run; what needs held-out data is chosen on its validation split."""
     run = load_run(run_dir)
-    data = load_dataset(run.config.data)
+    data = load_dataset(run.config.data, for_training=False)  # only the validation split is read
     forde = run.config.forde
     metadata = {
         "class_names": json.dumps(list(run.dataset.class_names)),
