@@ -83,13 +83,14 @@ def test_fused_checkpoints_equal_the_separate_models(checkpoints, tmp_path):
     assert card.training_config["fused_from"] == ["a.safetensors", "b.pt"]
     assert card.abstain_target_risk == 0.01
 
-    # the separate models, in PyTorch, on the raw inputs: softmax and input gradients
+    assert card.temperature != 1.0 and set(card.coverage_levels) >= {0.8, 0.9, 0.95, 0.99}
+    # the separate models, in PyTorch, on the raw inputs, with the fitted temperature: softmax and input gradients
     raw = torch.from_numpy(x[:5]).requires_grad_(True)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     targets = torch.tensor([0, 1, 2, 3, 0])
     probs, grads = [], []
     for model in models:
-        logits = model((raw - mean) / std)
+        logits = model((raw - mean) / std) / card.temperature
         probs.append(logits.softmax(-1).detach().numpy())
         (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), raw)
         grads.append(grad.numpy())

@@ -110,16 +110,60 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits", "cifar10", "cifar100"] = "digits"
-    root: str | None = None  # folder holding CIFAR in torchvision's layout; unused for digits
-    augment: bool = True  # random crop (padding 4) + horizontal flip; CIFAR only
-    split_seed: int = 0  # the fixed train/validation/test split of digits
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
+    # CIFAR: the folder holding it in torchvision's layout; imagefolder: the folder holding
+    # train/<class>/ pictures (and optionally val/ and test/); unused for digits
+    root: str | None = None
+    augment: bool = True  # CIFAR: random crop (padding 4) + flip; imagefolder: random resized crop + flip
+    split_seed: int = 0  # the fixed splits: digits' 70/10/20, CIFAR's and imagefolder's held-out validation
+    # imagefolder only (the others have fixed input sizes and statistics):
+    image_size: int | None = Field(None, ge=8, le=1024)  # S: the model's input is RGB [3, S, S] in [0, 1]
+    # Shorter side before the centre crop; default round(S * 8 / 7), the 256 -> 224 ratio of the
+    # ImageNet evaluation transform, so the crop keeps the central 7/8 of the picture.
+    resize: int | None = Field(None, ge=8)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area range (torchvision's default)
+    flip: bool = True  # random horizontal flips when augmenting
+    mean: tuple[float, float, float] | None = None  # per channel, raw [0, 1] space; default: of the train split
+    std: tuple[float, float, float] | None = None
+    workers: int = Field(0, ge=0)  # decoding processes (torch DataLoader); 0 decodes in the training process
 
     @model_validator(mode="after")
-    def _cifar_needs_root(self) -> DataConfig:
+    def _consistent(self) -> DataConfig:
         if self.dataset != "digits" and not self.root:
             raise ValueError(f"dataset {self.dataset!r} is read from a local folder: set data.root")
+        if self.dataset != "imagefolder":
+            given = [name for name in ("image_size", "resize", "mean", "std") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"data.{given[0]}: only an imagefolder dataset takes it ({self.dataset} has a fixed input), "
+                    f"got {getattr(self, given[0])!r}"
+                )
+            return self
+        if self.image_size is None:
+            raise ValueError(
+                "data.image_size: an imagefolder dataset needs the model's input size S "
+                "(pictures become RGB [3, S, S]), got none"
+            )
+        if self.resize is not None and self.resize < self.image_size:
+            raise ValueError(
+                f"data.resize: expected at least data.image_size ({self.image_size}) so that the centre crop "
+                f"fits, got {self.resize}"
+            )
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"data.crop_scale: expected [low, high] with 0 < low <= high <= 1, got {[low, high]}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("data.mean and data.std: give both (per-channel statistics) or neither, got one")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"data.std: expected three positive numbers, got {list(self.std)}")
         return self
+
+    @property
+    def resize_to(self) -> int | None:
+        """imagefolder: the shorter side before the centre crop (`resize`, default round(S * 8 / 7))."""
+        if self.image_size is None:
+            return None
+        return self.resize if self.resize is not None else round(self.image_size * 8 / 7)
 
 
 class EnsembleConfig(_Section):
@@ -128,7 +172,9 @@ class EnsembleConfig(_Section):
 
 
 class FordeConfig(_Section):
-    lengthscale: Literal["pca", "identity", "tuned"] = "pca"
+    # pca: PCA of the uncentred second moment X^T X / (n - 1) (the reference code); pca_centred: of the
+    # covariance; identity; tuned: the pca basis with lengthscales mixed towards identity by alpha
+    lengthscale: Literal["pca", "pca_centred", "identity", "tuned"] = "pca"
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # tuned mix: 1 = pca, 0 = identity
     every: int = Field(1, ge=1)  # compute the repulsion every k-th step (paper's cost cut)
     batch: int | None = Field(None, ge=2)  # repulsion on the first N inputs of each batch (extra forward)

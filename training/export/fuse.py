@@ -20,7 +20,7 @@ import torch
 
 from forde_serve.errors import FordeError
 from training.config import FACTORY, check_model
-from training.export.exporter import export_validated
+from training.export.exporter import HeldOutOptions, export_validated
 from training.models import build_member, ensemble_of
 from training.models.members import classes_in, classifier_keys, match_state, read_state_dict
 
@@ -57,7 +57,7 @@ class FuseJob:
     factory: str | None = None  # "package.module:function" when arch is "factory"
     width: int = 32  # built-ins only
     depth: int = 2  # built-ins only
-    target_risk: float = 0.01  # error rate the accepted validation predictions should reach
+    held_out: HeldOutOptions = field(default_factory=HeldOutOptions)  # what --validation decides, and how
 
     def __post_init__(self):
         if not self.checkpoints:
@@ -79,8 +79,6 @@ class FuseJob:
             len(set(self.class_names)) != len(self.class_names) or not all(self.class_names)
         ):
             raise FuseError(f"--classes: expected distinct non-empty names, got {list(self.class_names)}")
-        if not 0.0 < self.target_risk < 1.0:
-            raise FuseError(f"--target-risk: expected a number between 0 and 1, got {self.target_risk}")
         check_model(self.arch, self.kwargs, self.factory)
 
     @classmethod
@@ -97,7 +95,7 @@ class FuseJob:
         classes: str | None = None,
         classes_file: Path | None = None,
         validation: Path | None = None,
-        target_risk: float = 0.01,
+        held_out: HeldOutOptions | None = None,
         width: int = 32,
         depth: int = 2,
     ) -> FuseJob:
@@ -134,7 +132,7 @@ class FuseJob:
             factory=factory,
             width=width,
             depth=depth,
-            target_risk=target_risk,
+            held_out=held_out or HeldOutOptions(),
         )
 
     def describe(self) -> str:
@@ -220,4 +218,4 @@ def fuse_checkpoints(job: FuseJob, echo: Callable[[str], None] = print) -> dict:
         "metrics": json.dumps({}),
     }
     echo(f"fusing {len(members)} checkpoints of {job.describe()} ({classes} classes) -> {job.out}")
-    return export_validated(ensemble, job.out, metadata, validation, job.target_risk, echo=echo)
+    return export_validated(ensemble, job.out, metadata, validation, job.held_out, echo=echo)

@@ -47,19 +47,20 @@ def _heads(member_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 class _PredictGraph(nn.Module):
-    def __init__(self, ensemble: Ensemble):
+    def __init__(self, ensemble: Ensemble, temperature: float):
         super().__init__()
-        self.ensemble = ensemble
+        self.ensemble, self.temperature = ensemble, temperature
 
     def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: A002 - the graph input's name
-        return _heads(self.ensemble(input))
+        return _heads(self.ensemble(input) / self.temperature)
 
 
-def _explain(ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """PREDICT_OUTPUTS + each member's gradient of its `target` logit w.r.t. the raw input."""
+def _explain(ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ...]:
+    """PREDICT_OUTPUTS + each member's gradient of its `target` logit (divided by `temperature`, as
+    every output is) w.r.t. the raw input."""
     members = ensemble.members
     x_members = x.unsqueeze(1).expand(-1, members, *x.shape[1:]).contiguous().requires_grad_(True)
-    member_logits = ensemble.forward_members(ensemble.normalize(x_members))
+    member_logits = ensemble.forward_members(ensemble.normalize(x_members)) / temperature
     outputs = _heads(member_logits)
     chosen = torch.where(target < 0, outputs[0].argmax(-1), target)
     picked = member_logits.gather(2, chosen.view(-1, 1, 1).expand(-1, members, 1)).sum()
@@ -192,7 +193,7 @@ def _avg_pool2d_backward(
     return _separable_pool_backward(grad_output, input, windows(0), windows(1))
 
 
-def trace_explain(ensemble: Ensemble, example: torch.Tensor) -> torch.fx.GraphModule:
+def trace_explain(ensemble: Ensemble, example: torch.Tensor, temperature: float = 1.0) -> torch.fx.GraphModule:
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -207,7 +208,7 @@ def trace_explain(ensemble: Ensemble, example: torch.Tensor) -> torch.fx.GraphMo
     # symbolically so that the batch axis stays free.
     with _ContiguousPoolInputs():
         traced = make_fx(
-            lambda x, t: _explain(ensemble, x, t),
+            lambda x, t: _explain(ensemble, x, t, temperature),
             decomposition_table=table,
             tracing_mode="symbolic",
             _allow_non_fake_inputs=True,
@@ -271,13 +272,14 @@ def write_predict_graph(
     path: str | Path,
     metadata: dict[str, str] | None = None,
     contract: ExportContract | None = None,
+    temperature: float = 1.0,
 ) -> None:
-    """Write only the predict graph of `ensemble` (no validation); `metadata` are metadata_props."""
+    """Write only the predict graph of `ensemble` (no validation); `metadata` are metadata_props; the
+    member logits are divided by `temperature` before everything else."""
     contract = contract or ExportContract()
     example = torch.zeros(2, *ensemble.input_shape)
-    _write_onnx(
-        _PredictGraph(ensemble.eval()), (example,), Path(path), [INPUT], PREDICT_OUTPUTS, contract, metadata or {}
-    )
+    graph = _PredictGraph(ensemble.eval(), temperature)
+    _write_onnx(graph, (example,), Path(path), [INPUT], PREDICT_OUTPUTS, contract, metadata or {})
 
 
 def write_explain_graph(
@@ -286,10 +288,11 @@ def write_explain_graph(
     path: str | Path,
     metadata: dict[str, str] | None = None,
     contract: ExportContract | None = None,
+    temperature: float = 1.0,
 ) -> None:
     """Trace the explain function on `example` inputs (any batch; the axis stays symbolic) and write it."""
     contract = contract or ExportContract()
-    traced = trace_explain(ensemble, example)
+    traced = trace_explain(ensemble, example, temperature)
     target = torch.full((len(example),), -1, dtype=torch.int64)
     _write_onnx(
         _ExplainGraph(traced), (example, target), Path(path), [INPUT, TARGET], EXPLAIN_OUTPUTS, contract, metadata or {}
