@@ -1,6 +1,7 @@
 """`forde score` as a real process: every input kind, bad rows, explain, resume after SIGKILL,
 bounded memory on an input far larger than the process, and Ray on a real local instance."""
 
+import csv
 import json
 import os
 import signal
@@ -531,3 +532,23 @@ def test_image_folders_take_every_format_by_suffix_and_decode_by_content(runtime
     expected = runtime.predict(np.stack([image_to_input(folder / n, runtime.card.image) for n in sorted(saved)]))
     np.testing.assert_allclose(np.stack(table["probs"].to_numpy(zero_copy_only=False)), expected["probs"], atol=1e-6)
     assert len(set(table["predicted_class"].to_pylist()[:6])) == 1  # the lossless ones are one picture
+
+
+def test_coverage_adds_the_prediction_set_columns(rows, runtime, tmp_path):
+    path, x = rows
+    _score(MODEL, path, "--out", tmp_path / "s.parquet", "--coverage", 0.9, expect=3)
+    table = pq.read_table(tmp_path / "s.parquet")
+    good = table["row_id"].to_numpy()
+    expected = runtime.predict(x[good].astype(np.float32), coverage=0.9)
+    names = runtime.card.class_names
+    want = [[names[k] for k in np.flatnonzero(row)] for row in expected["prediction_set"]]
+    assert table["prediction_set"].to_pylist() == want
+    assert np.array_equal(table["set_size"].to_numpy(), expected["set_size"])
+    _score(MODEL, path, "--out", tmp_path / "s.csv", "--coverage", 0.9, expect=3)
+    with open(tmp_path / "s.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [json.loads(r["prediction_set"]) for r in csv_rows] == want  # CSV: a JSON list per row
+
+    refused = run_forde("score", MODEL, path, "--out", tmp_path / "t.parquet", "--coverage", 0.5, check=False)
+    assert refused.returncode == 2 and "0.8, 0.9, 0.95, 0.99" in refused.stderr
+    assert not (tmp_path / "t.parquet").exists()

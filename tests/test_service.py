@@ -760,3 +760,60 @@ def test_a_refused_request_is_logged_on_one_line_a_server_error_keeps_its_traceb
     record = record_of(ValueError("a bug"))
     assert record.getMessage() == "Exception on /p [POST]" and record.exc_info[0] is ValueError
     assert record.levelname == "ERROR"
+
+
+def test_coverage_returns_the_runtimes_prediction_sets_as_class_names(client, runtime, digits):
+    x = digits[0][:6]
+    rows = [{"input": row.tolist(), "coverage": 0.9 if i % 2 else 0.99} for i, row in enumerate(x)]
+    rows[0].pop("coverage")  # rows of one request may ask for different levels, or none
+    response = client.post("/predict", json={"inputs": rows})
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert answers[0]["prediction_set"] is None and answers[0]["set_size"] is None
+    for i in range(1, 6):
+        expected = runtime.predict(x[i : i + 1], coverage=rows[i]["coverage"])
+        members = np.flatnonzero(expected["prediction_set"][0])
+        assert answers[i]["prediction_set"] == [runtime.card.class_names[k] for k in members]
+        assert answers[i]["set_size"] == int(expected["set_size"][0]) == len(members)
+    explained = client.post("/explain", json={"inputs": [{"input": x[1].tolist(), "coverage": 0.95}]})
+    assert explained.status_code == 200 and explained.json()[0]["set_size"] >= 0
+    image = client.post(
+        "/predict_image", files={"image": ("d.png", _png(x[1, 0]), "image/png")}, data={"coverage": "0.8"}
+    )
+    assert image.status_code == 200, image.text
+    assert isinstance(image.json()["prediction_set"], list)
+
+
+@pytest.mark.parametrize("endpoint", ["/predict", "/explain", "/predict_image"])
+def test_an_unknown_coverage_level_is_a_400_listing_the_stored_ones(client, digits, endpoint):
+    x = digits[0][0]
+    if endpoint == "/predict_image":
+        response = client.post(
+            "/predict_image", files={"image": ("d.png", _png(x[0]), "image/png")}, data={"coverage": "0.5"}
+        )
+    else:
+        response = client.post(endpoint, json={"inputs": [{"input": x.tolist(), "coverage": 0.5}]})
+    assert response.status_code == 400
+    assert "coverage" in response.text and "0.8, 0.9, 0.95, 0.99" in response.text and "0.5" in response.text
+    assert client.post("/predict", json={"inputs": [{"input": x.tolist()}]}).status_code == 200  # still serving
+
+
+@pytest.mark.slow
+def test_a_file_exported_before_prediction_sets_serves_as_before_and_refuses_coverage(tmp_path, runtime, digits):
+    old = copy_with_metadata(
+        MODEL, tmp_path, lambda props: [props.pop(key, None) for key in ("forde.calibration", "forde.conformal")]
+    )
+    process, url = start_server({"FORDE_MODEL": str(old)})
+    try:
+        x = digits[0][:3]
+        plain = httpx.post(f"{url}/predict", json={"inputs": [{"input": row.tolist()} for row in x]}, timeout=60)
+        assert plain.status_code == 200, plain.text
+        for i, row in enumerate(plain.json()):
+            _assert_matches(row, runtime.predict(x), i)  # the same graphs: only the metadata is older
+            assert row["prediction_set"] is None
+        asked = httpx.post(f"{url}/predict", json={"inputs": [{"input": x[0].tolist(), "coverage": 0.9}]}, timeout=60)
+        assert asked.status_code == 400 and "no conformal thresholds" in asked.text
+        card = httpx.post(f"{url}/metadata", json={}, timeout=60).json()
+        assert card["coverage_levels"] == [] and card["temperature"] == 1.0
+    finally:
+        stop_server(process)

@@ -1,0 +1,123 @@
+"""Calibrated probabilities and conformal prediction sets, end to end: what `forde export` bakes into a
+file, what the runtime serves from it, and how a file exported before them keeps serving."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from forde_serve.calibration import ensemble_probs
+from forde_serve.conformal import prediction_sets, set_coverage_and_size
+from forde_serve.runtime import EnsembleRuntime, InvalidInput
+from forde_serve.validation import choose_on_validation
+
+from helpers import MODEL, copy_with_metadata, run_forde
+
+OLD_KEYS = ("forde.calibration", "forde.conformal")
+
+
+@pytest.fixture(scope="module")
+def committed_runtime():
+    return EnsembleRuntime(MODEL)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from training.config import DataConfig
+    from training.data import load_dataset
+
+    return load_dataset(DataConfig(dataset="digits"))
+
+
+def test_choices_are_made_in_order_on_the_same_inputs():
+    # Three-member ensemble on synthetic data whose labels follow softmax(logits / 2): the fitted
+    # temperature is near 2, the conformal thresholds are those of the probabilities at that
+    # temperature, and the abstention threshold is chosen on their mutual information.
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4000, 3, 5))
+    probs_true = ensemble_probs(logits, 2.0)
+    labels = np.array([rng.choice(5, p=p) for p in probs_true])
+    chosen = choose_on_validation(logits, labels, coverages=(0.85,))
+    assert chosen.temperature.temperature == pytest.approx(2.0, rel=0.1)
+    assert chosen.conformal.coverages == (0.8, 0.85, 0.9, 0.95, 0.99)
+    sets = prediction_sets(ensemble_probs(logits, chosen.temperature_value), chosen.conformal, 0.9)
+    covered, _ = set_coverage_and_size(sets, labels)
+    assert covered >= 0.9  # on the calibration inputs themselves, by construction of the quantile
+    uncalibrated = choose_on_validation(logits, labels, calibrate_temperature=False)
+    assert uncalibrated.temperature is None and uncalibrated.temperature_value == 1.0
+
+
+@pytest.mark.slow
+def test_export_bakes_the_temperature_and_stores_thresholds(digits_export, digits):
+    path, stdout = digits_export
+    assert "temperature" in stdout and "prediction sets (lac) for coverage 0.8, 0.9, 0.95, 0.99" in stdout
+    runtime = EnsembleRuntime(path)
+    card = runtime.card
+    assert card.calibration is not None and card.temperature != 1.0
+    assert card.coverage_levels == (0.8, 0.9, 0.95, 0.99)
+    # The graph's member logits are the raw ones divided by T: its probabilities are ensemble_probs at T.
+    out = runtime.predict(digits.val.x.numpy())
+    raw = out["member_logits"].astype(np.float64) * card.temperature
+    np.testing.assert_allclose(out["probs"], ensemble_probs(raw, card.temperature), atol=1e-5)
+    # What the file stores is what choose_on_validation decides on the same validation split.
+    again = choose_on_validation(raw, digits.val.y.numpy())
+    assert again.temperature.temperature == pytest.approx(card.temperature, rel=1e-4)
+    assert again.conformal.score == card.conformal.score
+    for level in card.coverage_levels:
+        assert again.conformal.threshold(level) == pytest.approx(card.conformal.threshold(level), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_export_options_no_calibrate_and_extra_levels(quickstart_runs, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = run_forde(
+        "export", quickstart_runs["de"], "--out", out, "--no-calibrate", "--conformal-score", "aps", "--alpha", "0.03"
+    )
+    assert "temperature" not in result.stdout
+    card = EnsembleRuntime(out).card
+    assert card.calibration is None and card.temperature == 1.0
+    assert card.conformal.score == "aps" and card.coverage_levels == (0.8, 0.9, 0.95, 0.97, 0.99)
+    bad = run_forde("export", quickstart_runs["de"], "--out", tmp_path / "b.onnx", "--raps-k-reg", "2", check=False)
+    assert bad.returncode == 2 and "only for --conformal-score raps" in bad.stderr
+
+
+def test_the_runtime_serves_sets_for_stored_levels(committed_runtime):
+    x = np.random.default_rng(1).uniform(0, 16, (6, 1, 8, 8)).astype(np.float32)
+    plain = committed_runtime.predict(x)
+    out = committed_runtime.predict(x, coverage=0.95)
+    np.testing.assert_array_equal(out["probs"], plain["probs"])
+    np.testing.assert_array_equal(
+        out["prediction_set"], prediction_sets(plain["probs"], committed_runtime.card.conformal, 0.95)
+    )
+    np.testing.assert_array_equal(out["set_size"], out["prediction_set"].sum(1))
+    wider = committed_runtime.predict(x, coverage=0.99)["prediction_set"]
+    assert (wider >= out["prediction_set"]).all()  # a higher level's sets contain a lower one's
+    with pytest.raises(InvalidInput, match=r"coverage: this model is calibrated for 0.8, 0.9, 0.95, 0.99, got 0.5"):
+        committed_runtime.predict(x, coverage=0.5)
+    assert "prediction_set" in committed_runtime.explain(x[:2], coverage=0.9)
+
+
+def test_a_file_exported_before_calibration_serves_as_before(committed_runtime, tmp_path):
+    old = copy_with_metadata(MODEL, tmp_path, lambda props: [props.pop(k, None) for k in OLD_KEYS])
+    runtime = EnsembleRuntime(old)
+    assert runtime.card.calibration is None and runtime.card.coverage_levels == ()
+    x = np.random.default_rng(2).uniform(0, 16, (4, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(runtime.predict(x)["probs"], committed_runtime.predict(x)["probs"])
+    with pytest.raises(InvalidInput, match="this model file has no conformal thresholds"):
+        runtime.predict(x, coverage=0.9)
+
+
+def test_broken_conformal_metadata_is_a_model_file_error(tmp_path):
+    from forde_serve.runtime import ModelFileError
+
+    path = copy_with_metadata(MODEL, tmp_path, lambda props: props.update({"forde.conformal": json.dumps({"a": 1})}))
+    with pytest.raises(ModelFileError, match="broken metadata"):
+        EnsembleRuntime(path)
+
+
+def test_the_committed_file_is_calibrated_and_stores_thresholds(committed_runtime):
+    card = committed_runtime.card
+    assert card.temperature != 1.0 and card.coverage_levels == (0.8, 0.9, 0.95, 0.99)
+    meta = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["forde.calibration"])["temperature"] == committed_runtime.card.temperature
