@@ -179,6 +179,11 @@ def test_upload_then_drawing_in_a_browser(driver, runtime, tmp_path):
     assert f"of {runtime.card.members}" in texts["votes"] and texts["message"] == ""
     saliency = driver.find_elements(By.CSS_SELECTOR, "#forde-saliency img")
     assert saliency and "/gradio_api/file=" in saliency[0].get_attribute("src")
+    # the committed file has conformal thresholds: the slider starts at 90% and the set is the runtime's
+    x = upload_to_input(runtime.card, EXAMPLES / "digit-7.png")
+    in_set = runtime.predict(x[None], coverage=0.9)["prediction_set"][0]
+    shown = ", ".join(runtime.card.class_names[c] for c in np.flatnonzero(in_set)) or "empty"
+    assert f"Prediction set at 90% coverage: {{{shown}}}" in driver.find_element(By.ID, "forde-set").text
 
     # a drawing: strokes made with the pointer, and the answer comes from them, not from the upload
     ui_draw_one(driver)
