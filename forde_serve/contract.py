@@ -1,4 +1,4 @@
-"""The contract of an exported ensemble (DESIGN.md section 5): tensor names, shapes, metadata keys.
+"""The contract of an exported ensemble (docs/design.md section 3): tensor names, shapes, metadata keys.
 
 The exporter (torch side) writes files to this contract and the runtime reads them by it,
 so both import the names from here.

@@ -251,7 +251,7 @@ class EnsembleRuntime:
     """An exported ensemble (`NAME.onnx` + `NAME.explain.onnx`) ready to answer.
 
     `predict(x)` and `explain(x, target)` take raw inputs `[batch, *input_shape]` and return
-    the contract's outputs (DESIGN.md section 5) plus `predicted_class`, `confidence` and
+    the contract's outputs (docs/design.md section 3) plus `predicted_class`, `confidence` and
     `abstain`, all batch first.
     """
 

@@ -46,7 +46,7 @@ def test_gradient_norm_does_not_matter_but_scales_do():
 
 
 def _reference(grads, basis=None, scales=None, eps=1e-12, stop_gradient=True):
-    """Direct transcription of DESIGN.md section 3 with explicit loops (slow, obvious)."""
+    """Direct transcription of docs/design.md section 1 with explicit loops (slow, obvious)."""
     members, batch, _ = grads.shape
     u = grads if basis is None else grads @ basis
     s = u / torch.sqrt((u**2).sum(-1, keepdim=True) + eps)

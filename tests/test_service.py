@@ -384,7 +384,7 @@ def test_saliency_is_refused_for_models_without_images(tmp_path):
     assert "saliency_png" in result.stdout and "inputs are not images" in result.stdout
 
 
-# What a fuzzer and a browser found (DESIGN.md section 9): wrong answers, 5xx, a spec that lied.
+# What a fuzzer and a browser found: wrong answers, 5xx, a spec that lied.
 
 
 def _strict_json(response):

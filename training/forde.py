@@ -1,7 +1,7 @@
 """The FoRDE repulsion: members pushed apart in the space of their input gradients.
 
 Trinh, Heinonen, Acerbi, Kaski. "Input-gradient space particle inference for neural
-network ensembles", ICLR 2024. The steps below follow DESIGN.md section 3; the
+network ensembles", ICLR 2024. The steps below follow docs/design.md section 1; the
 kernel is the paper's RBF on the unit sphere with diagonal lengthscales (its eq. for
 kappa), the bandwidth the median heuristic of the reference code.
 """
@@ -27,7 +27,7 @@ __all__ = [
 def repulsion_term(
     grads: torch.Tensor, basis: torch.Tensor | None = None, scales: torch.Tensor | None = None, eps: float = 1e-12
 ) -> torch.Tensor:
-    """The repulsion R of DESIGN.md section 3 step 7, differentiable with respect to `grads`.
+    """The repulsion R of docs/design.md section 1 step 7, differentiable with respect to `grads`.
 
     grads: `[M, B, D]` input gradients of the true-class logit, flattened.
     basis: `[D, K]` (PCA eigenvectors) or None for the identity.

@@ -7,7 +7,7 @@
     checkpoint.safetensors    weights + optimizer + RNG state after the last finished epoch
     train_log.jsonl           one JSON line per finished epoch
     members.safetensors       final member weights, stacked [M, ...] per tensor
-    metrics.json              clean test metrics (DESIGN.md section 5)
+    metrics.json              clean test metrics (docs/design.md section 3)
 
 Everything tensor-valued is safetensors: nothing in a run folder is unpickled.
 """

@@ -1,6 +1,6 @@
 """The training loop, top to bottom: FoRDE, or a deep ensemble when the repulsion is off.
 
-Per step (DESIGN.md section 3): loss = sum_i mean_b CE(f_i(x_b), y_b) + R, where R is the
+Per step (docs/design.md section 1): loss = sum_i mean_b CE(f_i(x_b), y_b) + R, where R is the
 input-gradient repulsion (`training.forde.repulsion_term`). SGD with Nesterov momentum,
 weight decay as the Gaussian prior, the paper's learning-rate schedule. One checkpoint per
 epoch, written atomically, so a killed run resumes from its last finished epoch and ends
