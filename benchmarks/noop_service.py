@@ -23,6 +23,7 @@ CLASSES = int(os.environ.get("NOOP_CLASSES", "10"))
 class PredictRow(BaseModel):
     input: list[list[list[float]]]
     members: bool = False
+    coverage: float | None = None
 
 
 class Prediction(BaseModel):
@@ -36,6 +37,8 @@ class Prediction(BaseModel):
     vote_disagreement: float
     abstain: bool
     member_probs: list[list[float]] | None = None
+    prediction_set: list[str] | None = None
+    set_size: int | None = None
 
 
 _ANSWER = Prediction(

@@ -27,7 +27,7 @@ class InputFileError(FordeError, ValueError):
 
 
 def open_source(path: str | Path, card: ModelCard, key: str | None = None):
-    """Open `path` (.npy, .npz, .parquet or a folder of PNG/JPEG images) for the model `card`."""
+    """Open `path` (.npy, .npz, .parquet or a folder of pictures) for the model `card`."""
     path = Path(path)
     if path.is_dir():
         if key is not None:
@@ -47,8 +47,8 @@ def open_source(path: str | Path, card: ModelCard, key: str | None = None):
     if suffix == ".parquet":
         return _ParquetColumn(path, card, key)
     raise InputFileError(
-        f"input {str(path)!r}: expected a .npy, .npz or .parquet file or a folder of "
-        f"{'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} images, got a {suffix or 'suffix-less'} file"
+        f"input {str(path)!r}: expected a .npy, .npz or .parquet file or a folder of pictures, "
+        f"got a {suffix or 'suffix-less'} file"
     )
 
 
@@ -173,6 +173,9 @@ class _ParquetColumn(_IndexedRows):
         if not _is_list(schema.field(key).type) or not (pa.types.is_floating(leaf) or pa.types.is_integer(leaf)):
             raise InputFileError(f"{path}: column {key!r}: expected lists of numbers, got {schema.field(key).type}")
         self.path, self.key, self.card = path, key, card
+        # The leaf's own dtype, as for .npy: an int64 column cast straight to float32 rounds once, as
+        # the service does with the same integers; through float64 it would round twice.
+        self._dtype = leaf.to_pandas_dtype()
         self.rows = self._file.metadata.num_rows
         self._size = int(np.prod(card.input_shape))
         groups = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
@@ -184,7 +187,7 @@ class _ParquetColumn(_IndexedRows):
         first = int(np.searchsorted(self._group_starts, start, side="right") - 1)
         last = int(np.searchsorted(self._group_starts, stop, side="left"))
         position = int(self._group_starts[first])
-        x = np.zeros((stop - start, self._size), dtype=np.float64)
+        x = np.zeros((stop - start, self._size), dtype=self._dtype)
         errors: dict[int, str] = {}
         batches = self._file.iter_batches(batch_size=self._BATCH, row_groups=range(first, last), columns=[self.key])
         try:
@@ -207,7 +210,7 @@ class _ParquetColumn(_IndexedRows):
         valid = np.asarray(column.is_valid())
         leaf, bounds = _leaf_values(column)
         leaf_valid = np.asarray(leaf.is_valid()) if leaf.null_count else None
-        numbers = np.asarray(leaf.fill_null(0) if leaf.null_count else leaf, dtype=np.float64)
+        numbers = np.asarray(leaf.fill_null(0) if leaf.null_count else leaf, dtype=self._dtype)
         lengths = np.diff(bounds)
         shape = "x".join(map(str, self.card.input_shape))
         for r in range(len(out)):
@@ -246,7 +249,8 @@ def _leaf_values(column):
 
 
 class _ImageFolder:
-    """Every PNG/JPEG under a folder, in sorted relative-path order; row ids are those paths."""
+    """Every picture under a folder (by IMAGE_SUFFIXES, any case), in sorted relative-path order; row ids
+    are those paths. Each is decoded by its content, whatever its suffix says."""
 
     def __init__(self, path: Path, card: ModelCard):
         if card.image is None:
@@ -261,7 +265,9 @@ class _ImageFolder:
             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
         if not self._files:
-            raise InputFileError(f"{path}: expected PNG or JPEG images in this folder, found none")
+            raise InputFileError(
+                f"{path}: expected pictures in this folder ({' '.join(IMAGE_SUFFIXES)} files), found none"
+            )
         self.rows = len(self._files)
 
     def row_ids(self, start: int, stop: int) -> np.ndarray:

@@ -51,6 +51,12 @@ METADATA_KEYS = {
     "abstain_target_risk": "forde.abstain_target_risk",
     "abstain_coverage": "forde.abstain_coverage",  # fraction of validation inputs accepted
     "abstain_validation_risk": "forde.abstain_validation_risk",  # error rate among them
+    # JSON (calibration.TemperatureFit) or absent: the temperature the member logits were divided by
+    # inside both graphs, fitted on the validation split, with NLL/ECE there before and after.
+    "calibration": "forde.calibration",
+    # JSON (conformal.ConformalCalibration) or absent: split-conformal thresholds per coverage level,
+    # on the calibrated probabilities of the validation split. Absent: no prediction sets.
+    "conformal": "forde.conformal",
 }
 
 

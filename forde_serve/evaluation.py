@@ -1,9 +1,10 @@
-"""Robustness evaluation: clean and corrupted metrics, selective prediction, OOD detection.
+"""Robustness evaluation: clean and corrupted metrics, calibration before and after, conformal
+coverage, selective prediction, OOD detection.
 
-Model-agnostic: anything with `member_probs(x)` and `input_gradients(x)` (a `Predictor`) is
+Model-agnostic: anything with `member_logits(x)` and `input_gradients(x)` (a `Predictor`) is
 measured the same way, whether it is the serving runtime over an exported file
 (`RuntimePredictor`) or a torch ensemble from a run folder (`training.evaluation`). All the
-maths is `forde_serve.metrics`, so a number means the same everywhere.
+maths is `forde_serve.metrics`, `calibration` and `conformal`, so a number means the same everywhere.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from forde_serve.calibration import member_probs as member_softmax
+from forde_serve.conformal import ConformalCalibration, prediction_sets, set_coverage_and_size
 from forde_serve.metrics import (
     ECE_BINS,
     auroc,
@@ -25,10 +28,11 @@ from forde_serve.metrics import (
 )
 from forde_serve.runtime import EnsembleRuntime
 
-__all__ = ["Evaluation", "Predictor", "RuntimePredictor", "SET_KEYS", "evaluate"]
+__all__ = ["Evaluation", "Predictor", "RuntimePredictor", "evaluate", "set_keys"]
 
-# Per data set (clean, or one corruption at one severity), all means over its inputs.
-SET_KEYS = (
+# Per data set (clean, or one corruption at one severity), all means over its inputs, of the
+# ensemble as served (calibrated); `*_uncalibrated` at T = 1.
+BASE_KEYS = (
     "accuracy",
     "nll",
     "ece",
@@ -40,7 +44,14 @@ SET_KEYS = (
     "aurc",
     "abstain_coverage",
     "accuracy_when_accepted",
+    "nll_uncalibrated",
+    "ece_uncalibrated",
 )
+
+
+def set_keys(coverages: Iterable[float]) -> tuple[str, ...]:
+    """The per-set keys of the conformal sets: empirical coverage and mean size at each nominal level."""
+    return tuple(key for c in coverages for key in (f"set_coverage@{c:g}", f"set_size@{c:g}"))
 
 
 class Predictor(Protocol):
@@ -48,8 +59,8 @@ class Predictor(Protocol):
 
     members: int
 
-    def member_probs(self, x: np.ndarray) -> np.ndarray:
-        """Raw inputs `[N, *input_shape]` -> member softmaxes `[N, M, C]`."""
+    def member_logits(self, x: np.ndarray) -> np.ndarray:
+        """Raw inputs `[N, *input_shape]` -> each member's uncalibrated logits `[N, M, C]` (T = 1)."""
 
     def input_gradients(self, x: np.ndarray) -> np.ndarray:
         """Raw inputs -> each member's gradient of the ensemble-predicted class logit `[N, M, *input_shape]`."""
@@ -65,8 +76,10 @@ class RuntimePredictor:
     def _batched(self, method, key: str, x: np.ndarray) -> np.ndarray:
         return np.concatenate([method(x[i : i + self.batch_size])[key] for i in range(0, len(x), self.batch_size)])
 
-    def member_probs(self, x: np.ndarray) -> np.ndarray:
-        return self._batched(self.runtime.predict, "member_probs", x).astype(np.float64)
+    def member_logits(self, x: np.ndarray) -> np.ndarray:
+        # The graphs divide the logits by the file's temperature: undo it to get T = 1.
+        calibrated = self._batched(self.runtime.predict, "member_logits", x).astype(np.float64)
+        return calibrated * self.runtime.card.temperature
 
     def input_gradients(self, x: np.ndarray) -> np.ndarray:
         return self._batched(self.runtime.explain, "input_gradients", x)
@@ -81,12 +94,13 @@ class _Pooled:
     correct: np.ndarray = field(default_factory=lambda: np.zeros(ECE_BINS))
     scores: list = field(default_factory=list)
 
-    def add(self, probs: np.ndarray, labels: np.ndarray, mi: np.ndarray) -> None:
+    def add(self, probs: np.ndarray, labels: np.ndarray, mi: np.ndarray | None = None) -> None:
         bins = reliability_bins(probs, labels)
         self.count += bins["count"]
         self.confidence += np.nan_to_num(bins["confidence"] * bins["count"])
         self.correct += np.nan_to_num(bins["accuracy"] * bins["count"])
-        self.scores.append((mi, probs.argmax(1) == labels))
+        if mi is not None:
+            self.scores.append((mi, probs.argmax(1) == labels))
 
     def reliability(self) -> dict[str, np.ndarray]:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -105,25 +119,39 @@ class Evaluation:
     """What `evaluate` measured: `metrics` (the metrics.json content) and arrays for the figures."""
 
     metrics: dict
-    reliability: dict[str, dict[str, np.ndarray]]  # "clean" / "corrupted" -> reliability bins
+    # "clean" / "corrupted" (as served) and "clean, T = 1" / "corrupted, T = 1" -> reliability bins
+    reliability: dict[str, dict[str, np.ndarray]]
     risk_coverage: dict[str, dict]  # "clean" / "corrupted" -> coverage, risk, aurc
     saliency_inputs: np.ndarray  # [K, *input_shape]
     saliency_gradients: np.ndarray  # [K, M, *input_shape]
 
 
+@dataclass(frozen=True)
+class _Model:
+    """What the served model decides with: its temperature, conformal thresholds, abstention threshold."""
+
+    temperature: float
+    conformal: ConformalCalibration | None
+    abstain_threshold: float
+
+
 def _set_metrics(
     predictor: Predictor,
+    model: _Model,
     x: np.ndarray,
     y: np.ndarray,
-    threshold: float,
     gradient_rows: int,
-    pooled: _Pooled,
+    pooled: dict[str, _Pooled],
     keep_rows: int = 0,
 ) -> tuple[dict, np.ndarray | None]:
     """Metrics of one set; gradients of its first max(gradient_rows, keep_rows) inputs are returned."""
-    member_probs = predictor.member_probs(x)
+    logits = predictor.member_logits(x)
+    member_probs = member_softmax(logits, model.temperature)
     probs = member_probs.mean(1)
     metrics = classification_metrics(member_probs, y)
+    uncalibrated_members = member_softmax(logits)
+    at_one = classification_metrics(uncalibrated_members, y)
+    metrics["nll_uncalibrated"], metrics["ece_uncalibrated"] = at_one["nll"], at_one["ece"]
     spread = uncertainty(member_probs)
     metrics["predictive_entropy"] = float(spread["predictive_entropy"].mean())
     metrics["expected_entropy"] = float(spread["expected_entropy"].mean())
@@ -135,17 +163,22 @@ def _set_metrics(
     correct = probs.argmax(1) == y
     mi = spread["mutual_information"]
     metrics["aurc"] = risk_coverage(mi, correct)["aurc"]
-    accepted = mi <= threshold
+    accepted = mi <= model.abstain_threshold
     metrics["abstain_coverage"] = float(accepted.mean())
     metrics["accuracy_when_accepted"] = float(correct[accepted].mean()) if accepted.any() else None
-    pooled.add(probs, y, mi)
+    if model.conformal is not None:
+        for level in model.conformal.coverages:
+            covered, size = set_coverage_and_size(prediction_sets(probs, model.conformal, level), y)
+            metrics[f"set_coverage@{level:g}"], metrics[f"set_size@{level:g}"] = covered, size
+    pooled["served"].add(probs, y, mi)
+    pooled["uncalibrated"].add(uncalibrated_members.mean(1), y)
     return metrics, gradients
 
 
-def _mean(rows: Iterable[dict]) -> dict:
+def _mean(rows: Iterable[dict], keys: tuple[str, ...]) -> dict:
     rows = list(rows)
     out = {}
-    for key in SET_KEYS:
+    for key in keys:
         values = [r[key] for r in rows if r.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
     return out
@@ -158,6 +191,8 @@ def evaluate(
     corrupted: Iterable[tuple[str, int, np.ndarray, np.ndarray]] = (),
     *,
     abstain_threshold: float,
+    temperature: float = 1.0,
+    conformal: ConformalCalibration | None = None,
     ood_x: np.ndarray | None = None,
     gradient_rows: int = 1000,
     saliency_rows: int = 6,
@@ -166,51 +201,62 @@ def evaluate(
     """Measure `predictor` on the clean set (`x` raw inputs, `y` labels) and every corrupted set
     `(corruption, severity, x, y)`; corrupted metrics are averaged over all types and severities.
 
-    `abstain_threshold` is the model's: abstain when mutual information exceeds it. `ood_x`, if
-    given, is scored against the clean set by mutual information (AUROC). Input gradients are
-    computed on the first `gradient_rows` inputs of each set (cosine distance; 0 skips them and the
-    saliency grid).
+    The ensemble is measured as served: its member logits divided by `temperature`, abstaining when
+    mutual information exceeds `abstain_threshold`, with prediction sets from `conformal` (None: no
+    set metrics). NLL and ECE are also reported at T = 1 (`*_uncalibrated`). `ood_x`, if given, is
+    scored against the clean set by mutual information (AUROC). Input gradients are computed on the
+    first `gradient_rows` inputs of each set (cosine distance; 0 skips them and the saliency grid).
+
+    Conformal coverage is guaranteed only for inputs exchangeable with the validation split the
+    thresholds were chosen on; on corrupted sets it is measured, not promised.
     """
-    pooled = {"clean": _Pooled(), "corrupted": _Pooled()}
+    model = _Model(temperature, conformal, abstain_threshold)
+    keys = BASE_KEYS + (set_keys(conformal.coverages) if conformal is not None else ())
+    pooled = {name: {"served": _Pooled(), "uncalibrated": _Pooled()} for name in ("clean", "corrupted")}
     clean, clean_gradients = _set_metrics(
-        predictor,
-        x,
-        y,
-        abstain_threshold,
-        gradient_rows,
-        pooled["clean"],
-        keep_rows=saliency_rows if gradient_rows else 0,
+        predictor, model, x, y, gradient_rows, pooled["clean"], keep_rows=saliency_rows if gradient_rows else 0
     )
     if on_set:
         on_set("clean")
     per_set = []
     for name, severity, xc, yc in corrupted:
-        scores, _ = _set_metrics(predictor, xc, yc, abstain_threshold, gradient_rows, pooled["corrupted"])
+        scores, _ = _set_metrics(predictor, model, xc, yc, gradient_rows, pooled["corrupted"])
         per_set.append({"corruption": name, "severity": severity, **scores})
         if on_set:
             on_set(f"{name} {severity}")
 
     metrics = dict(clean)
     if per_set:
-        metrics["corrupted"] = _mean(per_set)
+        metrics["corrupted"] = _mean(per_set, keys)
         metrics["per_severity"] = {
-            str(s): _mean(r for r in per_set if r["severity"] == s) for s in sorted({r["severity"] for r in per_set})
+            str(s): _mean((r for r in per_set if r["severity"] == s), keys)
+            for s in sorted({r["severity"] for r in per_set})
         }
         metrics["per_corruption"] = {
-            c: _mean(r for r in per_set if r["corruption"] == c)
+            c: _mean((r for r in per_set if r["corruption"] == c), keys)
             for c in dict.fromkeys(r["corruption"] for r in per_set)
         }
         metrics["per_set"] = per_set
     if ood_x is not None:
-        mi_in = uncertainty(predictor.member_probs(x))["mutual_information"]
-        mi_out = uncertainty(predictor.member_probs(ood_x))["mutual_information"]
+        mi_in = uncertainty(member_softmax(predictor.member_logits(x), temperature))["mutual_information"]
+        mi_out = uncertainty(member_softmax(predictor.member_logits(ood_x), temperature))["mutual_information"]
         metrics["ood"] = {"auroc_mutual_information": auroc(mi_in, mi_out), "inputs": len(ood_x)}
     metrics["abstain_threshold"] = float(abstain_threshold)
+    metrics["temperature"] = float(temperature)
+    metrics["coverage_levels"] = list(conformal.coverages) if conformal is not None else []
+    if conformal is not None:
+        metrics["conformal_score"] = conformal.score
     gradients = clean_gradients if clean_gradients is not None else np.zeros((0,))
+    reliability, curves = {}, {}
+    for name, both in pooled.items():
+        if both["served"].scores:
+            reliability[name] = both["served"].reliability()
+            reliability[f"{name}, T = 1"] = both["uncalibrated"].reliability()
+            curves[name] = both["served"].risk_coverage()
     return Evaluation(
         metrics=metrics,
-        reliability={k: p.reliability() for k, p in pooled.items() if p.scores},
-        risk_coverage={k: p.risk_coverage() for k, p in pooled.items() if p.scores},
+        reliability=reliability,
+        risk_coverage=curves,
         saliency_inputs=x[:saliency_rows],
         saliency_gradients=gradients[:saliency_rows],
     )

@@ -29,6 +29,13 @@ COMPARED = (
     ("corrupted Brier", ("corrupted", "brier")),
     ("corrupted mutual information", ("corrupted", "mutual_information")),
     ("corrupted AURC", ("corrupted", "aurc")),
+    ("clean NLL at T = 1", ("nll_uncalibrated",)),
+    ("clean ECE at T = 1", ("ece_uncalibrated",)),
+    ("corrupted ECE at T = 1", ("corrupted", "ece_uncalibrated")),
+    ("clean coverage of the 90% sets", ("set_coverage@0.9",)),
+    ("clean size of the 90% sets", ("set_size@0.9",)),
+    ("corrupted coverage of the 90% sets", ("corrupted", "set_coverage@0.9")),
+    ("corrupted size of the 90% sets", ("corrupted", "set_size@0.9")),
     ("OOD AUROC (mutual information)", ("ood", "auroc_mutual_information")),
 )
 
@@ -53,13 +60,49 @@ def _reliability(evaluation: Evaluation):
     def draw(plt):
         figure, axis = plt.subplots(figsize=(4.5, 4.2))
         axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+        temperature = evaluation.metrics.get("temperature", 1.0)
         for name, bins in evaluation.reliability.items():
             used = bins["count"] > 0
-            axis.plot(bins["confidence"][used], bins["accuracy"][used], marker="o", label=name)
+            before = name.endswith("T = 1")
+            label = name if before else f"{name}, T = {temperature:.3g} (as served)"
+            axis.plot(
+                bins["confidence"][used],
+                bins["accuracy"][used],
+                marker="o",
+                linestyle=":" if before else "-",
+                label=label,
+            )
         axis.set(
             xlabel="confidence (15 bins)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability diagram"
         )
-        axis.legend(loc="upper left")
+        axis.legend(loc="upper left", fontsize="small")
+        return figure
+
+    return draw
+
+
+def _coverage(metrics: dict):
+    """Empirical coverage and mean size of the conformal sets per severity, one line per level."""
+
+    def draw(plt):
+        levels = metrics["coverage_levels"]
+        severities = [0] + [int(s) for s in metrics.get("per_severity", {})]
+        rows = [metrics] + [metrics["per_severity"][str(s)] for s in severities[1:]]
+        figure, axes = plt.subplots(1, 2, figsize=(8.5, 3.6))
+        for level in levels:
+            coverage = [r[f"set_coverage@{level:g}"] for r in rows]
+            line = axes[0].plot(severities, coverage, marker="o", label=f"{level:g} sets")
+            axes[0].axhline(level, color=line[0].get_color(), linestyle=":", linewidth=1)
+            axes[1].plot(severities, [r[f"set_size@{level:g}"] for r in rows], marker="o", label=f"{level:g} sets")
+        axes[0].set(
+            xlabel="severity (0 = clean)",
+            ylabel="share of inputs whose set holds the label",
+            title="Coverage (dotted: promised on clean data)",
+        )
+        axes[1].set(xlabel="severity (0 = clean)", ylabel="classes per set", title="Set size")
+        for axis in axes:
+            axis.set_xticks(severities)
+        axes[1].legend(loc="upper left", fontsize="small")
         return figure
 
     return draw
@@ -163,6 +206,7 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
     ):
         lines.append(f"| {label} | {_fmt(metrics.get(key))} | {_fmt(corrupted.get(key)) if corrupted else 'n/a'} |")
     lines += ["", f"Abstention: the model abstains when mutual information > {metrics['abstain_threshold']:.4g}."]
+    lines += _calibration_section(metrics) + _coverage_section(metrics)
     if "ood" in metrics:
         lines += [
             "",
@@ -174,12 +218,13 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
             "",
             "## Per corruption (mean over severities 1-5)",
             "",
-            "| corruption | accuracy | NLL | ECE | mutual information |",
-            "| --- | --- | --- | --- | --- |",
+            "| corruption | accuracy | NLL | ECE | NLL at T = 1 | ECE at T = 1 | mutual information |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for name, row in metrics["per_corruption"].items():
             lines.append(
                 f"| {name} | {_fmt(row['accuracy'])} | {_fmt(row['nll'])} | {_fmt(row['ece'])} | "
+                f"{_fmt(row['nll_uncalibrated'])} | {_fmt(row['ece_uncalibrated'])} | "
                 f"{_fmt(row['mutual_information'])} |"
             )
         lines += [
@@ -196,6 +241,62 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _calibration_section(metrics: dict) -> list[str]:
+    corrupted = metrics.get("corrupted") or {}
+    return [
+        "",
+        f"## Calibration (temperature {metrics.get('temperature', 1.0):.4g}, fitted on the validation split)",
+        "",
+        "| | NLL at T = 1 | NLL as served | ECE at T = 1 | ECE as served |",
+        "| --- | --- | --- | --- | --- |",
+        f"| clean | {_fmt(metrics.get('nll_uncalibrated'))} | {_fmt(metrics.get('nll'))} | "
+        f"{_fmt(metrics.get('ece_uncalibrated'))} | {_fmt(metrics.get('ece'))} |",
+        *(
+            [
+                f"| corrupted | {_fmt(corrupted.get('nll_uncalibrated'))} | {_fmt(corrupted.get('nll'))} | "
+                f"{_fmt(corrupted.get('ece_uncalibrated'))} | {_fmt(corrupted.get('ece'))} |"
+            ]
+            if corrupted
+            else []
+        ),
+    ]
+
+
+def _coverage_section(metrics: dict) -> list[str]:
+    levels = metrics.get("coverage_levels") or []
+    if not levels:
+        return ["", "No prediction sets: the model has no conformal thresholds."]
+    lines = [
+        "",
+        f"## Conformal prediction sets ({metrics.get('conformal_score', '?')} score)",
+        "",
+        "The promised coverage holds for inputs exchangeable with the validation split the thresholds "
+        "were chosen on (the clean column); under corruption it is measured, not promised.",
+        "",
+        "| promised coverage | clean coverage | clean mean size | corrupted coverage | corrupted mean size |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    corrupted = metrics.get("corrupted") or {}
+    for level in levels:
+        c, z = f"set_coverage@{level:g}", f"set_size@{level:g}"
+        lines.append(
+            f"| {level:g} | {_fmt(metrics.get(c))} | {_fmt(metrics.get(z), 2)} | "
+            f"{_fmt(corrupted.get(c)) if corrupted else 'n/a'} | {_fmt(corrupted.get(z), 2) if corrupted else 'n/a'} |"
+        )
+    if "per_severity" in metrics:
+        header = " | ".join(f"{level:g}" for level in levels)
+        lines += [
+            "",
+            f"Coverage per severity (columns: promised {header})",
+            "",
+            "| severity | " + header + " |",
+            "|" + " --- |" * (len(levels) + 1),
+        ]
+        for severity, row in [("0 (clean)", metrics), *metrics["per_severity"].items()]:
+            lines.append(f"| {severity} | " + " | ".join(_fmt(row.get(f"set_coverage@{v:g}")) for v in levels) + " |")
+    return lines
+
+
 def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]:
     """Write metrics.json, report.md and the figures into `out_dir`; returns their paths."""
     out_dir = Path(out_dir)
@@ -204,6 +305,8 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
     drawings = {"reliability.png": _reliability(evaluation), "risk_coverage.png": _risk_coverage(evaluation)}
     if "per_severity" in metrics:
         drawings["severity.png"] = _severity(metrics)
+    if metrics.get("coverage_levels"):
+        drawings["coverage.png"] = _coverage(metrics)
     if len(evaluation.saliency_gradients) and len(evaluation.saliency_inputs[0].shape) == 3:
         drawings["saliency.png"] = _saliency(evaluation)
     paths = {}

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
+from forde_serve.calibration import TemperatureFit
+from forde_serve.conformal import ConformalCalibration, ConformalError, prediction_sets
 from forde_serve.contract import (
     EXPLAIN_OUTPUTS,
     FORMAT_VERSION,
@@ -26,7 +30,17 @@ from forde_serve.contract import (
 )
 from forde_serve.errors import FordeError
 
-__all__ = ["EnsembleRuntime", "InvalidInput", "ModelFileError", "ModelCard", "NOT_FINITE", "finite_float32_rows"]
+__all__ = [
+    "EnsembleRuntime",
+    "InvalidInput",
+    "ModelCard",
+    "ModelFileError",
+    "NOT_FINITE",
+    "NOT_FINITE_OUTPUTS",
+    "NonFiniteOutput",
+    "array_from_json",
+    "finite_float32_rows",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +48,10 @@ _REQUIRED = ("format_version", "class_names", "input_shape", "members", "method"
 
 
 NOT_FINITE = "expected finite float32 values, got NaN, infinity or a value beyond +-3.4e38"
+NOT_FINITE_OUTPUTS = (
+    "expected values the model can compute with, got values on which its arithmetic overflows: "
+    "its outputs are not finite (NaN or infinity)"
+)
 
 
 def finite_float32_rows(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,12 +64,79 @@ def finite_float32_rows(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return array, np.isfinite(array.reshape(len(array), -1)).all(axis=1)
 
 
+def array_from_json(value: Any, field: str = "input") -> np.ndarray:
+    """Nested lists of numbers as JSON parsing gives them (Python int and float) -> a float64 array
+    whose float32 cast holds, for every number, the float32 nearest to it.
+
+    That is what a `.npy`, `.npz` or Parquet file of the same numbers gives the scorer (numpy casts
+    int64 and float64 straight to float32), so HTTP and `forde score` feed the graph the same bits.
+    Integers beyond 2**53 are rounded to float32 here in exact arithmetic: through float64 they would
+    be rounded twice, and can land on the other neighbour. Integers beyond float32's range (a
+    309-digit one included) become infinity, which the finiteness check then refuses. Booleans,
+    strings, null and ragged lists raise InvalidInput (numpy would read true as 1 and "1.5" as 1.5).
+    """
+    try:
+        objects = np.array(value, dtype=object)
+    except ValueError:  # numpy refuses some ragged nestings outright
+        raise InvalidInput(f"{field}: expected nested lists of numbers, got ragged lists") from None
+    kinds = set(map(type, objects.flat))
+    if list in kinds:  # a ragged nesting: numpy kept the too-short or too-long lists whole
+        raise InvalidInput(f"{field}: expected nested lists of numbers, got ragged lists")
+    if kinds - {int, float}:
+        names = sorted(_JSON_NAMES.get(kind, kind.__name__) for kind in kinds - {int, float})
+        raise InvalidInput(f"{field}: expected numbers, got {', '.join(names)}")
+    if int not in kinds:
+        return objects.astype(np.float64)
+    try:
+        numbers = objects.astype(np.float64)
+    except OverflowError:  # an integer past float64's range
+        return np.array([_nearest_float32(v) if type(v) is int else v for v in objects.flat]).reshape(objects.shape)
+    beyond = np.flatnonzero(np.abs(numbers) > 2**53)
+    if len(beyond):
+        flat, exact = numbers.reshape(-1), objects.reshape(-1)
+        for i in beyond:
+            if type(exact[i]) is int:
+                flat[i] = _nearest_float32(exact[i])
+    return numbers
+
+
+_JSON_NAMES = {bool: "true/false", str: "strings", type(None): "null", dict: "objects"}
+
+
+def _nearest_float32(value: int) -> float:
+    """The float32 nearest to the integer `value` (ties to even), as a float; infinity past float32's range."""
+    magnitude = abs(value)
+    excess = magnitude.bit_length() - 24  # float32 keeps 24 significant bits
+    if excess > 0:
+        kept, dropped = divmod(magnitude, 1 << excess)
+        half = 1 << (excess - 1)
+        if dropped > half or (dropped == half and kept & 1):
+            kept += 1
+        magnitude = kept << excess
+    nearest = math.inf if magnitude >= 1 << 128 else float(magnitude)  # exact: at most 24 significant bits
+    return -nearest if value < 0 else nearest
+
+
 class ModelFileError(FordeError, ValueError):
     """An exported file that cannot be served: missing, not ONNX, unknown format or missing metadata."""
 
 
 class InvalidInput(FordeError, ValueError):
     """A caller's input that does not fit the model; the message names the field, expected and got."""
+
+
+class NonFiniteOutput(InvalidInput):
+    """Inputs whose outputs came out NaN or infinite: finite float32 values on which the graph's
+    arithmetic overflows (e.g. 3e38). The request's fault unless proven otherwise.
+
+    `rows` are the offending positions in the batch; `outputs` holds the whole batch's outputs, so a
+    caller scoring many rows can keep the finite ones without running the graph again.
+    """
+
+    def __init__(self, message: str, rows: Sequence[int], outputs: dict[str, np.ndarray]):
+        super().__init__(message)
+        self.rows = tuple(int(r) for r in rows)
+        self.outputs = outputs
 
 
 @dataclass(frozen=True)
@@ -71,6 +156,18 @@ class ModelCard:
     abstain_target_risk: float | None
     training_config: dict
     format_version: str
+    calibration: TemperatureFit | None = None  # None: exported without calibration (T = 1)
+    conformal: ConformalCalibration | None = None  # None: no prediction sets (exported before them)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature baked into the graphs: their `member_logits` are the raw logits divided by it."""
+        return 1.0 if self.calibration is None else self.calibration.temperature
+
+    @property
+    def coverage_levels(self) -> tuple[float, ...]:
+        """Coverage levels with stored conformal thresholds (empty: the file cannot give prediction sets)."""
+        return () if self.conformal is None else self.conformal.coverages
 
 
 def _open_session(path: Path, providers: Sequence[str], options: ort.SessionOptions) -> ort.InferenceSession:
@@ -139,6 +236,12 @@ def _card(path: Path, meta: dict[str, str]) -> ModelCard:
             abstain_target_risk=number("abstain_target_risk"),
             training_config=json.loads(get("training_config", "{}")),
             format_version=get("format_version"),
+            calibration=None
+            if get("calibration") is None
+            else TemperatureFit.from_metadata(json.loads(get("calibration"))),
+            conformal=None
+            if get("conformal") is None
+            else ConformalCalibration.from_metadata(json.loads(get("conformal"))),
         )
     except (json.JSONDecodeError, TypeError, ValueError) as err:
         raise ModelFileError(f"{path}: broken metadata ({err}); re-export the model") from None
@@ -275,16 +378,53 @@ class EnsembleRuntime:
         out["predicted_class"] = out["probs"].argmax(1)
         out["confidence"] = out["probs"].max(1)
         out["abstain"] = out["mutual_information"] > self.card.abstain_threshold
+        finite = np.logical_and.reduce([np.isfinite(v.reshape(len(v), -1)).all(axis=1) for v in values])
+        if not finite.all():
+            rows = np.flatnonzero(~finite)
+            listed = ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+            raise NonFiniteOutput(f"input: {NOT_FINITE_OUTPUTS} in row(s) {listed}", rows, out)
         return out
 
-    def predict(self, x) -> dict[str, np.ndarray]:
-        """Raw inputs `[batch, *input_shape]` -> outputs, each `[batch, ...]`."""
-        batch = self.validate(x)
-        return self._finish(PREDICT_OUTPUTS, self._predict.run(None, {INPUT: batch}))
+    def prediction_sets(self, probs: np.ndarray, coverage: float) -> np.ndarray:
+        """Conformal prediction sets `[batch, classes]` (bool) of ensemble probabilities `[batch, classes]`
+        at a stored `coverage` level (`card.coverage_levels`)."""
+        self.check_coverage(coverage)
+        return prediction_sets(probs, self.card.conformal, coverage)
 
-    def explain(self, x, target=None) -> dict[str, np.ndarray]:
+    def check_coverage(self, coverage: float) -> None:
+        """Raise InvalidInput unless this file has conformal thresholds for `coverage`."""
+        if self.card.conformal is None:
+            raise InvalidInput(
+                f"coverage: this model file has no conformal thresholds, so it gives no prediction sets (got "
+                f"{coverage!r}); re-export it with a current `forde export` (or `forde fuse --validation`)"
+            )
+        try:
+            self.card.conformal.threshold(coverage)
+        except ConformalError as err:
+            raise InvalidInput(str(err)) from None
+
+    def _with_sets(self, out: dict[str, np.ndarray], coverage: float | None) -> dict[str, np.ndarray]:
+        if coverage is not None:
+            out["prediction_set"] = self.prediction_sets(out["probs"], coverage)
+            out["set_size"] = out["prediction_set"].sum(axis=1)
+        return out
+
+    def predict(self, x, coverage: float | None = None) -> dict[str, np.ndarray]:
+        """Raw inputs `[batch, *input_shape]` -> outputs, each `[batch, ...]`; with `coverage` also
+        `prediction_set` `[batch, classes]` (bool) and `set_size` `[batch]`.
+
+        Raises InvalidInput for inputs that do not fit (or a coverage level the file does not hold),
+        and its subclass NonFiniteOutput (naming the rows) when any output comes out NaN or infinite."""
+        batch = self.validate(x)
+        if coverage is not None:
+            self.check_coverage(coverage)  # before the model runs
+        return self._with_sets(self._finish(PREDICT_OUTPUTS, self._predict.run(None, {INPUT: batch})), coverage)
+
+    def explain(self, x, target=None, coverage: float | None = None) -> dict[str, np.ndarray]:
         """`predict` plus `input_gradients` `[batch, members, *input_shape]` of each member's logit of
         `target` (`[batch]` class indices; None or -1 = the ensemble's predicted class)."""
         batch = self.validate(x)
+        if coverage is not None:
+            self.check_coverage(coverage)
         feed = {INPUT: batch, TARGET: self._target(target, len(batch))}
-        return self._finish(EXPLAIN_OUTPUTS, self._explain.run(None, feed))
+        return self._with_sets(self._finish(EXPLAIN_OUTPUTS, self._explain.run(None, feed)), coverage)

@@ -24,7 +24,7 @@ import numpy as np
 from forde_serve._io import atomic_path, atomic_write_text
 from forde_serve._sources import InputFileError, open_source
 from forde_serve.errors import FordeError
-from forde_serve.runtime import NOT_FINITE, EnsembleRuntime, finite_float32_rows
+from forde_serve.runtime import NOT_FINITE, NOT_FINITE_OUTPUTS, EnsembleRuntime, NonFiniteOutput, finite_float32_rows
 
 __all__ = ["InputFileError", "ScoreJob", "ScoreSummary", "ScoringError", "score"]
 
@@ -47,6 +47,7 @@ class ScoreJob:
     explain: bool = False  # also write every member's input gradient to NAME.gradients.npy
     batch_size: int = 256
     part_rows: int = 8192
+    coverage: float | None = None  # also write each row's conformal prediction set at this level
 
     def __post_init__(self):
         if self.out.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -107,6 +108,8 @@ def score(
     runtime = EnsembleRuntime(job.model, max_batch=job.batch_size)
     if job.explain:
         runtime.require_explain()
+    if job.coverage is not None:
+        runtime.check_coverage(job.coverage)  # a level the file does not hold: one line, before anything is written
     source = open_source(job.input, runtime.card, job.key)
     manifest = _Manifest.open(job, _identity(job, source), source.rows, overwrite)
     pending = [k for k in range(manifest.parts) if k not in manifest.done]
@@ -168,6 +171,7 @@ def _identity(job: ScoreJob, source) -> dict:
         "rows": source.rows,
         "part_rows": job.part_rows,
         "explain": job.explain,
+        "coverage": job.coverage,
         "output": job.out.suffix.lower(),
     }
 
@@ -260,10 +264,14 @@ class _PartScorer:
                     bad.setdefault(int(r), f"input: {NOT_FINITE}")
                 ok = np.ones(len(x), dtype=bool)
                 ok[list(bad)] = False
+                out = self._run(x, ok, bad) if ok.any() else None
+                if out is not None and job.coverage is not None:
+                    out["prediction_set"] = self.runtime.prediction_sets(out["probs"], job.coverage)
                 ids = self.source.row_ids(first, last)
                 errors += [{"row": first + r, "row_id": _plain(ids[r]), "reason": bad[r]} for r in sorted(bad)]
-                out = self._run(x[ok]) if ok.any() else None
-                table = _table(out, ids[ok], np.flatnonzero(ok) + first, self._class_names, self._named_rows)
+                table = _table(
+                    out, ids[ok], np.flatnonzero(ok) + first, self._class_names, self._named_rows, job.coverage
+                )
                 writer = writer or pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
                 if gradients is not None:
@@ -280,8 +288,19 @@ class _PartScorer:
             atomic_write_text(_part_path(job, part, "errors"), json.dumps(errors))
         return {"rows": stop - start, "failed": len(errors)}
 
-    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return self.runtime.explain(x) if self.job.explain else self.runtime.predict(x)
+    def _run(self, x: np.ndarray, ok: np.ndarray, bad: dict[int, str]) -> dict[str, np.ndarray] | None:
+        """Outputs for the rows of `x` marked `ok`. Rows whose outputs come out NaN or infinite join `bad`
+        (and leave `ok`) rather than the results: the rest of the batch is kept, not run again."""
+        positions = np.flatnonzero(ok)
+        try:
+            return self.runtime.explain(x[ok]) if self.job.explain else self.runtime.predict(x[ok])
+        except NonFiniteOutput as err:
+            for r in err.rows:
+                bad[int(positions[r])] = f"input: {NOT_FINITE_OUTPUTS}"
+            ok[positions[list(err.rows)]] = False
+            keep = np.ones(len(positions), dtype=bool)
+            keep[list(err.rows)] = False
+            return {name: value[keep] for name, value in err.outputs.items()} if keep.any() else None
 
 
 def _plain(value):
@@ -289,9 +308,15 @@ def _plain(value):
 
 
 def _table(
-    out: dict[str, np.ndarray] | None, row_ids: np.ndarray, rows: np.ndarray, class_names: np.ndarray, image_rows: bool
+    out: dict[str, np.ndarray] | None,
+    row_ids: np.ndarray,
+    rows: np.ndarray,
+    class_names: np.ndarray,
+    image_rows: bool,
+    coverage: float | None = None,
 ):
-    """One output row per scored input (the schema is the same when nothing in the batch scored)."""
+    """One output row per scored input (the schema is the same when nothing in the batch scored);
+    with `coverage`, `prediction_set` (class names) and `set_size` too."""
     import pyarrow as pa
 
     classes = len(class_names)
@@ -303,6 +328,7 @@ def _table(
             "abstain": np.zeros(0, bool),
         }
         out |= {k: np.zeros(0, np.float32) for k in UNCERTAINTY}
+        out["prediction_set"] = np.zeros((0, classes), bool)
     columns = {}
     if image_rows:
         columns["row"] = pa.array(rows, pa.int64())
@@ -317,6 +343,10 @@ def _table(
     for name in UNCERTAINTY:
         columns[name] = pa.array(out[name].astype(np.float32))
     columns["abstain"] = pa.array(out["abstain"].astype(bool))
+    if coverage is not None:
+        sets = out["prediction_set"]
+        columns["prediction_set"] = pa.array([class_names[row].tolist() for row in sets], pa.list_(pa.string()))
+        columns["set_size"] = pa.array(sets.sum(axis=1).astype(np.int32))
     return pa.table(columns)
 
 
@@ -438,7 +468,8 @@ def _finish(job: ScoreJob, manifest: _Manifest, class_names, source) -> ScoreSum
 
 
 def _flat_probs(table, class_names):
-    """CSV has no list type: `probs` becomes one `prob_<class>` column per class."""
+    """CSV has no list type: `probs` becomes one `prob_<class>` column per class, and `prediction_set`
+    a JSON list of class names (unambiguous whatever the names hold)."""
     import pyarrow as pa
 
     probs = table["probs"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, len(class_names))
@@ -446,4 +477,8 @@ def _flat_probs(table, class_names):
     table = table.remove_column(at)
     for i, name in enumerate(class_names):
         table = table.add_column(at + i, f"prob_{name}", pa.array(probs[:, i]))
+    if "prediction_set" in table.column_names:
+        at = table.schema.get_field_index("prediction_set")
+        sets = [json.dumps(names) for names in table["prediction_set"].to_pylist()]
+        table = table.set_column(at, "prediction_set", pa.array(sets, pa.string()))
     return table

@@ -1,4 +1,5 @@
-"""Fixtures: a tiny config, the quickstart runs and their export (trained once per session), a server."""
+"""Fixtures: a tiny config, the quickstart runs and their export (trained once per session), the service
+in process and behind a real server."""
 
 import pytest
 
@@ -34,6 +35,18 @@ def digits_export(quickstart_runs, tmp_path_factory):
     path = tmp_path_factory.mktemp("exported") / "digits.onnx"
     result = run_forde("export", quickstart_runs["forde"], "--out", path)
     return path, result.stdout
+
+
+@pytest.fixture(scope="session")
+def in_process():
+    """BentoML's own HTTP app for the service (validation, error mapping, middleware), without a server.
+    One per session: BentoML registers its Prometheus metrics once per process."""
+    from starlette.testclient import TestClient
+
+    from forde_serve.app.service import FordeEnsemble
+
+    with TestClient(FordeEnsemble.to_asgi()) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

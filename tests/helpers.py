@@ -3,13 +3,16 @@ fake dataset folders. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +25,8 @@ MODEL = ROOT / "exported" / "digits.onnx"  # the committed default model
 
 def run_forde(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     """Run the installed `forde` console script as a real process."""
-    result = subprocess.run([FORDE, *map(str, args)], capture_output=True, text=True, cwd=ROOT, **kwargs)
+    kwargs.setdefault("cwd", ROOT)
+    result = subprocess.run([FORDE, *map(str, args)], capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"forde {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
     return result
@@ -72,7 +76,10 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
     import httpx
 
     port = free_port()
-    env = dict(os.environ) | {"FORDE_MODEL": str(MODEL)} | (env_extra or {})
+    # Its own BENTOML_HOME: every `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it
+    # starts, which would wipe the /metrics of any other server on the machine (another test's, too).
+    home = tempfile.mkdtemp(prefix="forde-bentoml-home-")
+    env = dict(os.environ) | {"FORDE_MODEL": str(MODEL), "BENTOML_HOME": home} | (env_extra or {})
     command = command or [
         sys.executable,
         "-m",
@@ -82,19 +89,23 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
         "--host",
         "127.0.0.1",
     ]
-    process = subprocess.Popen(
-        [*command, "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    # The server's output (its log) goes to a file, not a pipe: nobody reads a pipe while the server runs,
+    # and a full one would block the server. `process.log` is its path.
+    with tempfile.NamedTemporaryFile(prefix="forde-server-", suffix=".log", delete=False) as log:
+        process = subprocess.Popen(
+            [*command, "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    process.log, process.home = Path(log.name), Path(home)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"bentoml serve exited: {process.stderr.read().decode()[-2000:]}")
+            raise AssertionError(f"bentoml serve exited: {process.log.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return process, url
@@ -106,13 +117,18 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
 
 
 def stop_server(process) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    """Stop a server from `start_server` and everything left in its process group; remove its log and home."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)  # the group: children that outlived their parent too
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    process.log.unlink(missing_ok=True)
+    shutil.rmtree(process.home, ignore_errors=True)
 
 
 # Put in front of `python -c` code: makes torch and torchvision unimportable in that process.
@@ -167,3 +183,177 @@ def write_cifar(root, name, train_sizes, test_size, classes):
         (folder / "test").write_bytes(pickle.dumps(batch(test_size, "fine_labels"), protocol=2))
         (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(classes)]}))
     return folder
+
+
+# The /ui page in a real browser (tests/test_ui.py, tests/pin_ui_assets.py): Debian's chromium + chromedriver.
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def browser_missing() -> str | None:
+    """Why the browser tests cannot run here, or None when they can."""
+    import shutil
+
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    found = {name: shutil.which(name) for name in ("chromium", "chromedriver")}
+    missing = [name for name, path in found.items() if path is None]
+    return f"{' and '.join(missing)} not on PATH (apt-get install chromium chromium-driver)" if missing else None
+
+
+@contextlib.contextmanager
+def browser(profile: Path):
+    """Headless Chromium driven by Selenium 4, with a fresh profile in `profile`.
+
+    The flags keep Chromium from reaching for the network (this machine has none, and Chromium
+    stalls on connection attempts) and let it run as root in a container.
+    """
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,1400",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def ui_open(driver, url: str) -> None:
+    """Open the /ui page and wait until its Predict button is there."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(f"{url}/ui")
+    WebDriverWait(driver, 120).until(expected_conditions.element_to_be_clickable((By.ID, "forde-submit")))
+
+
+def ui_tab(driver, name: str) -> None:
+    """Open the input tab called `name` ("Draw" or "Upload"); a tab's contents are built when opened."""
+    from selenium.webdriver.common.by import By
+
+    (tab,) = [b for b in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == name]
+    _click(driver, tab)
+
+
+def _click(driver, element) -> None:
+    """Click `element` once Gradio's loading overlay (its status tracker) no longer covers it."""
+    from selenium.common.exceptions import ElementClickInterceptedException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def clicked(_) -> bool:
+        element.click()
+        return True
+
+    WebDriverWait(driver, 60, ignored_exceptions=(ElementClickInterceptedException,)).until(clicked)
+
+
+def ui_upload(driver, path: Path) -> None:
+    """Put the picture at `path` into the Upload tab's image (replacing any picture there)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ui_tab(driver, "Upload")
+    for remove in driver.find_elements(By.CSS_SELECTOR, '#forde-input button[aria-label="Remove Image"]'):
+        _click(driver, remove)
+    file_input = WebDriverWait(driver, 30).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#forde-input input[type=file]")
+    )
+    file_input.send_keys(str(path))
+    # The picture is uploaded once the component shows its Remove button.
+    WebDriverWait(driver, 60).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, '#forde-input button[aria-label="Remove Image"]')
+    )
+
+
+def ui_draw_one(driver) -> None:
+    """Open the Draw tab and draw a vertical stroke (a "1") on the pad with pointer actions."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ui_tab(driver, "Draw")
+    canvas = WebDriverWait(driver, 30).until(
+        lambda d: [c for c in d.find_elements(By.CSS_SELECTOR, "#forde-draw canvas") if c.is_displayed()]
+    )[0]
+    strokes = ActionChains(driver).move_to_element_with_offset(canvas, 0, -100).click_and_hold()
+    for _ in range(4):
+        strokes = strokes.move_by_offset(0, 50)
+    strokes.release().perform()
+
+
+def ui_texts(driver) -> dict[str, str]:
+    """The text of the page's answer fields, by elem_id without the `forde-` prefix."""
+    from selenium.webdriver.common.by import By
+
+    names = ("label", "message", "abstain", "uncertainty", "votes")
+    return {name: driver.find_element(By.ID, f"forde-{name}").text.strip() for name in names}
+
+
+def ui_predict(driver, done, timeout: float = 120) -> dict[str, str]:
+    """Press Predict and wait until `done(texts)` holds for `ui_texts`; returns those texts."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _click(driver, driver.find_element(By.ID, "forde-submit"))
+    WebDriverWait(driver, timeout).until(lambda d: done(ui_texts(d)))
+    return ui_texts(driver)
+
+
+PICTURE_CLASSES = ("disc", "square", "triangle")
+
+
+def draw_picture(shape: str, width: int, height: int, rng):
+    """A PIL RGB picture of one coloured `shape` (disc, square, triangle) on a noisy background."""
+    from PIL import Image, ImageDraw
+
+    background = rng.integers(0, 90, (height, width, 3), dtype=np.uint8)
+    picture = Image.fromarray(background)
+    draw = ImageDraw.Draw(picture)
+    side = min(width, height) * rng.uniform(0.5, 0.8)
+    left, top = rng.uniform(0, width - side), rng.uniform(0, height - side)
+    box = [left, top, left + side, top + side]
+    colour = {"disc": (230, 60, 40), "square": (40, 200, 60), "triangle": (60, 90, 240)}[shape]
+    colour = tuple(int(c + rng.integers(-20, 21)) for c in colour)
+    if shape == "disc":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(left, top + side), (left + side, top + side), (left + side / 2, top)], fill=colour)
+    return picture
+
+
+def write_image_folder(root, counts=None, seed: int = 0, formats=("png", "jpg", "bmp", "webp")):
+    """An image folder in torchvision's ImageFolder layout: root/<split>/<class>/NNN.<format>, drawn
+    shapes at varied sizes and aspect ratios, formats taken in turn. `counts` maps split -> pictures
+    per class (default: 12 train, 4 test; no val/)."""
+    rng = np.random.default_rng(seed)
+    counts = counts or {"train": 12, "test": 4}
+    for split, count in counts.items():
+        for shape in PICTURE_CLASSES:
+            folder = root / split / shape
+            folder.mkdir(parents=True)
+            for i in range(count):
+                width, height = int(rng.integers(14, 48)), int(rng.integers(14, 48))
+                suffix = formats[i % len(formats)]
+                draw_picture(shape, width, height, rng).save(folder / f"{i:03d}.{suffix}")
+    return root

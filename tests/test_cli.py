@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import run_forde
+from helpers import MODEL, run_forde
 
 
 def test_help_explains_every_option():
@@ -64,3 +64,88 @@ def test_an_unwritable_out_is_one_line_with_exit_2(tmp_path, tiny_config):
         result = run_forde(*args, check=False)
         assert result.returncode == 2, result.stderr
         assert str(blocker) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_forde_serve_on_a_port_in_use_is_one_line_with_exit_2():
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_forde("serve", "--port", port, check=False, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"--port: {port} on 127.0.0.1 is already in use" in lines[0], result.stderr
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    """Files written atomically get the permissions any new file gets (0666 less the umask), not mkstemp's 0600.
+    The commands run in this process (click's runner), under the umask set here."""
+    import os
+    import stat
+
+    import numpy as np
+    from click.testing import CliRunner
+
+    from forde_serve.app.cli import main
+
+    np.save(tmp_path / "x.npy", np.ones((3, 1, 8, 8), dtype=np.float32))
+    np.save(tmp_path / "bad.npy", np.full((2, 1, 8, 8), np.nan, dtype=np.float32))
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "metrics.json").write_text('{"accuracy": 0.5, "nll": 1.0}')
+    for umask in (0o022, 0o027):
+        out = tmp_path / f"umask-{umask:o}"
+        previous = os.umask(umask)
+        try:
+            for args in (
+                ["score", MODEL, tmp_path / "x.npy", "--out", out / "s.parquet", "--explain", "--quiet"],
+                ["score", MODEL, tmp_path / "bad.npy", "--out", out / "bad.csv", "--quiet"],
+                ["compare", tmp_path / "a", tmp_path / "b", "--out", out / "c.md"],
+            ):
+                result = CliRunner().invoke(main, list(map(str, args)))
+                assert result.exit_code in (0, 3), result.output
+        finally:
+            os.umask(previous)
+        written = sorted(p for p in out.rglob("*") if p.is_file())
+        assert [p.name for p in written] == ["bad.csv", "bad.errors.csv", "c.md", "s.gradients.npy", "s.parquet"]
+        for path in written:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, (path.name, oct(path.stat().st_mode))
+
+
+def test_compare_without_out_prints_and_writes_nothing(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "metrics.json").write_text('{"accuracy": 0.5, "nll": 1.0}')
+    result = run_forde("compare", tmp_path / "a", tmp_path / "b", check=False, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+@pytest.mark.slow
+def test_export_and_evaluate_outputs_respect_the_umask(tmp_path, tiny_config):
+    import os
+    import stat
+
+    run_forde("train", tiny_config(epochs=1), "--out", tmp_path / "run", "--quiet")
+
+    def umask_027():
+        os.umask(0o027)
+
+    run_forde("export", tmp_path / "run", "--out", tmp_path / "out" / "m.onnx", preexec_fn=umask_027)
+    run_forde(
+        "evaluate",
+        tmp_path / "out" / "m.onnx",
+        "--out",
+        tmp_path / "out" / "report",
+        "--gradient-rows",
+        "8",
+        "--quiet",
+        preexec_fn=umask_027,
+    )
+    written = sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert {"m.onnx", "m.explain.onnx", "metrics.json", "report.md"} <= {p.name for p in written}
+    assert any(p.suffix == ".png" for p in written)
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, (path.name, oct(path.stat().st_mode))

@@ -29,7 +29,7 @@ def test_paper_settings_in_cifar_config():
         ("[optim]\nepochs = 'ten'\n", "optim.epochs: input should be a valid integer"),
         (
             "[model]\narch = 'vgg'\n",
-            "model.arch: input should be 'mlp', 'cnn', 'resnet18' or 'preact_resnet18', got 'vgg'",
+            "model.arch: expected one of mlp, cnn, resnet18, preact_resnet18, torchvision:NAME or factory, got 'vgg'",
         ),
         ("[optim]\nlearning_rate = 0.1\n", "unknown field 'optim.learning_rate'"),
         ("[ensemble]\nmembers = 1\n", "ensemble.members: FoRDE repels members"),

@@ -68,6 +68,10 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def train_log(run):
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
 def test_nproc_2_trains_like_one_process_writes_once_and_resumes_after_sigkill(tiny_config, tmp_path):
     config = tiny_config(epochs=10, lengthscale="pca")
     run_forde("train", config, "--out", tmp_path / "one", "--quiet")
@@ -84,10 +88,17 @@ def test_nproc_2_trains_like_one_process_writes_once_and_resumes_after_sigkill(t
             "metrics.json",
         ]
     )
+    # The same training: each step agrees to float rounding (test above), and so do the first epochs.
+    # Later the rounding differences of the summed shards grow: with the uncentred pca lengthscales this
+    # tiny net at lr 0.05 is chaotic enough that epoch 10 differs by ~2% in NLL (measured: 1.267 vs 1.250;
+    # identity lengthscales stay within 2e-6), so the final metrics are only checked loosely.
+    log_one, log_two = train_log(tmp_path / "one"), train_log(tmp_path / "two")
+    for epoch in (0, 1):
+        assert log_two[epoch]["ce"] == pytest.approx(log_one[epoch]["ce"], rel=1e-6)
+        assert log_two[epoch]["repulsion"] == pytest.approx(log_one[epoch]["repulsion"], rel=1e-6)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    # The same training: each step agrees to float rounding (test above); over 10 epochs (~100 steps)
-    # the rounding differences of the summed shards drift the metrics by about 2e-4 relative.
-    assert two == pytest.approx(one, rel=1e-3)
+    assert two["accuracy"] == pytest.approx(one["accuracy"], abs=0.02)
+    assert two["nll"] == pytest.approx(one["nll"], rel=0.05)
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(
@@ -112,7 +123,7 @@ def test_nproc_2_trains_like_one_process_writes_once_and_resumes_after_sigkill(t
     straight, again = load_file(tmp_path / "two" / "members.safetensors"), load_file(killed / "members.safetensors")
     for name in straight:
         assert torch.equal(straight[name], again[name]), name
-    epochs = [json.loads(line)["epoch"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    epochs = [entry["epoch"] for entry in train_log(killed)]
     assert epochs == list(range(1, 11))
 
     again = run_forde("train", config, "--out", killed, "--nproc", 2, check=False)

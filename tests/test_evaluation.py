@@ -66,21 +66,29 @@ def test_report_folder_holds_metrics_markdown_and_figures(reports, quickstart_ru
     assert set(metrics["per_corruption"]) == set(CORRUPTIONS)
     # The corrupted block is the plain mean over the 55 sets.
     assert metrics["corrupted"]["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in metrics["per_set"]]))
-    # Clean metrics are the ones training recorded (same test split, same maths).
+    # At T = 1 the clean metrics are the ones training recorded (same test split, same maths); the
+    # others are the ensemble as served, at the temperature chosen on the validation split.
     trained = json.loads((quickstart_runs["forde"] / "metrics.json").read_text())
-    for key in ("accuracy", "nll", "ece", "brier", "mutual_information"):
-        assert metrics[key] == pytest.approx(trained[key], rel=1e-6), key
+    assert metrics["nll_uncalibrated"] == pytest.approx(trained["nll"], rel=1e-6)
+    assert metrics["ece_uncalibrated"] == pytest.approx(trained["ece"], rel=1e-6)
+    assert metrics["temperature"] > 0 and metrics["coverage_levels"] == [0.8, 0.9, 0.95, 0.99]
+    for level in metrics["coverage_levels"]:
+        assert 0 <= metrics[f"set_coverage@{level:g}"] <= 1 and metrics[f"set_size@{level:g}"] >= 0
+        assert (
+            f"set_coverage@{level:g}" in metrics["corrupted"] and f"set_size@{level:g}" in metrics["per_severity"]["5"]
+        )
     assert metrics["corrupted"]["accuracy"] < metrics["accuracy"]
     assert metrics["expected_entropy"] + metrics["mutual_information"] == pytest.approx(metrics["predictive_entropy"])
     assert 0.5 < metrics["ood"]["auroc_mutual_information"] <= 1.0
     assert 0 < metrics["abstain_coverage"] <= 1
 
     report = (folder / "report.md").read_text()
-    for figure in ("reliability.png", "severity.png", "risk_coverage.png", "saliency.png"):
+    for figure in ("reliability.png", "severity.png", "risk_coverage.png", "saliency.png", "coverage.png"):
         assert f"]({figure})" in report
         with Image.open(folder / figure) as image:
             assert image.format == "PNG" and image.width > 300
     assert "| gaussian_noise |" in report and "epistemic (mutual information)" in report
+    assert "## Calibration (temperature" in report and "## Conformal prediction sets (lac score)" in report
     assert "corrupted" in results["forde-run"].stdout and "report:" in results["forde-run"].stdout
 
 
@@ -93,9 +101,15 @@ def test_exported_file_and_run_folder_agree(reports):
     assert run["source"]["engine"].startswith("the PyTorch ensemble")
     # Same thresholds: the export's was chosen on the validation split exactly as evaluate does.
     assert onnx["abstain_threshold"] == pytest.approx(run["abstain_threshold"], rel=1e-4)
+    assert onnx["temperature"] == pytest.approx(run["temperature"], rel=1e-4)
+    keys = ("accuracy", "nll", "ece", "brier", "mutual_information", "gradient_cosine_distance", "aurc")
     for block in (lambda m: m, lambda m: m["corrupted"]):
-        for key in ("accuracy", "nll", "ece", "brier", "mutual_information", "gradient_cosine_distance", "aurc"):
+        for key in (*keys, "nll_uncalibrated", "ece_uncalibrated"):
             assert block(onnx)[key] == pytest.approx(block(run)[key], rel=2e-3, abs=2e-4), key
+        # A set is a threshold on a probability: float32 vs float64 may move one input of 360 across it.
+        for level in run["coverage_levels"]:
+            for key in (f"set_coverage@{level:g}", f"set_size@{level:g}"):
+                assert block(onnx)[key] == pytest.approx(block(run)[key], abs=6e-3), key
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from forde_serve.contract import EXPLAIN_OUTPUTS, METADATA_KEYS, PREDICT_OUTPUTS
 from forde_serve.runtime import EnsembleRuntime
 from training.export import ExportContract, OutputCheck, ToleranceError, export_ensemble
 from training.models import build_ensemble
-from training.models.layers import EnsembleConv2d, EnsembleLinear
+from training.models.layers import FusedConv2d, FusedLinear
 from training.run import load_run
 
 from helpers import run_forde
@@ -37,7 +37,7 @@ def test_export_prints_a_passing_check_for_every_output(digits_export):
 def test_members_are_fused_not_copied(digits_export, quickstart_runs):
     path, _ = digits_export
     ensemble = load_run(quickstart_runs["forde"]).ensemble
-    conv_layers = sum(isinstance(m, EnsembleConv2d) for m in ensemble.modules())
+    conv_layers = sum(isinstance(m, FusedConv2d) for m in ensemble.modules())
     predict = [n for n in _ops(path) if n.op_type == "Conv"]
     assert len(predict) == conv_layers == 4
     for node in predict:  # each Conv runs all 8 members as one grouped convolution
@@ -53,8 +53,8 @@ def test_members_are_fused_not_copied(digits_export, quickstart_runs):
 
 def test_strided_backward_convolutions_are_conv_transpose(untrained_exports):
     ensemble = build_ensemble("resnet18", 2, (3, 32, 32), 10, [0.5] * 3, [0.25] * 3)
-    strided = sum(isinstance(m, EnsembleConv2d) and m.stride == 2 for m in ensemble.modules())
-    conv_layers = sum(isinstance(m, EnsembleConv2d) for m in ensemble.modules())
+    strided = sum(isinstance(m, FusedConv2d) and m.stride == (2, 2) for m in ensemble.modules())
+    conv_layers = sum(isinstance(m, FusedConv2d) for m in ensemble.modules())
     assert sum(n.op_type == "Conv" for n in _ops(untrained_exports["resnet18"]["predict"])) == conv_layers == 20
     explain = _ops(untrained_exports["resnet18"]["explain"])
     assert sum(n.op_type == "ConvTranspose" for n in explain) == strided == 6
@@ -165,7 +165,7 @@ def test_gradients_match_finite_differences(arch, batch, digits_export, untraine
 
 def test_mlp_graph_uses_one_matmul_per_layer(untrained_exports):
     ensemble = build_ensemble("mlp", 3, (1, 8, 8), 10, [0.5], [0.25], width=16)
-    layers = sum(isinstance(m, EnsembleLinear) for m in ensemble.modules())
+    layers = sum(isinstance(m, FusedLinear) for m in ensemble.modules())
     assert sum(n.op_type == "MatMul" for n in _ops(untrained_exports["mlp"]["predict"])) == layers
 
 

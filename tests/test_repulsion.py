@@ -5,11 +5,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from training import run as run_files
+from training import trainer
 from training.config import TrainConfig
-from training.forde import lengthscale_scales, pca_basis, repulsion_term
+from training.forde import PCA_MAX_INPUT_SIZE, PCABasis, lengthscale_scales, pca_basis, repulsion_term
 from training.models import build_ensemble
-from training.trainer import Repulsion, loss_terms
+from training.trainer import Repulsion, TrainingError, loss_terms
 
 
 def test_two_orthogonal_members_by_hand():
@@ -167,3 +170,97 @@ def test_strength_scales_only_the_repulsion_in_the_step():
     repulsion_part = step1 - step0
     assert repulsion_part.abs().max() > 1e-5  # well above float32 rounding of the updates (~3e-8)
     torch.testing.assert_close(step2 - step1, repulsion_part, rtol=1e-3, atol=1e-7)
+
+
+def test_pca_basis_is_the_uncentred_second_moment_by_hand():
+    # X = [[1, 0], [0, 2], [1, 0], [0, 2]]: X^T X / (n - 1) = [[2, 0], [0, 8]] / 3, eigenvalues 8/3 and 2/3
+    # along e2 and e1. Centred first (mean [0.5, 1]): [[1, -2], [-2, 4]] / 3, eigenvalues 5/3 and 0,
+    # the first along [1, -2] / sqrt 5.
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 2.0]])
+    uncentred, centred = pca_basis(x.view(4, 1, 1, 2)), pca_basis(x.view(4, 1, 1, 2), centred=True)
+    torch.testing.assert_close(uncentred.eigenvalues, torch.tensor([8 / 3, 2 / 3]))
+    torch.testing.assert_close(uncentred.eigenvectors.abs(), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    assert not uncentred.centred and centred.centred
+    torch.testing.assert_close(centred.eigenvalues, torch.tensor([5 / 3, 0.0]), atol=1e-6, rtol=1e-6)
+    first = centred.eigenvectors[:, 0] * torch.sign(centred.eigenvectors[0, 0])
+    torch.testing.assert_close(first, torch.tensor([1.0, -2.0]) / math.sqrt(5))
+
+
+def test_pca_basis_matches_numpy_eigh_of_the_second_moment():
+    rng = np.random.default_rng(0)
+    x = rng.normal(loc=[2.0, -1.0, 0.5, 0.0, 3.0, 1.0], scale=[1.0, 2.0, 0.5, 1.5, 0.3, 1.0], size=(50, 6))
+    values, vectors = np.linalg.eigh(x.T @ x / (len(x) - 1))
+    values, vectors = values[::-1], vectors[:, ::-1]
+    # chunk=16 accumulates the matrix over several chunks, as for CIFAR-sized data
+    pca = pca_basis(torch.tensor(x, dtype=torch.float32).view(50, 2, 3), chunk=16)
+    np.testing.assert_allclose(pca.eigenvalues.numpy(), values, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(pca.eigenvectors.numpy().T @ vectors), np.eye(6), atol=1e-4)
+
+
+def test_pca_and_pca_centred_differ_with_a_mean_and_agree_without():
+    torch.manual_seed(0)
+    z = torch.randn(400, 1, 2, 2) * torch.tensor([3.0, 1.0, 0.5, 0.2]).view(1, 1, 2, 2) + 2.0
+    uncentred, centred = pca_basis(z), pca_basis(z, centred=True)
+    # X^T X = Xc^T Xc + n mean mean^T, so the traces differ by n / (n - 1) ||mean||^2 (about 16 here).
+    mean = z.flatten(1).double().mean(0)
+    difference = uncentred.eigenvalues.double().sum() - centred.eigenvalues.double().sum()
+    assert difference.item() == pytest.approx(400 / 399 * mean.pow(2).sum().item(), rel=1e-5)
+    assert difference.item() > 15
+    z = z - z.mean(0, keepdim=True)
+    uncentred, centred = pca_basis(z), pca_basis(z, centred=True)
+    torch.testing.assert_close(uncentred.eigenvalues, centred.eigenvalues, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((uncentred.eigenvectors.T @ centred.eigenvectors).abs(), torch.eye(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(lengthscale_scales("pca_centred", centred.eigenvalues), centred.eigenvalues.sqrt())
+
+
+def test_pca_basis_refuses_inputs_over_the_size_limit():
+    with pytest.raises(ValueError, match=f"{PCA_MAX_INPUT_SIZE + 1} x {PCA_MAX_INPUT_SIZE + 1}"):
+        pca_basis(torch.zeros(2, PCA_MAX_INPUT_SIZE + 1))
+
+
+def _tiny_digits(lengthscale: str) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "device": "cpu",
+            "model": {"arch": "mlp", "width": 4, "depth": 1},
+            "ensemble": {"method": "forde", "members": 2},
+            "forde": {"lengthscale": lengthscale},
+            "optim": {"epochs": 1},
+        }
+    )
+
+
+@pytest.mark.parametrize("lengthscale", ["pca", "pca_centred", "tuned"])
+def test_training_refuses_a_basis_too_large_before_any_epoch(tmp_path, monkeypatch, lengthscale):
+    # The real trainer on digits (64 values per input) with the limit lowered to 32.
+    monkeypatch.setattr(trainer, "PCA_MAX_INPUT_SIZE", 32)
+    with pytest.raises(TrainingError, match=r"64 x 64 matrix.*limit of 32.*'identity'"):
+        trainer.train(_tiny_digits(lengthscale), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / run_files.CHECKPOINT).exists() and not (tmp_path / "run" / run_files.PCA).exists()
+
+
+def test_pca_record_round_trips(tmp_path):
+    basis = PCABasis(torch.eye(3), torch.ones(3), centred=True)
+    run_files.write_pca(tmp_path, basis)
+    assert run_files.read_pca(tmp_path).centred
+    run_files.write_pca(tmp_path, PCABasis(torch.eye(3), torch.ones(3)))
+    assert not run_files.read_pca(tmp_path).centred
+
+
+@pytest.mark.parametrize("written", ["centred", "legacy"])
+def test_resume_refuses_a_basis_of_the_other_kind(tmp_path, written):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = _tiny_digits("pca")
+    (run_dir / run_files.CONFIG).write_text(config.to_json())
+    tensors = {"eigenvectors": torch.eye(64), "eigenvalues": torch.ones(64)}
+    if written == "centred":
+        run_files.write_pca(run_dir, PCABasis(tensors["eigenvectors"], tensors["eigenvalues"], centred=True))
+    else:  # a run folder from before the record: no metadata, and then every basis was centred
+        save_file(tensors, str(run_dir / run_files.PCA))
+    with pytest.raises(TrainingError, match=r"holds the centred PCA basis.*'pca' uses the uncentred.*'pca_centred'"):
+        trainer.train(config, run_dir, resume=True, progress=False)
+
+
+def test_config_accepts_pca_centred():
+    assert TrainConfig.model_validate({"forde": {"lengthscale": "pca_centred"}}).forde.lengthscale == "pca_centred"

@@ -362,7 +362,10 @@ def _corrupted_npz(path):
         (lambda d: (MODEL, d / "x.npy", ["--out", d / "s.txt"]), "--out: expected a .parquet or .csv file name"),
         (lambda d: (MODEL, d / "x.npy", ["--engine", "spark"]), "Invalid value for '--engine'"),
         (lambda d: (MODEL, d / "x.npy", ["--batch-size", "0"]), "Invalid value for '--batch-size'"),
-        (lambda d: (MODEL, _mkdir(d / "nothing"), []), "expected PNG or JPEG images in this folder, found none"),
+        (
+            lambda d: (MODEL, _mkdir(d / "nothing"), []),
+            "expected pictures in this folder (.png .jpg .jpeg .webp .bmp .tif .tiff .gif files), found none",
+        ),
     ],
 )
 def test_bad_arguments_and_files_exit_2_with_the_reason(tmp_path, make, message):
@@ -415,3 +418,116 @@ def test_existing_output_and_other_jobs_parts_are_not_clobbered(rows, tmp_path):
     (tmp_path / "t.parquet.parts" / "manifest.json").write_text(json.dumps({"identity": {"part_rows": 3}, "done": {}}))
     other = run_forde("score", MODEL, path, "--out", tmp_path / "t.parquet", check=False)
     assert other.returncode == 2 and "holds parts of a different job" in other.stderr
+
+
+def _score_here(model, data, out, **options):
+    """The scorer itself, in this process (the `forde` command around it is tested above)."""
+    from forde_serve.scoring import ScoreJob, score
+
+    return score(ScoreJob(model=model, input=data, out=out, **options))
+
+
+def test_rows_whose_outputs_overflow_go_to_the_errors_file(tmp_path):
+    # 3e38 is a finite float32 (it passes the input check) on which the graph overflows into NaN.
+    x = np.ones((6, 1, 8, 8), dtype=np.float32)
+    x[2, 0, 4, 4] = x[5, 0, 0, 0] = 3e38
+    np.save(tmp_path / "x.npy", x)
+    summary = _score_here(MODEL, tmp_path / "x.npy", tmp_path / "s.parquet", batch_size=4, explain=True)
+    assert (summary.scored, summary.failed) == (4, 2)
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table["row_id"].to_pylist() == [0, 1, 3, 4]
+    for name in ("confidence", *UNCERTAINTY):
+        assert np.isfinite(table[name].to_numpy()).all(), name
+    errors = _errors(tmp_path / "s.errors.csv")
+    assert [e["row_id"] for e in errors] == ["2", "5"] and all("not finite" in e["reason"] for e in errors)
+    gradients = np.load(tmp_path / "s.gradients.npy")
+    assert np.isnan(gradients[[2, 5]]).all() and np.isfinite(gradients[[0, 1, 3, 4]]).all()
+
+
+def test_the_summary_gives_one_throughput_figure(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((300, 1, 8, 8), dtype=np.float32))
+    result = run_forde("score", MODEL, tmp_path / "x.npy", "--out", tmp_path / "s.parquet", "--batch-size", 50)
+    assert result.stdout.count("rows/s") == 1, result.stdout
+
+
+def _scored_input(path, rows) -> np.ndarray:
+    """The float32 batch `forde score` feeds the graph for `path`'s rows (its reader, then its cast)."""
+    from forde_serve._sources import open_source
+    from forde_serve.runtime import finite_float32_rows
+
+    x, errors = open_source(path, EnsembleRuntime(MODEL).card).read(0, rows)
+    assert not errors
+    return finite_float32_rows(x)[0]
+
+
+def _served_input(rows) -> np.ndarray:
+    """The float32 batch the HTTP service feeds the graph for these JSON rows (its request model's parse)."""
+    from forde_serve.app.service import PredictRow
+
+    return np.stack([PredictRow.model_validate_json(json.dumps({"input": row})).input for row in rows])
+
+
+def _http_scores(client, rows) -> dict[str, np.ndarray]:
+    """POST rows (nested lists of Python numbers) in ONE request; the answer's numbers as float32, as sent."""
+    response = client.post("/predict", json={"inputs": [{"input": row} for row in rows]})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    out = {"probs": np.array([r["probs"] for r in answer], dtype=np.float32)}
+    for name in ("confidence", *UNCERTAINTY):
+        out[name] = np.array([r[name] for r in answer], dtype=np.float32)
+    return out
+
+
+def test_scores_equal_the_http_service_to_the_last_bit(in_process, tmp_path):
+    """`forde score` and the HTTP service turn the same numbers into the same float32 input, so the same
+    rows scored in the same batch give the same bits (onnxruntime's results for a row can differ in the last
+    bits with the batch it runs in, so the job runs the rows as one batch, as the one HTTP request does)."""
+    rng = np.random.default_rng(0)
+    decimals = np.round(rng.random((40, 1, 8, 8)) * 16, 3)  # 0.001 steps: not exactly representable
+    integers = rng.integers(0, 17, (40, 1, 8, 8))
+    integers[:, 0, 0, 0] = 2**60 + 2**36 + 1  # through float64 this rounds twice, to the other float32 neighbour
+    integers[:, 0, 7, 7] = rng.integers(2**53, 2**62, 40)
+    cases = {
+        "float64 decimals": (decimals, decimals.tolist()),
+        "float32": (decimals.astype(np.float32), decimals.astype(np.float32).tolist()),
+        "int64 beyond 2**53": (integers, integers.tolist()),
+    }
+    for name, (array, as_json) in cases.items():
+        np.save(tmp_path / "x.npy", array)
+        # the same float32 input tensor: what the scorer reads and casts, what the service parses
+        assert np.array_equal(_scored_input(tmp_path / "x.npy", len(array)), _served_input(as_json)), name
+        out = tmp_path / f"{name.replace(' ', '_')}.parquet"
+        _score_here(MODEL, tmp_path / "x.npy", out, batch_size=len(array))
+        table = pq.read_table(out)
+        scored = {key: table[key].to_numpy() for key in ("confidence", *UNCERTAINTY)}
+        scored["probs"] = np.stack(table["probs"].to_numpy(zero_copy_only=False))
+        served = _http_scores(in_process, as_json)
+        for key, value in scored.items():
+            np.testing.assert_array_equal(served[key], value, err_msg=f"{name}: {key}")
+    # A Parquet column of the same integers is read as the .npy is (int64, not through float64).
+    column = pa.array([row.ravel().tolist() for row in integers], pa.list_(pa.int64()))
+    pq.write_table(pa.table({"input": column}), tmp_path / "ints.parquet")
+    assert np.array_equal(_scored_input(tmp_path / "ints.parquet", 40), _served_input(integers.tolist()))
+
+
+def test_image_folders_take_every_format_by_suffix_and_decode_by_content(runtime, tmp_path):
+    from sklearn.datasets import load_digits
+
+    from forde_serve.images import image_to_input
+
+    ink = np.uint8(255 - load_digits().images[5] * 255 / 16)
+    picture = Image.fromarray(ink).resize((24, 24), Image.NEAREST)
+    saved = {"a.png": "PNG", "b.WEBP": "WEBP", "c.bmp": "BMP", "d.tif": "TIFF", "e.tiff": "TIFF", "f.gif": "GIF"}
+    saved |= {"g.jpg": "PNG", "h.jpeg": "JPEG"}  # a .jpg holding a PNG decodes as the PNG it is
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for name, format in saved.items():
+        picture.save(folder / name, format=format, **({"lossless": True} if format == "WEBP" else {}))
+    picture.save(folder / "no-suffix", format="PNG")  # not picked up: a folder scan goes by suffix
+    (folder / "notes.txt").write_text("not a picture")
+    _score_here(MODEL, folder, tmp_path / "s.parquet")
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table["row_id"].to_pylist() == sorted(saved)
+    expected = runtime.predict(np.stack([image_to_input(folder / n, runtime.card.image) for n in sorted(saved)]))
+    np.testing.assert_allclose(np.stack(table["probs"].to_numpy(zero_copy_only=False)), expected["probs"], atol=1e-6)
+    assert len(set(table["predicted_class"].to_pylist()[:6])) == 1  # the lossless ones are one picture

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from training.config import load_config
@@ -69,6 +70,8 @@ def test_pca_basis_is_saved_with_the_run(tmp_path, tiny_config):
     pca = load_file(str(tmp_path / "run" / "pca.safetensors"))
     assert pca["eigenvectors"].shape == (64, 64) and pca["eigenvalues"].shape == (64,)
     assert (pca["eigenvalues"][:-1] >= pca["eigenvalues"][1:]).all()
+    with safe_open(str(tmp_path / "run" / "pca.safetensors"), "pt") as f:
+        assert f.metadata()["centred"] == "false"  # `pca` is the reference's uncentred basis
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_config):

@@ -7,8 +7,10 @@ run can be rebuilt from its folder alone.
 
 from __future__ import annotations
 
+import difflib
 import json
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,13 +18,67 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from forde_serve.errors import FordeError
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "with_overrides"]
-
-Arch = Literal["mlp", "cnn", "resnet18", "preact_resnet18"]
+__all__ = [
+    "BUILTIN_ARCHITECTURES",
+    "FACTORY",
+    "TORCHVISION",
+    "ConfigError",
+    "TrainConfig",
+    "check_model",
+    "load_config",
+    "with_overrides",
+]
 
 
 class ConfigError(FordeError, ValueError):
     """A config file or override that cannot be used; the message names the field."""
+
+
+BUILTIN_ARCHITECTURES = ("mlp", "cnn", "resnet18", "preact_resnet18")
+TORCHVISION = "torchvision:"  # model.arch = "torchvision:NAME": a torchvision classification builder
+FACTORY = "factory"  # model.arch = "factory": model.factory = "package.module:function"
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_model(arch: str, kwargs: Mapping[str, Any] | None = None, factory: str | None = None) -> None:
+    """Raise ConfigError unless `arch` (with `kwargs`, `factory`) names a member this package can build.
+
+    Checked here, at load, so a bad name stops a run before anything is built; torchvision is
+    imported only for a torchvision:NAME."""
+    kwargs = kwargs or {}
+    if arch == FACTORY:
+        if not factory:
+            raise ConfigError('model.arch "factory" needs model.factory = "package.module:function"')
+        module, _, function = factory.partition(":")
+        if not module or not function or not all(part.isidentifier() for part in (*module.split("."), function)):
+            raise ConfigError(f'model.factory: expected "package.module:function", got {factory!r}')
+    elif factory:
+        raise ConfigError(f'model.factory is given, so model.arch must be "factory" (or left out), got {arch!r}')
+    elif arch.startswith(TORCHVISION):
+        name, names = arch[len(TORCHVISION) :], _torchvision_names()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+            hint = f"close matches: {', '.join(TORCHVISION + c for c in close)}" if close else "none is close"
+            raise ConfigError(
+                f"model.arch: {name!r} is not a torchvision classifier ({hint}; all: torchvision.models.list_models())"
+            )
+    elif arch not in BUILTIN_ARCHITECTURES:
+        raise ConfigError(
+            f"model.arch: expected one of {', '.join(BUILTIN_ARCHITECTURES)}, torchvision:NAME or factory, got {arch!r}"
+        )
+    elif kwargs:
+        raise ConfigError(f"model.kwargs: the built-in {arch!r} takes model.width and model.depth, not kwargs")
+    if "weights" in kwargs:
+        raise ConfigError(
+            "model.kwargs.weights: nothing is downloaded; start the members from a local file with model.init = PATH"
+        )
+    if "num_classes" in kwargs:
+        raise ConfigError("model.kwargs.num_classes: the class count comes from the data, leave it out")
 
 
 class _Section(BaseModel):
@@ -30,22 +86,84 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    arch: Arch = "cnn"  # mlp | cnn | resnet18 | preact_resnet18
-    width: int = Field(32, gt=0)  # channels of the first conv (cnn) or hidden units (mlp)
-    depth: int = Field(2, gt=0)  # hidden layers of the mlp; ignored by the others
+    # mlp | cnn | resnet18 | preact_resnet18 | torchvision:NAME (any torchvision classifier) | factory
+    arch: str = "cnn"
+    width: int = Field(32, gt=0)  # built-ins: channels of the first conv (cnn) or hidden units (mlp)
+    depth: int = Field(2, gt=0)  # built-ins: hidden layers of the mlp; ignored by the others
+    kwargs: dict[str, Any] = {}  # torchvision:NAME and factory: the builder's keyword arguments
+    factory: str | None = None  # "package.module:function", called as function(num_classes, **kwargs)
+    init: str | None = None  # one member's weights (.safetensors, .pt, .pth) every member starts from
+
+    @model_validator(mode="before")
+    @classmethod
+    def _factory_sets_arch(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("factory") and "arch" not in data:
+            return {**data, "arch": "factory"}
+        return data
+
+    @model_validator(mode="after")
+    def _buildable(self) -> ModelConfig:
+        check_model(self.arch, self.kwargs, self.factory)
+        if self.init is not None and not self.init.endswith((".safetensors", ".pt", ".pth")):
+            raise ValueError(f"model.init: expected a .safetensors, .pt or .pth file of weights, got {self.init!r}")
+        return self
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits", "cifar10", "cifar100"] = "digits"
-    root: str | None = None  # folder holding CIFAR in torchvision's layout; unused for digits
-    augment: bool = True  # random crop (padding 4) + horizontal flip; CIFAR only
-    split_seed: int = 0  # the fixed train/validation/test split of digits
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
+    # CIFAR: the folder holding it in torchvision's layout; imagefolder: the folder holding
+    # train/<class>/ pictures (and optionally val/ and test/); unused for digits
+    root: str | None = None
+    augment: bool = True  # CIFAR: random crop (padding 4) + flip; imagefolder: random resized crop + flip
+    split_seed: int = 0  # the fixed splits: digits' 70/10/20, CIFAR's and imagefolder's held-out validation
+    # imagefolder only (the others have fixed input sizes and statistics):
+    image_size: int | None = Field(None, ge=8, le=1024)  # S: the model's input is RGB [3, S, S] in [0, 1]
+    # Shorter side before the centre crop; default round(S * 8 / 7), the 256 -> 224 ratio of the
+    # ImageNet evaluation transform, so the crop keeps the central 7/8 of the picture.
+    resize: int | None = Field(None, ge=8)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area range (torchvision's default)
+    flip: bool = True  # random horizontal flips when augmenting
+    mean: tuple[float, float, float] | None = None  # per channel, raw [0, 1] space; default: of the train split
+    std: tuple[float, float, float] | None = None
+    workers: int = Field(0, ge=0)  # decoding processes (torch DataLoader); 0 decodes in the training process
 
     @model_validator(mode="after")
-    def _cifar_needs_root(self) -> DataConfig:
+    def _consistent(self) -> DataConfig:
         if self.dataset != "digits" and not self.root:
             raise ValueError(f"dataset {self.dataset!r} is read from a local folder: set data.root")
+        if self.dataset != "imagefolder":
+            given = [name for name in ("image_size", "resize", "mean", "std") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"data.{given[0]}: only an imagefolder dataset takes it ({self.dataset} has a fixed input), "
+                    f"got {getattr(self, given[0])!r}"
+                )
+            return self
+        if self.image_size is None:
+            raise ValueError(
+                "data.image_size: an imagefolder dataset needs the model's input size S "
+                "(pictures become RGB [3, S, S]), got none"
+            )
+        if self.resize is not None and self.resize < self.image_size:
+            raise ValueError(
+                f"data.resize: expected at least data.image_size ({self.image_size}) so that the centre crop "
+                f"fits, got {self.resize}"
+            )
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"data.crop_scale: expected [low, high] with 0 < low <= high <= 1, got {[low, high]}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("data.mean and data.std: give both (per-channel statistics) or neither, got one")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"data.std: expected three positive numbers, got {list(self.std)}")
         return self
+
+    @property
+    def resize_to(self) -> int | None:
+        """imagefolder: the shorter side before the centre crop (`resize`, default round(S * 8 / 7))."""
+        if self.image_size is None:
+            return None
+        return self.resize if self.resize is not None else round(self.image_size * 8 / 7)
 
 
 class EnsembleConfig(_Section):
@@ -54,7 +172,9 @@ class EnsembleConfig(_Section):
 
 
 class FordeConfig(_Section):
-    lengthscale: Literal["pca", "identity", "tuned"] = "pca"
+    # pca: PCA of the uncentred second moment X^T X / (n - 1) (the reference code); pca_centred: of the
+    # covariance; identity; tuned: the pca basis with lengthscales mixed towards identity by alpha
+    lengthscale: Literal["pca", "pca_centred", "identity", "tuned"] = "pca"
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # tuned mix: 1 = pca, 0 = identity
     every: int = Field(1, ge=1)  # compute the repulsion every k-th step (paper's cost cut)
     batch: int | None = Field(None, ge=2)  # repulsion on the first N inputs of each batch (extra forward)

@@ -11,12 +11,16 @@ from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
+from forde_serve.conformal import ConformalCalibration
 from forde_serve.corruptions import corrupted_versions
 from forde_serve.errors import FordeError
 from forde_serve.evaluation import Evaluation, RuntimePredictor, evaluate
-from forde_serve.metrics import classification_metrics, gradient_cosine_distance, validation_abstention
+from forde_serve.metrics import classification_metrics, gradient_cosine_distance
 from forde_serve.runtime import NOT_FINITE, EnsembleRuntime, finite_float32_rows
+from forde_serve.validation import choose_on_validation
+from training import corruptions as rgb_corruptions
 from training.config import DataConfig
 from training.data import load_corrupted_cifar, load_dataset
 from training.forde import member_input_gradients
@@ -29,9 +33,18 @@ __all__ = [
     "EvaluationJob",
     "clean_metrics",
     "evaluate_job",
+    "member_logits",
     "member_probabilities",
     "predicted_class_input_gradients",
 ]
+
+
+@torch.no_grad()
+def member_logits(ensemble: Ensemble, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    """Every member's logits, `[N, M, C]` float64, for raw inputs `x` `[N, *input_shape]`."""
+    device = next(ensemble.parameters()).device
+    chunks = [ensemble(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(chunks).double().numpy()
 
 
 @torch.no_grad()
@@ -70,8 +83,8 @@ class TorchPredictor:
         self.ensemble = ensemble.eval()
         self.members = ensemble.members
 
-    def member_probs(self, x: np.ndarray) -> np.ndarray:
-        return member_probabilities(self.ensemble, torch.from_numpy(np.ascontiguousarray(x)))
+    def member_logits(self, x: np.ndarray) -> np.ndarray:
+        return member_logits(self.ensemble, torch.from_numpy(np.ascontiguousarray(x)))
 
     def input_gradients(self, x: np.ndarray) -> np.ndarray:
         return predicted_class_input_gradients(self.ensemble, torch.from_numpy(np.ascontiguousarray(x)))
@@ -86,14 +99,15 @@ class EvaluationJob:
     """One `forde evaluate`: what to measure, on which data, and how much."""
 
     source: Path  # a training run folder (measured through PyTorch) or an exported NAME.onnx (the serving runtime)
-    data: str = "digits"  # the dataset the model was trained on: digits | cifar10 | cifar100
-    data_root: str | None = None  # folder holding CIFAR (torchvision's layout)
+    data: str = "digits"  # the dataset the model was trained on: digits | cifar10 | cifar100 | imagefolder
+    data_root: str | None = None  # folder holding CIFAR (torchvision's layout) or the image folder
     corrupted_root: str | None = None  # folder holding CIFAR-10-C / CIFAR-100-C (default: data_root)
     ood: Path | None = None  # out-of-distribution inputs (.npy, raw input space) for the MI detection AUROC
-    seed: int = 0  # of the digits-C corruptions
-    per_severity: int | None = None  # CIFAR-C: the first N images of each severity
+    seed: int = 0  # of the digits-C and image-folder corruptions
+    per_severity: int | None = None  # CIFAR-C, image folders: the first N images of each corrupted set
     gradient_rows: int = 1000  # inputs per set whose member gradients are compared; 0 skips
-    split: Literal["test", "validation"] = "test"  # validation: choose settings without the test split (digits)
+    # validation: choose settings without the test split (digits, image folders)
+    split: Literal["test", "validation"] = "test"
     target_risk: float = 0.01  # a run folder's abstention threshold is chosen for this, as `forde export` does
 
 
@@ -107,7 +121,10 @@ class _Measured:
     members: int
     trained_on: str | None
     split_seed: int
-    abstain_threshold: float | None  # None: a run folder, chosen on its validation split
+    # None: a run folder, whose temperature, conformal and abstention thresholds are chosen on its
+    # validation split exactly as `forde export` chooses them.
+    choices: tuple[float, ConformalCalibration | None, float] | None
+    data_config: dict  # the trained data section (an export from elsewhere: what its image spec says)
 
 
 def _measured(source: Path) -> _Measured:
@@ -123,6 +140,7 @@ def _measured(source: Path) -> _Measured:
             run.config.data.dataset,
             run.config.data.split_seed,
             None,
+            run.config.data.model_dump(),
         )
     card = (runtime := EnsembleRuntime(source)).card
     trained = card.training_config.get("data") or {}
@@ -133,8 +151,32 @@ def _measured(source: Path) -> _Measured:
         card.members,
         trained.get("dataset"),
         trained.get("split_seed", 0),
-        card.abstain_threshold,
+        (card.temperature, card.conformal, card.abstain_threshold),
+        trained or _data_config_from_image_spec(card.image),
     )
+
+
+def _data_config_from_image_spec(image: dict | None) -> dict:
+    """An export without a training config (made elsewhere): its image folder's evaluation transform,
+    as its image spec records it."""
+    if not image or "crop" not in image:
+        return {}
+    return {"dataset": "imagefolder", "image_size": image["crop"][0], "resize": image["resize"]}
+
+
+def _image_folder_config(job: EvaluationJob, measured: _Measured) -> DataConfig:
+    """The trained image folder's data config, read from `job.data_root`: the same evaluation transform
+    (size, resize) and, without val/, the same held-out validation pictures (split_seed)."""
+    trained = measured.data_config
+    if trained.get("dataset") != "imagefolder":
+        raise EvaluationError(
+            f"--data imagefolder: {job.source} does not record how its pictures were prepared "
+            "(no imagefolder data config and no resize/crop in its image spec)"
+        )
+    try:
+        return DataConfig.model_validate(trained | {"root": job.data_root})
+    except ValidationError as err:
+        raise EvaluationError(f"{job.source}: its recorded data config is not usable: {err}") from None
 
 
 def _ood_inputs(path: Path, input_shape: tuple[int, ...]) -> np.ndarray:
@@ -155,32 +197,51 @@ def _ood_inputs(path: Path, input_shape: tuple[int, ...]) -> np.ndarray:
 
 def evaluate_job(job: EvaluationJob, on_set: Callable[[str], None] | None = None) -> Evaluation:
     """`forde evaluate`: measure a run folder (torch) or an exported NAME.onnx (the serving runtime)
-    on the test split of the data it was trained on, clean and corrupted (digits-C, or
-    CIFAR-10/100-C from `corrupted_root`, default `data_root`); `on_set(name)` after each set.
+    on the test split of the data it was trained on, clean and corrupted (digits-C; CIFAR-10/100-C
+    from `corrupted_root`, default `data_root`; an image folder's test/ through the RGB suite of
+    `training.corruptions`); `on_set(name)` after each set.
 
-    `split="validation"` measures the validation split instead (digits only: digits-C corrupts any
-    split), for choosing settings without looking at the test split."""
+    `split="validation"` measures the validation split instead (digits and image folders, whose
+    suites corrupt any split), for choosing settings without looking at the test split."""
     measured = _measured(Path(job.source))
     if measured.trained_on is not None and measured.trained_on != job.data:
         raise EvaluationError(f"--data: {job.source} was trained on {measured.trained_on}, got {job.data!r}")
     if job.split not in ("test", "validation"):
         raise EvaluationError(f"--split: expected test or validation, got {job.split!r}")
-    if job.split == "validation" and job.data != "digits":
+    if job.split == "validation" and job.data not in ("digits", "imagefolder"):
         raise EvaluationError("--split validation: CIFAR-C corrupts the test split only; evaluate the test split")
     if job.data != "digits" and not job.data_root:
         raise EvaluationError(f"--data-root: {job.data} is read from a local folder; give the folder holding it")
-    dataset = load_dataset(
-        DataConfig(dataset=job.data, root=job.data_root, augment=False, split_seed=measured.split_seed)
-    )
+    if job.data == "imagefolder":
+        dataset = load_dataset(_image_folder_config(job, measured), for_training=False)
+    else:
+        dataset = load_dataset(
+            DataConfig(dataset=job.data, root=job.data_root, augment=False, split_seed=measured.split_seed)
+        )
+    if job.split == "test" and dataset.test is None:
+        raise EvaluationError(
+            f"--split test: {job.data_root} has no test split (no test/ folder of class folders); add one, "
+            "or measure the validation split with --split validation"
+        )
     chosen = dataset.test if job.split == "test" else dataset.val
     x, y = chosen.x.numpy(), chosen.y.numpy()
-    threshold = measured.abstain_threshold
-    if threshold is None:  # a run folder: chosen on its validation split, as `forde export` does
-        member_probs = measured.predictor.member_probs(dataset.val.x.numpy())
-        threshold = validation_abstention(member_probs, dataset.val.y.numpy(), job.target_risk)["threshold"]
+    choices = measured.choices
+    if choices is None:  # a run folder: chosen on its validation split, as `forde export` does
+        chosen = choose_on_validation(
+            measured.predictor.member_logits(dataset.val.x.numpy()), dataset.val.y.numpy(), target_risk=job.target_risk
+        )
+        choices = (chosen.temperature_value, chosen.conformal, chosen.abstention["threshold"])
+    temperature, conformal, threshold = choices
     if job.data == "digits":
         corrupted = ((name, severity, xc, y) for name, severity, xc in corrupted_versions(x, job.seed, 0.0, 16.0))
         suite = f"digits-C (seed {job.seed})"
+    elif job.data == "imagefolder":
+        rows = slice(None, job.per_severity)
+        corrupted = (
+            (name, severity, xc.numpy(), y[rows])
+            for name, severity, xc in rgb_corruptions.corrupted_versions(torch.from_numpy(x[rows]), job.seed)
+        )
+        suite = f"the RGB corruption suite (training/corruptions.py, seed {job.seed})"
     else:
         corrupted = load_corrupted_cifar(job.data, job.corrupted_root or job.data_root, job.per_severity)
         corrupted = itertools.chain([next(corrupted)], corrupted)  # a missing folder fails here, before any work
@@ -192,6 +253,8 @@ def evaluate_job(job: EvaluationJob, on_set: Callable[[str], None] | None = None
         y,
         corrupted,
         abstain_threshold=threshold,
+        temperature=temperature,
+        conformal=conformal,
         ood_x=ood_x,
         gradient_rows=job.gradient_rows,
         on_set=on_set,

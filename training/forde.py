@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "PCA_MAX_INPUT_SIZE",
     "PCABasis",
     "lengthscale_scales",
     "pca_basis",
@@ -84,42 +85,67 @@ def member_input_gradients(
     return logits, grads
 
 
+# The largest flattened input size D for which a PCA basis is computed. The basis needs the D x D
+# second-moment matrix in float64 and its full eigendecomposition (`torch.linalg.eigh`): memory
+# 8 D^2 bytes per D x D copy (134 MB at 4096, with eigh's workspace and the eigenvector matrix a few
+# of them) and time O(D^3), roughly 10 D^3 flops for eigenvalues plus eigenvectors (7e11 at 4096;
+# at 3 x 64 x 64 = 12288, 27 times that and 1.2 GB per copy). The float32
+# basis is also saved with the run (64 MB at 4096) and applied every step to the [M, B, D] gradients
+# (M B D^2 flops). CIFAR's 3 x 32 x 32 = 3072 fits; larger inputs use identity lengthscales.
+PCA_MAX_INPUT_SIZE = 4096
+
+
 @dataclass(frozen=True)
 class PCABasis:
-    """Eigenvectors `[D, D]` (columns, by decreasing eigenvalue) and eigenvalues `[D]` of the
-    covariance of the normalized training inputs."""
+    """Eigenvectors `[D, D]` (columns, by decreasing eigenvalue) and eigenvalues `[D]` of the second
+    moment of the normalized training inputs: uncentred X^T X / (n - 1) as the reference computes it,
+    or the covariance (the mean subtracted first) when `centred`."""
 
     eigenvectors: torch.Tensor
     eigenvalues: torch.Tensor
+    centred: bool = False
 
 
-def pca_basis(z: torch.Tensor, chunk: int = 4096) -> PCABasis:
-    """PCA of normalized training inputs `[N, *input_shape]`, accumulated in chunks (CIFAR-sized N)."""
+def pca_basis(z: torch.Tensor, chunk: int = 4096, centred: bool = False) -> PCABasis:
+    """PCA of normalized training inputs `[N, *input_shape]`, accumulated in chunks (CIFAR-sized N).
+
+    With X the inputs flattened to `[N, D]`, the matrix decomposed is X^T X / (N - 1), uncentred, as
+    the reference's `calculate_pca.py` computes it (the `pca` lengthscales); with `centred`,
+    (X - mean)^T (X - mean) / (N - 1), the covariance (`pca_centred`). Refuses D > PCA_MAX_INPUT_SIZE.
+    """
     flat = z.flatten(1)
     n, d = flat.shape
-    mean = flat.double().mean(0)
-    cov = torch.zeros(d, d, dtype=torch.float64, device=flat.device)
+    if d > PCA_MAX_INPUT_SIZE:
+        raise ValueError(
+            f"a PCA basis of inputs with {d} values each needs a {d} x {d} eigendecomposition; "
+            f"the limit is {PCA_MAX_INPUT_SIZE}"
+        )
+    mean = flat.double().mean(0) if centred else torch.zeros(d, dtype=torch.float64, device=flat.device)
+    second_moment = torch.zeros(d, d, dtype=torch.float64, device=flat.device)
     for start in range(0, n, chunk):
-        centered = flat[start : start + chunk].double() - mean
-        cov += centered.T @ centered
-    eigenvalues, eigenvectors = torch.linalg.eigh(cov / max(n - 1, 1))
+        rows = flat[start : start + chunk].double() - mean
+        second_moment += rows.T @ rows
+    eigenvalues, eigenvectors = torch.linalg.eigh(second_moment / max(n - 1, 1))
     order = torch.argsort(eigenvalues, descending=True)
-    return PCABasis(eigenvectors[:, order].float().contiguous(), eigenvalues[order].clamp_min(0.0).float())
+    return PCABasis(
+        eigenvectors[:, order].float().contiguous(), eigenvalues[order].clamp_min(0.0).float(), centred=centred
+    )
 
 
 def lengthscale_scales(mode: str, eigenvalues: torch.Tensor | None, alpha: float = 0.5) -> torch.Tensor | None:
     """Square roots of the inverse squared lengthscales, per basis coordinate.
 
-    pca: sqrt(lambda_d); identity: None (all ones); tuned: sqrt(1 / (alpha / lambda_d + 1 - alpha)).
+    pca, pca_centred: sqrt(lambda_d) (of their own basis); identity: None (all ones);
+    tuned: sqrt(1 / (alpha / lambda_d + 1 - alpha)).
     """
     if mode == "identity":
         return None
     if eigenvalues is None:
         raise ValueError(f"lengthscale mode {mode!r} needs the PCA eigenvalues")
-    if mode == "pca":
+    if mode in ("pca", "pca_centred"):
         return eigenvalues.sqrt()
     if mode == "tuned":
         # A zero-variance direction gets inverse lengthscale 0 (ignored), as alpha / lambda -> inf.
         inverse_sq = 1.0 / (alpha / eigenvalues.clamp_min(1e-12) + (1.0 - alpha))
         return inverse_sq.sqrt()
-    raise ValueError(f"forde.lengthscale: expected pca, identity or tuned, got {mode!r}")
+    raise ValueError(f"forde.lengthscale: expected pca, pca_centred, identity or tuned, got {mode!r}")

@@ -2,7 +2,8 @@
 
     config.json               the resolved TrainConfig (rebuilds the model from the folder alone)
     dataset.json              dataset name, class names, input shape, normalization statistics
-    pca.safetensors           PCA basis of the normalized training inputs (FoRDE with pca/tuned)
+    pca.safetensors           PCA basis of the normalized training inputs (FoRDE with pca/pca_centred/tuned),
+                              metadata `centred` says which second moment it decomposes
     checkpoint.safetensors    weights + optimizer + RNG state after the last finished epoch
     train_log.jsonl           one JSON line per finished epoch
     members.safetensors       final member weights, stacked [M, ...] per tensor
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from forde_serve._io import atomic_path, atomic_write_text
@@ -78,16 +79,21 @@ class DatasetInfo:
             raise RunError(f"{path} is broken ({err!r}); re-run training to regenerate it") from None
 
 
-def new_ensemble(config: TrainConfig, info: DatasetInfo) -> Ensemble:
+def new_ensemble(config: TrainConfig, info: DatasetInfo, load_init: bool = False) -> Ensemble:
+    """The run's ensemble, freshly built; `load_init`: start the members from `model.init` (a new run)."""
+    model = config.model
     return build_ensemble(
-        config.model.arch,
+        model.arch,
         config.ensemble.members,
         info.input_shape,
         len(info.class_names),
         info.mean,
         info.std,
-        width=config.model.width,
-        depth=config.model.depth,
+        width=model.width,
+        depth=model.depth,
+        kwargs=model.kwargs,
+        factory=model.factory,
+        init=model.init if load_init else None,
     )
 
 
@@ -110,12 +116,19 @@ def write_weights(run_dir: Path, ensemble: Ensemble) -> None:
 
 
 def write_pca(run_dir: Path, pca: PCABasis) -> None:
-    write_tensors(run_dir / PCA, {"eigenvectors": pca.eigenvectors, "eigenvalues": pca.eigenvalues})
+    """The basis, with which second moment it decomposes (metadata `centred`: "true" or "false")."""
+    tensors = {"eigenvectors": pca.eigenvectors, "eigenvalues": pca.eigenvalues}
+    write_tensors(run_dir / PCA, tensors, {"centred": "true" if pca.centred else "false"})
 
 
 def read_pca(run_dir: Path) -> PCABasis:
+    """The run's basis. A file without the `centred` record was written when every basis was centred."""
     tensors = read_tensors(run_dir / PCA)
-    return PCABasis(tensors["eigenvectors"], tensors["eigenvalues"])
+    with safe_open(str(run_dir / PCA), "pt") as f:
+        centred = (f.metadata() or {}).get("centred", "true")
+    if centred not in ("true", "false"):
+        raise RunError(f"{run_dir / PCA}: metadata 'centred' must be true or false, got {centred!r}")
+    return PCABasis(tensors["eigenvectors"], tensors["eigenvalues"], centred=centred == "true")
 
 
 @dataclass(frozen=True)

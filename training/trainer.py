@@ -28,7 +28,7 @@ from forde_serve.errors import FordeError
 from forde_serve.metrics import classification_metrics
 from training import run as run_files
 from training.config import OptimConfig, TrainConfig
-from training.data import Dataset, augment_batch, load_dataset
+from training.data import Dataset, load_dataset
 from training.distributed import (
     SINGLE,
     World,
@@ -40,7 +40,13 @@ from training.distributed import (
     shard,
 )
 from training.evaluation import clean_metrics, member_probabilities
-from training.forde import lengthscale_scales, member_input_gradients, pca_basis, repulsion_with_bandwidth
+from training.forde import (
+    PCA_MAX_INPUT_SIZE,
+    lengthscale_scales,
+    member_input_gradients,
+    pca_basis,
+    repulsion_with_bandwidth,
+)
 from training.models import Ensemble
 
 __all__ = [
@@ -161,17 +167,42 @@ def _repulsion_for(
     if config.ensemble.method == "de":
         return None
     basis = scales = None
-    if config.forde.lengthscale != "identity":
+    mode = config.forde.lengthscale
+    if mode != "identity":
+        centred = mode == "pca_centred"  # pca and tuned use the reference's uncentred basis
         if resume:
             pca = run_files.read_pca(run_dir)
+            if pca.centred != centred:
+                raise TrainingError(
+                    f"{run_dir / run_files.PCA} holds the {_basis_kind(pca.centred)} PCA basis (a file written "
+                    f"before the basis was recorded always does), but forde.lengthscale = {mode!r} uses the "
+                    f"{_basis_kind(centred)} one; a run keeps the basis it started with: set forde.lengthscale "
+                    f"to {'pca_centred' if pca.centred else 'pca'!r} in {run_dir / run_files.CONFIG}, or train "
+                    "the run again from the start"
+                )
         else:
             with torch.no_grad():
-                pca = pca_basis(ensemble.normalize(data.train.x.to(device)))
+                pca = pca_basis(ensemble.normalize(data.pca_inputs().to(device)), centred=centred)
             if world.is_main:
                 run_files.write_pca(run_dir, pca)
         basis = pca.eigenvectors.to(device)
         scales = lengthscale_scales(config.forde.lengthscale, pca.eigenvalues, config.forde.alpha).to(device)
     return Repulsion(basis, scales, config.forde.eps, config.forde.batch, config.forde.strength)
+
+
+def _basis_kind(centred: bool) -> str:
+    return "centred" if centred else "uncentred"
+
+
+def _check_basis_size(config: TrainConfig, input_shape: tuple[int, ...]) -> None:
+    """Refuse, before anything is trained, a lengthscale whose PCA basis is too large to compute."""
+    size = math.prod(input_shape)
+    if config.ensemble.method == "forde" and config.forde.lengthscale != "identity" and size > PCA_MAX_INPUT_SIZE:
+        raise TrainingError(
+            f"forde.lengthscale = {config.forde.lengthscale!r} needs the eigendecomposition of a {size} x {size} "
+            f"matrix (inputs of shape {tuple(input_shape)}), above the limit of {PCA_MAX_INPUT_SIZE} values per "
+            "input; set forde.lengthscale = 'identity'"
+        )
 
 
 def _save_checkpoint(
@@ -274,10 +305,11 @@ def _train(
     _prepare_run_dir(config, run_dir, resume, world)
     torch.manual_seed(config.seed)
     data = load_dataset(config.data)
+    _check_basis_size(config, data.input_shape)
     info = run_files.DatasetInfo.of(data)
     if not resume and world.is_main:
         info.write(run_dir)
-    ensemble = run_files.new_ensemble(config, info).to(device)
+    ensemble = run_files.new_ensemble(config, info, load_init=not resume).to(device)
     broadcast_state(ensemble, world)
     repulsion = _repulsion_for(config, data, ensemble, run_dir, resume, device, world)
     optim = config.optim
@@ -297,8 +329,7 @@ def _train(
         if world.is_main:
             console.print(f"resuming {run_dir} after epoch {epochs_done}/{optim.epochs}")
 
-    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
-    steps_per_epoch = math.ceil(len(train_x) / optim.batch_size)
+    steps_per_epoch = math.ceil(len(data.train) / optim.batch_size)
     step = epochs_done * steps_per_epoch
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
@@ -311,15 +342,10 @@ def _train(
             ensemble.train()
             ce_sum = rows = repulsion_sum = bandwidth_sum = 0.0
             repulsion_steps = 0
-            order = torch.randperm(len(train_x), generator=generator).to(device)
             step_task = bar.add_task(f"epoch {epoch + 1}", total=steps_per_epoch)
-            for start in range(0, len(train_x), optim.batch_size):
-                index = order[start : start + optim.batch_size]
-                if len(index) < max(2, world.size):  # batch norm and the median bandwidth need two inputs
-                    continue
-                x, y = train_x[index], train_y[index]
-                if data.augment:
-                    x = augment_batch(x, generator)
+            # batch norm and the median bandwidth need two inputs; every rank needs one
+            for x, y in data.train_batches(generator, optim.batch_size, min_rows=max(2, world.size)):
+                x, y = x.to(device), y.to(device)
                 use_repulsion = repulsion is not None and step % config.forde.every == 0
                 ce, r, bandwidth = train_step(ensemble, optimizer, x, y, repulsion if use_repulsion else None, world)
                 step += 1
@@ -362,7 +388,8 @@ def _train(
     if not world.is_main:
         return None
     ensemble.eval()
-    metrics = clean_metrics(ensemble, data.test.x.to(device), data.test.y)
+    # An image folder without test/ has no test metrics: metrics.json is then an empty object.
+    metrics = {} if data.test is None else clean_metrics(ensemble, data.test.x.to(device), data.test.y)
     run_files.write_weights(run_dir, ensemble)
     atomic_write_text(run_dir / run_files.METRICS, json.dumps(metrics, indent=2))
     return metrics

@@ -19,9 +19,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import ProgressColumn
 from rich.table import Table
-from rich.text import Text
 
 from forde_serve.errors import FordeError
 
@@ -125,9 +123,12 @@ def train(
 ) -> None:
     """Train an ensemble from a TOML CONFIG (see training/configs/) into a run folder.
 
-    The run folder holds the resolved config, the PCA basis (FoRDE with pca/tuned lengthscales),
+    The run folder holds the resolved config, the PCA basis (FoRDE with pca/pca_centred/tuned lengthscales),
     member weights (safetensors), train_log.jsonl and metrics.json (clean test accuracy, NLL,
     ECE, Brier, gradient cosine distance). A checkpoint is written after every epoch.
+
+    Your own pictures: data.dataset = "imagefolder", data.root holding train/<class>/ (and
+    optionally val/ and test/), data.image_size S; see training/configs/imagefolder.toml.
 
     With --nproc N (or `torchrun --nproc_per_node N -m training ...`) every process holds all
     members and takes 1/N of each global batch; the repulsion still sees the whole global batch,
@@ -156,13 +157,16 @@ def train(
 
     if metrics is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
-    table = Table(title=f"{plan.config.ensemble.method} x{plan.config.ensemble.members}: clean test metrics")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in metrics.items():
-        table.add_row(name, f"{value:.4f}")
     console = Console()
-    console.print(table)
+    if metrics:
+        table = Table(title=f"{plan.config.ensemble.method} x{plan.config.ensemble.members}: clean test metrics")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in metrics.items():
+            table.add_row(name, f"{value:.4f}")
+        console.print(table)
+    else:
+        console.print("no test split (the image folder has no test/): metrics.json is empty")
     console.print(f"run folder: {plan.run_dir}")
 
 
@@ -193,6 +197,62 @@ def _launch_torchrun(nproc: int, config: Path | None, **options) -> None:
         sys.exit(130)
 
 
+def _held_out_options(command):
+    """The options of what held-out validation data decides (`forde export`, `forde fuse`)."""
+    options = [
+        click.option(
+            "--target-risk",
+            type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
+            default=0.01,
+            show_default=True,
+            help="Error rate the accepted predictions should reach on the validation split; sets the "
+            "abstention threshold on mutual information.",
+        ),
+        click.option(
+            "--no-calibrate",
+            is_flag=True,
+            help="Keep temperature 1 (by default a temperature is fitted on the validation split by NLL and "
+            "baked into both graphs).",
+        ),
+        click.option(
+            "--conformal-score",
+            type=click.Choice(["lac", "aps", "raps"]),
+            default="lac",
+            show_default=True,
+            help="Score of the conformal prediction sets: lac (1 - p_y, smallest sets), aps (adaptive), raps "
+            "(aps with a penalty on unlikely classes).",
+        ),
+        click.option(
+            "--alpha",
+            type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
+            multiple=True,
+            help="Also store thresholds for coverage 1 - ALPHA (repeatable); 0.8, 0.9, 0.95 and 0.99 always are.",
+        ),
+        click.option("--raps-k-reg", type=click.IntRange(min=0), help="RAPS k_reg (default: chosen on validation)."),
+        click.option(
+            "--raps-lambda", type=click.FloatRange(min=0.0), help="RAPS lambda (default: chosen on validation)."
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _held_out(target_risk, no_calibrate, conformal_score, alpha, raps_k_reg, raps_lambda):
+    from training.export import HeldOutOptions
+
+    if conformal_score != "raps" and (raps_k_reg is not None or raps_lambda is not None):
+        raise _UserError(f"--raps-k-reg / --raps-lambda: only for --conformal-score raps, got {conformal_score}")
+    return HeldOutOptions(
+        calibrate=not no_calibrate,
+        score=conformal_score,
+        coverages=tuple(round(1.0 - a, 12) for a in alpha),
+        k_reg=raps_k_reg,
+        lam=raps_lambda,
+        target_risk=target_risk,
+    )
+
+
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
@@ -201,14 +261,7 @@ def _launch_torchrun(nproc: int, config: Path | None, **options) -> None:
     required=True,
     help="Predict graph to write, NAME.onnx; the explain graph goes beside it as NAME.explain.onnx.",
 )
-@click.option(
-    "--target-risk",
-    type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
-    default=0.01,
-    show_default=True,
-    help="Error rate the accepted predictions should reach on the validation split; sets the "
-    "abstention threshold on mutual information.",
-)
+@_held_out_options
 @click.option(
     "--validation-inputs",
     type=click.IntRange(min=1),
@@ -216,11 +269,18 @@ def _launch_torchrun(nproc: int, config: Path | None, **options) -> None:
     show_default=True,
     help="Validation inputs on which both files are checked against the PyTorch ensemble.",
 )
-def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> None:
+def export(run: Path, out: Path, validation_inputs: int, **held_out) -> None:
     """Fuse a training RUN into one batched ONNX graph (NAME.onnx) and its explain twin.
 
+    \b
+    On the run's validation split, in this order:
+      temperature      fitted by NLL, baked into both graphs (--no-calibrate: T = 1)
+      prediction sets  split-conformal thresholds on the calibrated probabilities for coverage
+                       0.8, 0.9, 0.95, 0.99 (+ 1 - --alpha), served by `coverage` in requests
+      abstention       the mutual-information threshold reaching --target-risk
+
     Both files carry everything a server needs in their metadata (classes, input shape, members,
-    method, kernel, training config, metrics, abstention threshold). After writing, both are run
+    method, kernel, training config, metrics, temperature, thresholds). After writing, both are run
     in onnxruntime on real validation inputs and compared output by output with the PyTorch
     ensemble; if any output is off, the files are removed and the command exits 1.
     """
@@ -229,19 +289,106 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
     with _training_extra():
         from training.export import export_run
 
-    export_run(run, out, target_risk=target_risk, validation_inputs=validation_inputs, echo=click.echo)
+        options = _held_out(**held_out)
+    export_run(run, out, options, validation_inputs=validation_inputs, echo=click.echo)
+
+
+@main.command()
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--arch",
+    help="The members' architecture: torchvision:NAME (e.g. torchvision:resnet18), or a built-in "
+    "(mlp, cnn, resnet18, preact_resnet18). Leave out with --factory.",
+)
+@click.option("--factory", metavar="MODULE:FUNCTION", help="Your own member: FUNCTION(num_classes, **kwargs).")
+@click.option("--kwargs", metavar="JSON", help="The builder's keyword arguments, e.g. '{\"width_mult\": 0.5}'.")
+@click.option("--width", type=click.IntRange(min=1), default=32, show_default=True, help="Built-ins: model.width.")
+@click.option("--depth", type=click.IntRange(min=1), default=2, show_default=True, help="Built-ins: model.depth.")
+@click.option("--input-shape", required=True, metavar="C,H,W", help="One raw input's shape, e.g. 3,32,32.")
+@click.option("--mean", metavar="A,B,C", help="Per-channel mean subtracted inside the graph (default 0).")
+@click.option("--std", metavar="A,B,C", help="Per-channel std divided by inside the graph (default 1).")
+@click.option("--classes", metavar="NAME,NAME,...", help="Class names (default 0, 1, ...).")
+@click.option("--classes-file", type=click.Path(dir_okay=False, path_type=Path), help="Class names, one per line.")
+@click.option(
+    "--validation",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="DATA.npz",
+    help="Held-out data: x (raw inputs) and y (labels). Chooses the abstention threshold and the check's "
+    "inputs; without it the file is not calibrated, gives no prediction sets, never abstains and is checked "
+    "on random inputs.",
+)
+@_held_out_options
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Predict graph to write, NAME.onnx; the explain graph goes beside it as NAME.explain.onnx.",
+)
+def fuse(
+    checkpoints: tuple[Path, ...],
+    arch: str | None,
+    factory: str | None,
+    kwargs: str | None,
+    width: int,
+    depth: int,
+    input_shape: str,
+    mean: str | None,
+    std: str | None,
+    classes: str | None,
+    classes_file: Path | None,
+    validation: Path | None,
+    out: Path,
+    **held_out,
+) -> None:
+    """Fuse CHECKPOINTS, one member each, trained elsewhere, into one ONNX graph and its explain twin.
+
+    \b
+    Each CKPT is a state dict of the same architecture: .safetensors, or a .pt/.pth written by
+    torch.save(model.state_dict(), path) (read without running pickled code). The class count
+    comes from the classifier weights. With --validation, as `forde export` does on a run's
+    validation split: a temperature, conformal thresholds for prediction sets, the abstention
+    threshold. The files are the ones `forde export` writes (method "external"), checked against
+    the PyTorch ensemble before they are kept:
+      forde fuse a.pt b.pt c.pt --arch torchvision:resnet18 --input-shape 3,224,224 \\
+          --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --validation val.npz --out fused.onnx
+    """
+    with _training_extra():
+        from training.export.fuse import FuseJob, fuse_checkpoints
+
+        options = _held_out(**held_out)
+    job = FuseJob.parse(
+        checkpoints,
+        out,
+        arch,
+        factory,
+        kwargs,
+        input_shape,
+        mean=mean,
+        std=std,
+        classes=classes,
+        classes_file=classes_file,
+        validation=validation,
+        held_out=options,
+        width=width,
+        depth=depth,
+    )
+    fuse_checkpoints(job, echo=click.echo)
 
 
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
     "--data",
-    type=click.Choice(["digits", "cifar10", "cifar100"]),
+    type=click.Choice(["digits", "cifar10", "cifar100", "imagefolder"]),
     default="digits",
     show_default=True,
     help="The dataset the model was trained on; its test split is evaluated clean and corrupted.",
 )
-@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding CIFAR (torchvision's layout).")
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    help="Folder holding CIFAR (torchvision's layout), or the image folder (train/, val/, test/ of class folders).",
+)
 @click.option(
     "--corrupted-root",
     type=click.Path(file_okay=False),
@@ -253,11 +400,13 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
     type=click.Path(dir_okay=False, path_type=Path),
     help="Out-of-distribution inputs (.npy, raw input space) for the MI detection AUROC.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the digits-C corruptions.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the digits-C and image-folder corruptions."
+)
 @click.option(
     "--per-severity",
     type=click.IntRange(min=1),
-    help="CIFAR-C: evaluate the first N images of each severity (default: all 10000).",
+    help="CIFAR-C and image folders: corrupt only the first N images of each severity (default: all).",
 )
 @click.option(
     "--gradient-rows",
@@ -271,7 +420,7 @@ def export(run: Path, out: Path, target_risk: float, validation_inputs: int) -> 
     type=click.Choice(["test", "validation"]),
     default="test",
     show_default=True,
-    help="validation: measure the validation split (digits), to choose settings without the test split.",
+    help="validation: measure the validation split (digits, image folders), to choose settings without the test split.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 def evaluate(
@@ -291,8 +440,9 @@ def evaluate(
 
     \b
     Clean and corrupted test data (digits: the digits-C suite, 11 corruptions x 5 severities;
-    CIFAR: CIFAR-10-C / CIFAR-100-C from a local folder), averaged over all corruption types and
-    severities. Writes to REPORT_DIR (--out):
+    CIFAR: CIFAR-10-C / CIFAR-100-C from a local folder; an image folder: its test/ split through
+    an RGB suite in the spirit of CIFAR-10-C, 15 corruptions x 5 severities, seeded by --seed),
+    averaged over all corruption types and severities. Writes to REPORT_DIR (--out):
       metrics.json    accuracy, NLL, ECE, Brier, uncertainty decomposition, gradient cosine
                       distance, risk-coverage area, accuracy at the model's abstention threshold,
                       OOD AUROC; `corrupted`, `per_severity`, `per_corruption` and `per_set`
@@ -328,7 +478,12 @@ def evaluate(
         disable=quiet,
         transient=True,
     ) as bar:
-        total = 1 + len(CORRUPTIONS) * len(SEVERITIES) if data == "digits" else None  # CIFAR-C: as files found
+        if data == "imagefolder":
+            with _training_extra():
+                from training.corruptions import CORRUPTIONS as RGB_CORRUPTIONS
+            total = 1 + len(RGB_CORRUPTIONS) * len(SEVERITIES)
+        else:
+            total = 1 + len(CORRUPTIONS) * len(SEVERITIES) if data == "digits" else None  # CIFAR-C: as files found
         task = bar.add_task("sets", total=total, current="clean")
         evaluation = evaluate_job(job, on_set=lambda name: bar.update(task, advance=1, current=name))
         paths = write_report(evaluation, out)
@@ -356,20 +511,19 @@ def evaluate(
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("comparison.md"),
-    show_default=True,
-    help="Markdown file to write the table to.",
+    help="Also write the table as Markdown to this file (default: print it only, write nothing).",
 )
-def compare(reports: tuple[Path, ...], out: Path) -> None:
+def compare(reports: tuple[Path, ...], out: Path | None) -> None:
     """Put evaluation REPORTS (folders written by `forde evaluate`) side by side, with each one's
-    difference to the first (e.g. `forde compare reports/de reports/forde`)."""
+    difference to the first (e.g. `forde compare reports/de reports/forde --out comparison.md`)."""
     from forde_serve._io import atomic_write_text
     from forde_serve.report import compare_reports
 
     if len(reports) < 2:
         raise _UserError(f"REPORTS: expected at least two report folders to compare, got {len(reports)}")
     names, rows, markdown = compare_reports(list(reports))
-    atomic_write_text(out, markdown)
+    if out is not None:
+        atomic_write_text(out, markdown)
     table = Table(title="comparison")
     table.add_column("metric")
     for name in names:
@@ -383,7 +537,8 @@ def compare(reports: tuple[Path, ...], out: Path) -> None:
             *["n/a" if d is None else f"{d:+.4f}" for d in diffs],
         )
     Console().print(table)
-    click.echo(f"written to {out}")
+    if out is not None:
+        click.echo(f"written to {out}")
 
 
 SOME_ROWS_FAILED = 3  # `forde score` finished, but rows listed in the errors file were not scored
@@ -432,6 +587,12 @@ SOME_ROWS_FAILED = 3  # `forde score` finished, but rows listed in the errors fi
     type=click.IntRange(min=1),
     help="Ray actors (default: one per GPU, else one per CPU); for a local cluster, also its CPUs.",
 )
+@click.option(
+    "--coverage",
+    type=float,
+    help="Also write each row's conformal prediction set at this coverage (a level the model stores, e.g. 0.9): "
+    "columns prediction_set (class names) and set_size.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT (and any unfinished parts) and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 def score(
@@ -445,6 +606,7 @@ def score(
     engine: str,
     address: str | None,
     workers: int | None,
+    coverage: float | None,
     overwrite: bool,
     quiet: bool,
 ) -> None:
@@ -455,12 +617,12 @@ def score(
       rows.npy      [rows, *input_shape], memory-mapped (files larger than RAM work)
       rows.npz      one named array (--key NAME when it holds several)
       rows.parquet  a column of number lists (--key COLUMN; default 'input')
-      images/       a folder of PNG/JPEG files, converted as the model's metadata says
+      images/       a folder of pictures (PNG, JPEG, WebP, BMP, TIFF, GIF), converted as the model's metadata says
 
     Each output row holds row_id (input index, or file name for images), predicted_class,
     class_name, confidence, probs, predictive_entropy, expected_entropy, mutual_information,
-    vote_disagreement and abstain. Rows that cannot be scored (non-finite values, unreadable
-    images) go to NAME.errors.csv with the reason.
+    vote_disagreement and abstain (and, with --coverage, prediction_set and set_size). Rows that
+    cannot be scored (non-finite values, unreadable images) go to NAME.errors.csv with the reason.
 
     Killed? Run the same command again: finished parts (NAME.parquet.parts/) are kept and the
     rest is scored, each row exactly once.
@@ -473,22 +635,24 @@ def score(
     from forde_serve.scoring import ScoreJob
     from forde_serve.scoring import score as run_score
 
-    columns = (
-        TextColumn("scoring"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("rows"),
-        _RowsPerSecond(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, disable=quiet, transient=False) as bar:
+    # No rate on the bar: the summary's end-to-end figure is the one throughput this prints, and the bar
+    # leaves the screen when the job is done.
+    columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn())
+    with Progress(*columns, disable=quiet, transient=True) as bar:
         task = bar.add_task("score", total=None)
 
         def on_rows(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
         job = ScoreJob(
-            model=model, input=input, out=out, key=key, explain=explain, batch_size=batch_size, part_rows=part_rows
+            model=model,
+            input=input,
+            out=out,
+            key=key,
+            explain=explain,
+            batch_size=batch_size,
+            part_rows=part_rows,
+            coverage=coverage,
         )
         summary = run_score(job, engine=engine, address=address, workers=workers, overwrite=overwrite, on_rows=on_rows)
     if not quiet:
@@ -502,8 +666,9 @@ def score(
         table.add_row("mean mutual information", f"{summary.mean_mutual_information:.4f}")
         table.add_row("mean predictive entropy", f"{summary.mean_predictive_entropy:.4f}")
         table.add_row(
-            "this run",
-            f"{summary.rows_this_run} rows in {summary.seconds:.1f} s ({summary.rows_per_second:,.0f} rows/s)",
+            "throughput",
+            f"{summary.rows_this_run} rows in {summary.seconds:.1f} s: {summary.rows_per_second:,.0f} rows/s "
+            "(this run, end to end: model loading and writing included)",
         )
         for name, path in summary.outputs.items():
             table.add_row(name, path)
@@ -515,23 +680,25 @@ def score(
         sys.exit(SOME_ROWS_FAILED)
 
 
-class _RowsPerSecond(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:,.0f} rows/s" if task.speed else "- rows/s")
-
-
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--port", type=click.IntRange(1, 65535), default=3000, show_default=True, help="HTTP port.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on: 127.0.0.1 is this machine only; 0.0.0.0 is every interface.",
+)
 def serve(model: Path | None, port: int, host: str) -> None:
     """Serve an exported MODEL (NAME.onnx; default: exported/digits.onnx) over HTTP with BentoML.
 
-    The same as `FORDE_MODEL=MODEL bentoml serve forde_serve.app.service:FordeEnsemble --port PORT`.
-    Endpoints: /predict, /explain, /predict_image, /metadata (POST), /readyz, /metrics, /docs.
+    The same as `FORDE_MODEL=MODEL bentoml serve forde_serve.app.service:FordeEnsemble --host HOST
+    --port PORT`, which this command becomes (it replaces itself with it), so SIGTERM or Ctrl+C stops
+    the server and its worker processes. Endpoints: /predict, /explain, /predict_image, /metadata (POST);
+    /readyz, /livez, /metrics; the Swagger page at /, the OpenAPI
+    spec at /docs.json, and /ui, a page to try the model in a browser.
     """
     import os
-    import subprocess
 
     from forde_serve.runtime import EnsembleRuntime
 
@@ -539,6 +706,7 @@ def serve(model: Path | None, port: int, host: str) -> None:
     if model is not None:
         EnsembleRuntime(model, providers=["CPUExecutionProvider"])  # a bad file is one line here, not in the server
         env["FORDE_MODEL"] = str(model.resolve())
+    _check_can_listen(host, port)
     command = [
         sys.executable,
         "-m",
@@ -550,10 +718,33 @@ def serve(model: Path | None, port: int, host: str) -> None:
         "--host",
         host,
     ]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exec, not a child: a supervisor's SIGTERM then reaches BentoML's own process, which stops its workers
+    # and frees the port; a child left behind by a killed parent would keep serving.
+    os.execve(sys.executable, command, env)
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Refuse, in one line, a port that is taken (or a host that is not this machine's) before BentoML
+    starts and fails with a traceback. The server binds a moment later, so a race stays possible."""
+    import errno
+    import socket
+
     try:
-        sys.exit(subprocess.call(command, env=env))
-    except KeyboardInterrupt:  # Ctrl+C reaches the server too; it shuts itself down
-        sys.exit(130)
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise _UserError(f"--host: expected an address of this machine, got {host!r} ({err.strerror})") from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise _UserError(
+                    f"--port: {port} on {host} is already in use; stop what holds it or pick another"
+                ) from None
+            raise _UserError(f"--host/--port: cannot listen on {host}:{port} ({err.strerror})") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,28 +7,42 @@ Settings (environment): FORDE_MODEL, FORDE_MAX_INPUTS (rows per request, 256),
 FORDE_MAX_BODY_BYTES (8 MiB), FORDE_BATCHING (1; 0 turns adaptive batching off).
 
 Endpoints (POST, JSON): `predict` (adaptive batching), `explain`, `predict_image` (file
-upload), `metadata`; BentoML's own `/readyz`, `/livez`, `/metrics` and `/docs` stay.
-Every row is validated when its request is parsed, before it can join a batch, so one
-caller's bad input never fails another caller's request.
+upload), `metadata`; BentoML's own `/readyz`, `/livez`, `/metrics`, the Swagger page at `/`
+and the OpenAPI spec at `/docs.json` stay. Every row is validated when its request is parsed,
+before it can join a batch, so one caller's bad input never fails another caller's request.
+What a request must look like on the wire, the one shape of every error answer and the spec
+that says so live in `_edge.py`. `/ui` is a page to try the model in a browser
+(forde_serve/app/ui.py), on the same runtime.
 """
 
 from __future__ import annotations
 
 import base64
-import io
+import math
 import os
-from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException, InvalidArgument
-from bentoml.validators import ContentType
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from bentoml.exceptions import InvalidArgument
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
-from forde_serve.images import ImageTooLarge, image_to_input
-from forde_serve.runtime import EnsembleRuntime, InvalidInput
+from forde_serve.app._edge import RequestEdge, quiet_caller_errors, refusal
+from forde_serve.app.ui import mount_page
+from forde_serve.images import IMAGE_FORMATS, image_to_input
+from forde_serve.runtime import NOT_FINITE_OUTPUTS, EnsembleRuntime, InvalidInput, NonFiniteOutput, array_from_json
+from forde_serve.saliency import saliency_png
 
 __all__ = ["FordeEnsemble"]
 
@@ -47,56 +61,114 @@ _SHAPE = list(_CARD.input_shape)
 
 
 def _raw_input(value: Any) -> np.ndarray:
-    """Check one row at parse time and hand on the float32 array built for the check."""
+    """Check one row at parse time and hand on the float32 array the model will see: the same numbers
+    in the same float32 as `forde score` reads from a file (`array_from_json`)."""
     try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"expected a nested list of numbers shaped {_SHAPE}, got ragged or non-numeric lists"
-        ) from None
-    # JSON-specific: numpy would read true as 1 and "1.5" as 1.5; refuse rather than guess.
-    kinds = {type(v) for v in np.asarray(value, dtype=object).ravel()} - {int, float}
-    if kinds:
-        raise ValueError(f"expected numbers, got {', '.join(sorted(k.__name__ for k in kinds))} values")
-    try:
-        return RUNTIME.validate_one(array)
+        return RUNTIME.validate_one(array_from_json(value))
     except InvalidInput as err:
-        raise ValueError(str(err)) from None
+        raise ValueError(str(err).removeprefix("input: ")) from None  # the error's location names the field
 
 
-def _class_index(value: int | str | None) -> int | None:
-    if value is None or value == -1:
+def _class_index(value: Any) -> int | None:
+    if value is None or value == -1 and type(value) is int:
         return None
     if isinstance(value, str):
         if value not in _CARD.class_names:
             raise ValueError(f"expected a class name from /metadata or an index, got unknown class {value!r}")
         return _CARD.class_names.index(value)
+    if type(value) is not int:  # strict: true is not class 1, nor 3.0 class 3
+        raise ValueError(f"expected a class index (an integer) or a class name (a string), got {value!r}")
     if not 0 <= value < len(_CARD.class_names):
         raise ValueError(f"expected a class index in [0, {len(_CARD.class_names) - 1}], got {value}")
     return value
 
 
-class PredictRow(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
+def _nested_numbers(shape: list[int], description: str) -> WithJsonSchema:
+    """The JSON schema of nested lists of numbers shaped `shape`, outermost first."""
+    schema: dict[str, Any] = {"type": "number"}
+    for size in reversed(shape):
+        schema = {"type": "array", "items": schema, "minItems": size, "maxItems": size}
+    return WithJsonSchema(schema | {"description": description})
 
-    input: list = Field(description=f"one raw input, nested lists shaped {_SHAPE}: {_CARD.input_space}")
+
+class _Request:
+    """The rows of one request: adaptive batching runs them in a batch with other requests' rows, and a
+    row the graph cannot score must fail its own request only (see `FordeEnsemble.predict`)."""
+
+    def __init__(self) -> None:
+        self.unscorable: list[int] = []  # positions in the request
+
+    def refusal(self) -> InvalidArgument:
+        return _unscorable(sorted(self.unscorable))
+
+
+def _unscorable(rows: list[int], field: str = "inputs") -> InvalidArgument:
+    listed = ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+    return InvalidArgument(f"{field}: {NOT_FINITE_OUTPUTS} in row(s) {listed}")
+
+
+def _one_request(rows: list) -> list:
+    request = _Request()
+    for position, row in enumerate(rows):
+        row._position, row._request = position, request
+    return rows
+
+
+def _check_coverage(value: float | None) -> float | None:
+    if value is not None:
+        try:
+            RUNTIME.check_coverage(value)
+        except InvalidInput as err:
+            raise ValueError(str(err).removeprefix("coverage: ")) from None
+    return value
+
+
+_COVERAGE_DESCRIPTION = (
+    "also return the conformal prediction set at this coverage: the classes that hold the true one with "
+    f"this probability on data like the validation split; one of {', '.join(f'{c:g}' for c in _CARD.coverage_levels)}"
+    if _CARD.coverage_levels
+    else "prediction sets: this model file has no conformal thresholds, so only null is accepted"
+)
+
+
+class PredictRow(BaseModel):
+    # extra: a misspelt option is an error, not silently ignored; strict: "yes" is not a boolean
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    input: Annotated[list, _nested_numbers(_SHAPE, f"one raw input shaped {_SHAPE}: {_CARD.input_space}")]
     members: bool = Field(False, description="also return every member's probabilities")
+    coverage: float | None = Field(None, description=_COVERAGE_DESCRIPTION)
+    _position: int = PrivateAttr(0)
+    _request: _Request | None = PrivateAttr(None)
 
     @field_validator("input")
     @classmethod
     def _check_input(cls, value: list) -> np.ndarray:
         return _raw_input(value)
 
+    @field_validator("coverage")
+    @classmethod
+    def _check_coverage(cls, value: float | None) -> float | None:
+        return _check_coverage(value)
+
+
+_TARGET_SCHEMA = {
+    "anyOf": [
+        {"type": "integer", "minimum": -1, "maximum": len(_CARD.class_names) - 1},
+        {"type": "string", "enum": list(_CARD.class_names)},
+    ],
+    "nullable": True,
+    "description": "class index or name whose input gradient to return; null or -1: the ensemble's predicted class",
+}
+
 
 class ExplainRow(PredictRow):
-    target: int | str | None = Field(
-        None, description="class index or name whose input gradient to return; default: the ensemble's predicted class"
-    )
+    target: Annotated[int | None, WithJsonSchema(_TARGET_SCHEMA)] = None
     saliency_png: bool = Field(False, description="also return a PNG: input, mean saliency, each member's saliency")
 
-    @field_validator("target")
+    @field_validator("target", mode="before")
     @classmethod
-    def _check_target(cls, value: int | str | None) -> int | None:
+    def _check_target(cls, value: Any) -> int | None:
         return _class_index(value)
 
     @field_validator("saliency_png")
@@ -108,6 +180,10 @@ class ExplainRow(PredictRow):
 
 
 class Prediction(BaseModel):
+    # Every float must be finite: the response is JSON, which has no NaN (the runtime refuses such
+    # outputs first; this is the last line).
+    model_config = ConfigDict(allow_inf_nan=False)
+
     predicted_class: int
     class_name: str
     confidence: float = Field(description="the ensemble's probability of its predicted class")
@@ -117,17 +193,88 @@ class Prediction(BaseModel):
     mutual_information: float = Field(description="epistemic uncertainty (members disagreeing), nats")
     vote_disagreement: float = Field(description="fraction of members whose top class differs from the ensemble's")
     abstain: bool = Field(description="mutual_information is above the model's abstention threshold")
-    member_probs: list[list[float]] | None = None
+    member_probs: list[list[float]] | None = Field(
+        None, description="[members, classes]: each member's probabilities; null unless asked for with members"
+    )
+    prediction_set: list[str] | None = Field(
+        None,
+        description="class names in the conformal prediction set at the requested coverage (may be empty: no "
+        "class is likely enough); null unless asked for with coverage",
+    )
+    set_size: int | None = Field(None, description="number of classes in prediction_set; null unless asked for")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unscorable(cls, data: Any) -> Any:
+        # A row the graph could not score travels to the response as its request; refusing it here turns
+        # that request, and only that one, into a 400 (pydantic hands the exception to BentoML as it is).
+        if isinstance(data, _Request):
+            raise data.refusal()
+        return data
 
 
 class Explanation(Prediction):
     target: int = Field(description="class whose input gradients are returned")
-    input_gradients: list = Field(description="[members, *input_shape]: d member logit[target] / d input")
-    mean_gradient: list = Field(description="[*input_shape]: the members' mean input gradient")
-    saliency_png: str | None = Field(None, description="base64 PNG: input, mean |gradient|, each member's")
+    input_gradients: Annotated[
+        list, _nested_numbers([_CARD.members, *_SHAPE], "[members, *input_shape]: d member logit[target] / d input")
+    ]
+    mean_gradient: Annotated[list, _nested_numbers(_SHAPE, "[*input_shape]: the members' mean input gradient")]
+    saliency_png: str | None = Field(
+        None,
+        description="base64 PNG: each member's input gradient over the input; null unless asked for",
+    )
 
 
-def _rows(out: dict[str, np.ndarray], members: list[bool]) -> list[dict]:
+class ModelInfo(BaseModel):
+    model: str = Field(description="file name of the exported ensemble")
+    class_names: list[str]
+    input_shape: list[int]
+    input_space: str = Field(description="what a raw input is")
+    image: dict | None = Field(description="how an uploaded picture becomes an input; null: the model takes arrays")
+    members: int
+    method: str = Field(description="forde or de")
+    kernel: dict | None
+    metrics: dict = Field(description="the run's clean test metrics (a value the file holds as NaN is null)")
+    abstain_threshold: float | None = Field(
+        description="abstain when mutual_information is above this; null: never (no validation data chose one)"
+    )
+    abstain_coverage: float | None
+    abstain_target_risk: float | None
+    temperature: float = Field(description="the member logits are divided by this before the softmax (calibration)")
+    calibration: dict | None = Field(description="temperature fit: NLL and ECE on the validation split before/after")
+    coverage_levels: list[float] = Field(description="levels a request may ask prediction sets for (coverage)")
+    conformal_score: str | None = Field(description="score of the prediction sets: lac, aps or raps")
+    max_inputs_per_request: int
+    format_version: str
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with every non-finite float as None: JSON has no NaN, and a model file's metrics may hold one."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+_ROWS_PER_REQUEST = Field(min_length=1, max_length=MAX_INPUTS)
+
+
+def _prediction_sets(probs: np.ndarray, coverages: list[float | None], skip=()) -> list[list[str] | None]:
+    """Each row's prediction set (class names) at its own coverage level (None: not asked for). Rows of
+    a batch may ask for different levels: one vectorized call per level present."""
+    sets: list[list[str] | None] = [None] * len(coverages)
+    for level in {c for c in coverages if c is not None}:
+        rows = [i for i, c in enumerate(coverages) if c == level and i not in skip]
+        if rows:
+            for i, mask in zip(rows, RUNTIME.prediction_sets(probs[rows], level), strict=True):
+                sets[i] = [_CARD.class_names[k] for k in np.flatnonzero(mask)]
+    return sets
+
+
+def _rows(out: dict[str, np.ndarray], members: list[bool], sets: list[list[str] | None] | None = None) -> list[dict]:
     rows = []
     for i, with_members in enumerate(members):
         index = int(out["predicted_class"][i])
@@ -143,71 +290,17 @@ def _rows(out: dict[str, np.ndarray], members: list[bool]) -> list[dict]:
                 },
                 "abstain": bool(out["abstain"][i]),
                 "member_probs": out["member_probs"][i].tolist() if with_members else None,
+                "prediction_set": None if sets is None else sets[i],
+                "set_size": None if sets is None or sets[i] is None else len(sets[i]),
             }
         )
     return rows
 
 
-def _saliency_png(x: np.ndarray, gradients: np.ndarray) -> str:
-    """Input, mean |gradient| and each member's |gradient|, side by side, as a base64 PNG."""
-    from PIL import Image
-
-    def tile(map2d: np.ndarray) -> np.ndarray:
-        low, high = float(map2d.min()), float(map2d.max())
-        return np.uint8(255 * (map2d - low) / (high - low + 1e-12))
-
-    # Image models only (checked at parse time): x is [C, H, W], gradients [M, C, H, W].
-    saliency = np.abs(gradients).max(axis=1)  # [M, H, W], strongest channel
-    tiles = [tile(x.mean(0)), tile(saliency.mean(0))] + [tile(s) for s in saliency]
-    height = tiles[0].shape[0]
-    scale = max(1, 96 // height)
-    strip = np.concatenate([np.pad(t, ((0, 0), (0, 1)), constant_values=255) for t in tiles], axis=1)
-    image = Image.fromarray(strip).resize((strip.shape[1] * scale, height * scale), Image.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-class _BodyLimit:
-    """ASGI middleware: refuse request bodies over MAX_BODY_BYTES with 413 before parsing them."""
-
-    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or {}).get(b"content-length")
-        if length is not None and length.isdigit():
-            if int(length) > self.max_bytes:
-                return await self._refuse(send, f"{int(length)}")
-            return await self.app(scope, receive, send)
-        # No length given (chunked): read the body here, up to the limit, then hand it on.
-        messages, seen = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                return await self._refuse(send, "more")
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
-        return await self.app(scope, replay, send)
-
-    async def _refuse(self, send, got: str):
-        body = f'{{"error": "request body: expected at most {self.max_bytes} bytes, got {got}"}}'.encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+def _saliency_png(x: np.ndarray, gradients: np.ndarray, member_probs: np.ndarray, target: int) -> str:
+    """forde_serve.saliency's figure for one row (input, mean gradient, each member's), base64 PNG."""
+    figure = saliency_png(x, gradients, member_probs, _CARD.class_names, target, _CARD.image)
+    return base64.b64encode(figure).decode()
 
 
 @bentoml.service(traffic={"timeout": 60, "max_concurrency": 256}, workers=1)
@@ -219,73 +312,107 @@ class FordeEnsemble:
 
     @bentoml.api(batchable=BATCHING, max_batch_size=1024, max_latency_ms=10_000)
     def predict(
-        self, inputs: Annotated[list[PredictRow], Field(min_length=1, max_length=MAX_INPUTS)]
+        self, inputs: Annotated[list[PredictRow], _ROWS_PER_REQUEST, AfterValidator(_one_request)]
     ) -> list[Prediction]:
         """Class, probabilities, uncertainty and abstention for each input (adaptive batching)."""
         x = np.stack([row.input for row in inputs])
-        return _rows(self._run(self.runtime.predict, x), [row.members for row in inputs])
+        try:
+            out, unscorable = self.runtime.predict(x), ()
+        except NonFiniteOutput as err:
+            out, unscorable = err.outputs, err.rows
+        sets = _prediction_sets(out["probs"], [row.coverage for row in inputs], skip=set(unscorable))
+        rows: list = _rows(out, [row.members for row in inputs], sets)
+        # `inputs` may hold the rows of several requests (adaptive batching): a row whose outputs are not
+        # finite is answered by its request, which the response model refuses (`Prediction`), so only that
+        # request fails; called with rows not parsed from a request, the whole call fails.
+        for i in unscorable:
+            request = inputs[i]._request
+            if request is None:
+                raise _unscorable(list(unscorable))
+            request.unscorable.append(inputs[i]._position)
+            rows[i] = request
+        return rows
 
     @bentoml.api
-    def explain(
-        self, inputs: Annotated[list[ExplainRow], Field(min_length=1, max_length=MAX_INPUTS)]
-    ) -> list[Explanation]:
+    def explain(self, inputs: Annotated[list[ExplainRow], _ROWS_PER_REQUEST]) -> list[Explanation]:
         """`predict` plus every member's input gradient for the predicted (or requested) class."""
         x = np.stack([row.input for row in inputs])
         targets = np.asarray([-1 if row.target is None else row.target for row in inputs], dtype=np.int64)
-        out = self._run(self.runtime.explain, x, targets)
+        out = self._run("inputs", self.runtime.explain, x, targets)
         chosen = np.where(targets < 0, out["predicted_class"], targets)
-        rows = _rows(out, [row.members for row in inputs])
+        rows = _rows(out, [row.members for row in inputs], _prediction_sets(out["probs"], [r.coverage for r in inputs]))
         for i, row in enumerate(inputs):
             grads = out["input_gradients"][i]
             rows[i] |= {
                 "target": int(chosen[i]),
                 "input_gradients": grads.tolist(),
-                "mean_gradient": grads.mean(0).tolist(),
-                "saliency_png": _saliency_png(x[i], grads) if row.saliency_png else None,
+                "mean_gradient": grads.mean(0, dtype=np.float64).tolist(),  # float64: a sum of float32 can overflow
+                "saliency_png": _saliency_png(x[i], grads, out["member_probs"][i], int(chosen[i]))
+                if row.saliency_png
+                else None,
             }
         return rows
 
     @bentoml.api
-    def predict_image(self, image: Annotated[Path, ContentType("image/*")], members: bool = False) -> Prediction:
-        """An uploaded PNG/JPEG, converted to the model's input as its metadata says."""
+    def predict_image(
+        self,
+        image: Annotated[Path, Field(description=f"a picture ({', '.join(IMAGE_FORMATS)}), known by its content")],
+        members: Annotated[bool, Strict()] = False,
+        coverage: Annotated[float | None, Strict(), Field(description=_COVERAGE_DESCRIPTION)] = None,
+    ) -> Prediction:
+        """An uploaded picture, converted to the model's input as its metadata says."""
+        try:
+            _check_coverage(coverage)
+        except ValueError as err:
+            raise InvalidArgument(f"coverage: {err}") from None
         x = self._image_to_input(image)
-        return Prediction(**_rows(self._run(self.runtime.predict, x[None]), [members])[0])
+        out = self._run("image", self.runtime.predict, x[None])
+        return Prediction(**_rows(out, [members], _prediction_sets(out["probs"], [coverage]))[0])
 
     @bentoml.api
-    def metadata(self) -> dict:
+    def metadata(self) -> ModelInfo:
         """The model card: classes, input shape, members, method, kernel, metrics, abstention."""
-        card = _CARD
-        return {
-            "model": MODEL_PATH.name,
-            "class_names": list(card.class_names),
-            "input_shape": list(card.input_shape),
-            "input_space": card.input_space,
-            "image": card.image,
-            "members": card.members,
-            "method": card.method,
-            "kernel": card.kernel,
-            "metrics": card.metrics,
-            "abstain_threshold": card.abstain_threshold,
-            "abstain_coverage": card.abstain_coverage,
-            "abstain_target_risk": card.abstain_target_risk,
-            "max_inputs_per_request": MAX_INPUTS,
-            "format_version": card.format_version,
-        }
+        return _MODEL_INFO
 
     @staticmethod
-    def _run(method, *args) -> dict[str, np.ndarray]:
+    def _run(field: str, method, *args) -> dict[str, np.ndarray]:
+        """`method(*args)` of the runtime, its refusals as BentoML's 4xx; rows whose outputs are not finite
+        are named as rows of the request's `field`."""
         try:
             return method(*args)
+        except NonFiniteOutput as err:
+            raise _unscorable(list(err.rows), field) from None
         except InvalidInput as err:
-            raise InvalidArgument(str(err)) from None
+            raise refusal(err) from None
 
     def _image_to_input(self, path: Path) -> np.ndarray:
         try:
             return image_to_input(path, _CARD.image)
-        except ImageTooLarge as err:
-            raise BentoMLException(str(err), error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from None
         except InvalidInput as err:
-            raise InvalidArgument(str(err)) from None
+            raise refusal(err) from None
 
 
-FordeEnsemble.add_asgi_middleware(_BodyLimit)
+_MODEL_INFO = ModelInfo(
+    model=MODEL_PATH.name,
+    class_names=list(_CARD.class_names),
+    input_shape=list(_CARD.input_shape),
+    input_space=_CARD.input_space,
+    image=_CARD.image,
+    members=_CARD.members,
+    method=_CARD.method,
+    kernel=_json_safe(_CARD.kernel),
+    metrics=_json_safe(_CARD.metrics),
+    abstain_threshold=_json_safe(_CARD.abstain_threshold),
+    abstain_coverage=_json_safe(_CARD.abstain_coverage),
+    abstain_target_risk=_json_safe(_CARD.abstain_target_risk),
+    temperature=_CARD.temperature,
+    calibration=None if _CARD.calibration is None else _CARD.calibration.to_metadata(),
+    coverage_levels=list(_CARD.coverage_levels),
+    conformal_score=None if _CARD.conformal is None else _CARD.conformal.score,
+    max_inputs_per_request=MAX_INPUTS,
+    format_version=_CARD.format_version,
+)
+
+FordeEnsemble.add_asgi_middleware(RequestEdge, service=FordeEnsemble, max_body_bytes=MAX_BODY_BYTES)
+quiet_caller_errors()
+mount_page(FordeEnsemble, RUNTIME)  # the /ui page, answering with this same runtime

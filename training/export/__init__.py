@@ -10,18 +10,20 @@ from training.export.checks import (
     ShapeError,
     ToleranceError,
 )
-from training.export.exporter import export_ensemble, export_run
+from training.export.exporter import HeldOutOptions, export_ensemble, export_run, export_validated
 from training.export.graphs import write_predict_graph
 
 __all__ = [
     "ExportContract",
     "ExportError",
     "ExportValidationError",
+    "HeldOutOptions",
     "OutputCheck",
     "OutputNamesError",
     "ShapeError",
     "ToleranceError",
     "export_ensemble",
     "export_run",
+    "export_validated",
     "write_predict_graph",
 ]

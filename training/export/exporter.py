@@ -7,28 +7,30 @@ A file that does not match the PyTorch ensemble is removed, never left half-righ
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from forde_serve.contract import FORMAT_VERSION, INPUT, METADATA_KEYS, TARGET, explain_path
-from forde_serve.metrics import uncertainty, validation_abstention
+from forde_serve.metrics import uncertainty
+from forde_serve.validation import choose_on_validation
 from training.data import load_dataset
-from training.evaluation import member_probabilities
+from training.evaluation import member_logits
 from training.export.checks import ExportContract, validate_files
 from training.export.graphs import write_explain_graph, write_predict_graph
 from training.forde import member_input_gradients
 from training.models import Ensemble
 from training.run import load_run
 
-__all__ = ["export_ensemble", "export_run", "export_validated"]
+__all__ = ["HeldOutOptions", "export_ensemble", "export_run", "export_validated"]
 
 
-def _reference(ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
+def _reference(ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor, temperature: float) -> dict[str, np.ndarray]:
     """What the files must compute, from the PyTorch ensemble (autograd) and forde_serve's numpy maths."""
     with torch.no_grad():
-        logits = ensemble(x)
+        logits = ensemble(x) / temperature
     member_probs = logits.softmax(-1).double().numpy()
     probs = member_probs.mean(1)
     chosen = torch.where(target < 0, torch.from_numpy(probs.argmax(-1)), target)
@@ -38,7 +40,7 @@ def _reference(ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor) -> dic
         "member_logits": logits.double().numpy(),
         "member_probs": member_probs,
         **uncertainty(member_probs),
-        "input_gradients": (grads / ensemble.std).double().numpy(),
+        "input_gradients": (grads / ensemble.std / temperature).double().numpy(),
     }
 
 
@@ -50,12 +52,14 @@ def export_ensemble(
     validation_target: torch.Tensor,
     contract: ExportContract | None = None,
     echo=print,
+    temperature: float = 1.0,
 ) -> dict[str, Path]:
     """Write `path` (predict) and its `.explain.onnx` twin, then validate them; returns both paths.
 
     `metadata` maps METADATA_KEYS names (without the `forde.` prefix) to strings; the format
-    version and graph kind are added here. On a failed validation both files are removed.
-    The ensemble is switched to eval mode, float32, on the CPU (in place).
+    version and graph kind are added here. Both graphs divide the member logits by `temperature`.
+    On a failed validation both files are removed. The ensemble is switched to eval mode,
+    float32, on the CPU (in place).
     """
     contract = contract or ExportContract()
     ensemble = ensemble.eval().cpu().float()
@@ -66,11 +70,12 @@ def export_ensemble(
     example = validation_x[:2].float()
     tmp = {graph: p.with_name(f".{p.name}.tmp") for graph, p in paths.items()}
     try:
-        write_predict_graph(ensemble, tmp["predict"], props | {METADATA_KEYS["graph"]: "predict"}, contract)
-        write_explain_graph(ensemble, example, tmp["explain"], props | {METADATA_KEYS["graph"]: "explain"}, contract)
+        predict_props, explain_props = (props | {METADATA_KEYS["graph"]: graph} for graph in ("predict", "explain"))
+        write_predict_graph(ensemble, tmp["predict"], predict_props, contract, temperature)
+        write_explain_graph(ensemble, example, tmp["explain"], explain_props, contract, temperature)
         x = validation_x.float()
         feeds = {"predict": {INPUT: x.numpy()}, "explain": {INPUT: x.numpy(), TARGET: validation_target.numpy()}}
-        validate_files(tmp, feeds, _reference(ensemble, x, validation_target), contract, echo)
+        validate_files(tmp, feeds, _reference(ensemble, x, validation_target, temperature), contract, echo)
         for graph in paths:
             tmp[graph].replace(paths[graph])
     finally:
@@ -79,64 +84,109 @@ def export_ensemble(
     return paths
 
 
+@dataclass(frozen=True)
+class HeldOutOptions:
+    """What `forde export` / `forde fuse` choose on held-out validation data, and how."""
+
+    calibrate: bool = True  # fit a temperature (NLL of the ensemble) and bake it into both graphs
+    score: str = "lac"  # conformal score: lac | aps | raps
+    coverages: tuple[float, ...] = ()  # extra coverage levels (1 - alpha) beyond 0.8, 0.9, 0.95, 0.99
+    k_reg: int | None = None  # raps only; None: chosen on the validation split
+    lam: float | None = None  # raps only; None: chosen on the validation split
+    target_risk: float = 0.01  # abstention: error rate the accepted predictions should reach
+
+
 def export_validated(
     ensemble: Ensemble,
     path: str | Path,
     metadata: dict[str, str],
     validation: tuple[torch.Tensor, torch.Tensor] | None,
-    target_risk: float = 0.01,
+    options: HeldOutOptions | None = None,
     check_inputs: int = 64,
     contract: ExportContract | None = None,
     echo=print,
 ) -> dict:
     """Export `ensemble` with what its validation split decides, then check the files against PyTorch.
 
-    `validation` is (raw inputs, labels) of a split the ensemble was not trained on; it chooses the
-    abstention threshold (target error rate `target_risk` among accepted inputs), and its first
-    `check_inputs` rows are the export check's inputs. Without it (None) the file never abstains
-    and the check runs on uniform random inputs in [0, 1]. `metadata` describes the model (class
-    names, input shape, members, method, ...); this adds what the validation split decides.
+    `validation` is (raw inputs, labels) of a split the ensemble was not trained on; on it, in this
+    order (`forde_serve.validation.choose_on_validation`): the temperature (baked into both graphs),
+    the conformal thresholds on the calibrated probabilities, and the abstention threshold on their
+    mutual information. Its first `check_inputs` rows are the export check's inputs. Without it
+    (None) the file is not calibrated (T = 1), gives no prediction sets and never abstains, and the
+    check runs on uniform random inputs in [0, 1]. `metadata` describes the model (class names,
+    input shape, members, method, ...); this adds what the validation split decides.
     """
+    options = options or HeldOutOptions()
     if validation is not None:
         x, y = validation
-        abstain = validation_abstention(member_probabilities(ensemble, x), y.numpy(), target_risk)
+        chosen = choose_on_validation(
+            member_logits(ensemble, x),
+            y.numpy(),
+            calibrate_temperature=options.calibrate,
+            score=options.score,
+            coverages=options.coverages,
+            k_reg=options.k_reg,
+            lam=options.lam,
+            target_risk=options.target_risk,
+        )
+        abstain = chosen.abstention
+        temperature = chosen.temperature_value
+        metadata = metadata | {
+            "abstain_threshold": repr(abstain["threshold"]),
+            "abstain_target_risk": repr(options.target_risk),
+            "abstain_coverage": repr(abstain["coverage"]),
+            "abstain_validation_risk": repr(abstain["risk"]),
+            "conformal": json.dumps(chosen.conformal.to_metadata()),
+        }
+        if chosen.temperature is not None:
+            metadata["calibration"] = json.dumps(chosen.temperature.to_metadata())
         count = min(check_inputs, len(x))
         # Half the rows ask for the true class, half for the ensemble's own prediction (-1).
         check_x = x[:count]
         check_target = torch.where(torch.arange(count) % 2 == 0, y[:count], torch.full((count,), -1))
     else:
-        abstain = {"threshold": float("inf"), "coverage": None, "risk": None}
+        chosen, abstain, temperature = None, {"threshold": float("inf")}, 1.0
+        metadata = metadata | {"abstain_threshold": repr(float("inf"))}
         check_x = torch.rand(check_inputs, *ensemble.input_shape, generator=torch.Generator().manual_seed(0))
         check_target = torch.full((check_inputs,), -1)
-    metadata = metadata | {"abstain_threshold": repr(abstain["threshold"])}
-    if validation is not None:
-        metadata |= {
-            "abstain_target_risk": repr(target_risk),
-            "abstain_coverage": repr(abstain["coverage"]),
-            "abstain_validation_risk": repr(abstain["risk"]),
-        }
-    paths = export_ensemble(ensemble, path, metadata, check_x, check_target, contract, echo)
-    if validation is not None:
+    paths = export_ensemble(ensemble, path, metadata, check_x, check_target, contract, echo, temperature)
+    if chosen is None:
+        echo("no validation data: no calibration, no prediction sets, and the file never abstains")
+    else:
+        if chosen.temperature is not None:
+            fit = chosen.temperature
+            echo(
+                f"temperature {fit.temperature:.4g}: validation NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}, "
+                f"ECE {fit.ece_before:.4f} -> {fit.ece_after:.4f}"
+            )
+        levels = ", ".join(f"{c:g}" for c in chosen.conformal.coverages)
+        echo(
+            f"prediction sets ({chosen.conformal.score}) for coverage {levels}, on {chosen.conformal.n_calibration} "
+            "validation inputs"
+        )
         echo(
             f"abstain when mutual_information > {abstain['threshold']:.4g}: validation coverage "
-            f"{abstain['coverage']:.1%} at error rate {abstain['risk']:.2%} (target {target_risk:.0%})"
+            f"{abstain['coverage']:.1%} at error rate {abstain['risk']:.2%} (target {options.target_risk:.0%})"
         )
-    else:
-        echo("no validation data: the file never abstains (abstention threshold +inf)")
-    return {"paths": paths, "sizes": {graph: p.stat().st_size for graph, p in paths.items()}, "abstain": abstain}
+    return {
+        "paths": paths,
+        "sizes": {graph: p.stat().st_size for graph, p in paths.items()},
+        "abstain": abstain,
+        "temperature": temperature,
+    }
 
 
 def export_run(
     run_dir: str | Path,
     path: str | Path,
-    target_risk: float = 0.01,
+    options: HeldOutOptions | None = None,
     validation_inputs: int = 64,
     contract: ExportContract | None = None,
     echo=print,
 ) -> dict:
     """Export a finished training run; what needs held-out data is chosen on its validation split."""
     run = load_run(run_dir)
-    data = load_dataset(run.config.data)
+    data = load_dataset(run.config.data, for_training=False)  # only the validation split is read
     forde = run.config.forde
     metadata = {
         "class_names": json.dumps(list(run.dataset.class_names)),
@@ -161,5 +211,5 @@ def export_run(
     }
     echo(f"exporting {run_dir} ({run.ensemble.members} members) -> {path}")
     return export_validated(
-        run.ensemble, path, metadata, (data.val.x, data.val.y), target_risk, validation_inputs, contract, echo
+        run.ensemble, path, metadata, (data.val.x, data.val.y), options, validation_inputs, contract, echo
     )

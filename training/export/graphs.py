@@ -51,19 +51,20 @@ def _heads(member_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 class _PredictGraph(nn.Module):
-    def __init__(self, ensemble: Ensemble):
+    def __init__(self, ensemble: Ensemble, temperature: float):
         super().__init__()
-        self.ensemble = ensemble
+        self.ensemble, self.temperature = ensemble, temperature
 
     def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: A002 - the graph input's name
-        return _heads(self.ensemble(input))
+        return _heads(self.ensemble(input) / self.temperature)
 
 
-def _explain(ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """PREDICT_OUTPUTS + each member's gradient of its `target` logit w.r.t. the raw input."""
+def _explain(ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ...]:
+    """PREDICT_OUTPUTS + each member's gradient of its `target` logit (divided by `temperature`, as
+    every output is) w.r.t. the raw input."""
     members = ensemble.members
     x_members = x.unsqueeze(1).expand(-1, members, *x.shape[1:]).contiguous().requires_grad_(True)
-    member_logits = ensemble.forward_members(ensemble.normalize(x_members))
+    member_logits = ensemble.forward_members(ensemble.normalize(x_members)) / temperature
     outputs = _heads(member_logits)
     chosen = torch.where(target < 0, outputs[0].argmax(-1), target)
     picked = member_logits.gather(2, chosen.view(-1, 1, 1).expand(-1, members, 1)).sum()
@@ -165,7 +166,12 @@ def _max_pool2d_backward(grad_output, input, kernel_size, stride, padding, dilat
             .permute(0, 1, 4, 2, 5, 3)
             .reshape(batch, channels, height, width)
         )
+    return _scatter_to_maxima(grad_output, input, indices)
+
+
+def _scatter_to_maxima(grad_output, input, indices):
     # Every pooled gradient goes back to the position its maximum came from.
+    batch, channels, height, width = input.shape
     grad_input = grad_output.new_zeros(batch, channels, height * width)
     return grad_input.scatter_add(2, indices.flatten(2), grad_output.flatten(2)).view(batch, channels, height, width)
 
@@ -176,7 +182,81 @@ def _threshold_backward(grad_output, self, threshold):
     return grad_output * (self > threshold).to(grad_output.dtype)
 
 
-def trace_explain(ensemble: Ensemble, example: torch.Tensor) -> torch.fx.GraphModule:
+def _adaptive_max_pool2d_backward(grad_output, input, indices):
+    # Like max pooling: every pooled gradient goes back to where its maximum came from.
+    return _scatter_to_maxima(grad_output, input, indices)
+
+
+def _pooling_matrix(windows: list[tuple[int, int, float]], size: int, like: torch.Tensor) -> torch.Tensor:
+    """`[outputs, size]`: row o spreads 1 / divisor over window o's input positions [start, end)."""
+    rows = [[1.0 / divisor if start <= i < end else 0.0 for i in range(size)] for start, end, divisor in windows]
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+
+
+def _separable_pool_backward(grad_output, input, windows_h, windows_w):
+    # Average pooling is A_h x A_w^T per channel (each window's divisor is a product of one count per
+    # axis), so its input gradient is A_h^T g A_w: two plain matmuls, exact for any window layout.
+    height, width = int(input.shape[2]), int(input.shape[3])
+    rows_h = _pooling_matrix(windows_h, height, grad_output)  # [out_h, H]
+    rows_w = _pooling_matrix(windows_w, width, grad_output)  # [out_w, W]
+    return torch.matmul(torch.matmul(rows_h.t(), grad_output), rows_w)
+
+
+class _ContiguousPoolInputs(torch.overrides.TorchFunctionMode):
+    """Adaptive average pooling of a contiguous copy of its input, while the explain graph is traced.
+
+    ATen's adaptive_avg_pool2d (a composite, so above autograd and out of the decomposition table's
+    reach) pools to 1x1 with a mean followed by an in-place as_strided_ that keeps a channels-last
+    input's strides (ConvNeXt's permuted blocks make one); that view's backward becomes
+    as_strided_scatter, which has no ONNX translation. A contiguous input takes no such step.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.nn.functional.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d):
+            args = (args[0].contiguous(), *args[1:])
+        return func(*args, **(kwargs or {}))
+
+
+def _adaptive_avg_pool2d_backward(grad_output, input):
+    def windows(size: int, outputs: int) -> list[tuple[int, int, float]]:
+        spans = [((o * size) // outputs, -(-((o + 1) * size) // outputs)) for o in range(outputs)]
+        return [(start, end, float(end - start)) for start, end in spans]
+
+    return _separable_pool_backward(
+        grad_output,
+        input,
+        windows(int(input.shape[2]), int(grad_output.shape[2])),
+        windows(int(input.shape[3]), int(grad_output.shape[3])),
+    )
+
+
+def _avg_pool2d_backward(
+    grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+):
+    kernel = list(kernel_size) * (2 // len(kernel_size))
+    stride = list(stride or kernel) * (2 // len(stride or kernel))
+    padding = list(padding) * (2 // len(padding))
+
+    def windows(axis: int) -> list[tuple[int, int, float]]:
+        # As PyTorch's kernel: the window may reach into the padding (counted with count_include_pad)
+        # but not past it; divisor_override replaces the whole count (so one axis carries it).
+        size, spans = int(input.shape[2 + axis]), []
+        for o in range(int(grad_output.shape[2 + axis])):
+            start = o * stride[axis] - padding[axis]
+            end = min(start + kernel[axis], size + padding[axis])
+            padded = end - start
+            start, end = max(start, 0), min(end, size)
+            if divisor_override:
+                divisor = float(divisor_override) if axis == 0 else 1.0
+            else:
+                divisor = float(padded if count_include_pad else end - start)
+            spans.append((start, end, divisor))
+        return spans
+
+    return _separable_pool_backward(grad_output, input, windows(0), windows(1))
+
+
+def trace_explain(ensemble: Ensemble, example: torch.Tensor, temperature: float = 1.0) -> torch.fx.GraphModule:
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -184,15 +264,19 @@ def trace_explain(ensemble: Ensemble, example: torch.Tensor) -> torch.fx.GraphMo
     table[aten.convolution_backward.default] = _convolution_backward
     table[aten.max_pool2d_with_indices_backward.default] = _max_pool2d_backward
     table[aten.threshold_backward.default] = _threshold_backward
+    table[aten.adaptive_max_pool2d_backward.default] = _adaptive_max_pool2d_backward
+    table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
+    table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_backward
     target = torch.full((len(example),), -1, dtype=torch.int64)
     # torch.export refuses autograd inside forward; make_fx unrolls the backward into ATen ops,
     # symbolically so that the batch axis stays free.
-    traced = make_fx(
-        lambda x, t: _explain(ensemble, x, t),
-        decomposition_table=table,
-        tracing_mode="symbolic",
-        _allow_non_fake_inputs=True,
-    )(example, target)
+    with _ContiguousPoolInputs():
+        traced = make_fx(
+            lambda x, t: _explain(ensemble, x, t, temperature),
+            decomposition_table=table,
+            tracing_mode="symbolic",
+            _allow_non_fake_inputs=True,
+        )(example, target)
     leftovers = sorted(
         {str(n.target) for n in traced.graph.nodes if n.op == "call_function" and "backward" in str(n.target)}
     )
@@ -252,13 +336,14 @@ def write_predict_graph(
     path: str | Path,
     metadata: dict[str, str] | None = None,
     contract: ExportContract | None = None,
+    temperature: float = 1.0,
 ) -> None:
-    """Write only the predict graph of `ensemble` (no validation); `metadata` are metadata_props."""
+    """Write only the predict graph of `ensemble` (no validation); `metadata` are metadata_props; the
+    member logits are divided by `temperature` before everything else."""
     contract = contract or ExportContract()
     example = torch.zeros(2, *ensemble.input_shape)
-    _write_onnx(
-        _PredictGraph(ensemble.eval()), (example,), Path(path), [INPUT], PREDICT_OUTPUTS, contract, metadata or {}
-    )
+    graph = _PredictGraph(ensemble.eval(), temperature)
+    _write_onnx(graph, (example,), Path(path), [INPUT], PREDICT_OUTPUTS, contract, metadata or {})
 
 
 def write_explain_graph(
@@ -267,10 +352,11 @@ def write_explain_graph(
     path: str | Path,
     metadata: dict[str, str] | None = None,
     contract: ExportContract | None = None,
+    temperature: float = 1.0,
 ) -> None:
     """Trace the explain function on `example` inputs (any batch; the axis stays symbolic) and write it."""
     contract = contract or ExportContract()
-    traced = trace_explain(ensemble, example)
+    traced = trace_explain(ensemble, example, temperature)
     target = torch.full((len(example),), -1, dtype=torch.int64)
     _write_onnx(
         _ExplainGraph(traced), (example, target), Path(path), [INPUT, TARGET], EXPLAIN_OUTPUTS, contract, metadata or {}

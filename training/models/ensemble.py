@@ -1,7 +1,9 @@
 """An ensemble of M fused members over raw inputs, and one member's weights taken out of it.
 
-A training step is one forward/backward for the whole ensemble (no Python loop over members),
-and the same module exports to one ONNX graph whose batch axis stays symbolic (no vmap).
+The body is the fusion pass's module (`training.models.fuse`): members folded into the channel
+dimension, member-major. A training step is one forward/backward for the whole ensemble (no
+Python loop over members), and the same module exports to one ONNX graph whose batch axis stays
+symbolic (no vmap).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ __all__ = ["Ensemble", "member_state_dict"]
 
 
 class Ensemble(nn.Module):
-    """M fused members over raw inputs `[batch, *input_shape]`; normalization is part of the model."""
+    """M fused members over raw inputs `[batch, *input_shape]`; normalization is part of the model.
+
+    `body` takes the members folded into dimension 1, `[batch, M * C, ...]`, and returns `[batch, M * classes]`.
+    """
 
     def __init__(
         self,
@@ -43,7 +48,7 @@ class Ensemble(nn.Module):
         Member m only sees `z[:, m]`, so the gradient with respect to `z[:, m]` is member
         m's own input gradient.
         """
-        return self.body(z)
+        return self.body(z.flatten(1, 2)).unflatten(1, (self.members, self.classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw inputs `[batch, *input_shape]` -> member logits `[batch, M, classes]`."""
