@@ -133,39 +133,34 @@ def _max_pool2d_backward(grad_output, input, kernel_size, stride, padding, dilat
     batch, channels, height, width = input.shape
     tiles = (
         kernel == stride
+        and kernel[0] == kernel[1]
         and not any(padding)
         and all(d == 1 for d in dilation)
         and height % kernel[0] == 0
         and width % kernel[1] == 0
     )
     if tiles:
-        # Non-overlapping windows (MaxPool2d(k) with stride k): route each pooled gradient to the
-        # first maximum of its window in row-major order, as PyTorch's kernel picks it, without the
-        # indices. The forward then needs no indices, whose ONNX form costs a second MaxPool over
+        # Non-overlapping square windows (MaxPool2d(k) with stride k): route each pooled gradient to
+        # the first maximum of its window in row-major order, as PyTorch's kernel picks it, without
+        # the indices. The forward then needs no indices, whose ONNX form costs a second MaxPool over
         # the whole input plus a scatter (together 3x the rest of the pooling here).
-        rows, cols = height // kernel[0], width // kernel[1]
-        cells = kernel[0] * kernel[1]
-        windows = (
-            input.view(batch, channels, rows, kernel[0], cols, kernel[1])
-            .permute(0, 1, 3, 5, 2, 4)
-            .reshape(batch, channels, cells, rows, cols)
-        )
+        # Window position (a, b) of every window is the strided slice input[..., a::k, b::k]: each
+        # step is a same-shape comparison at the pooled size (onnxruntime's fast elementwise path),
+        # and pixel_shuffle (DepthToSpace) puts the routed gradients back in place; a 6-d
+        # view/permute would be Transposes, which onnxruntime runs slowly.
+        k = kernel[0]
         pooled = aten.max_pool2d_with_indices(input, kernel, kernel)[0]
-        # Position by position in row-major window order, keep a maximum only if none came before:
-        # same-shape comparisons, which onnxruntime runs on its fast elementwise path.
         taken = None
         routed = []
-        for cell in range(cells):
-            is_max = windows[:, :, cell] == pooled
-            first = is_max if taken is None else is_max & ~taken
-            taken = is_max if taken is None else taken | is_max
-            routed.append(grad_output * first.to(grad_output.dtype))
-        return (
-            torch.stack(routed, 2)
-            .view(batch, channels, kernel[0], kernel[1], rows, cols)
-            .permute(0, 1, 4, 2, 5, 3)
-            .reshape(batch, channels, height, width)
-        )
+        for a in range(k):
+            for b in range(k):
+                is_max = input[:, :, a::k, b::k] == pooled
+                first = is_max if taken is None else is_max & ~taken
+                taken = is_max if taken is None else taken | is_max
+                routed.append(grad_output * first.to(grad_output.dtype))
+        # [B, C, k * k, rows, cols] -> [B, C * k * k, rows, cols] is pixel_shuffle's channel order.
+        stacked = torch.stack(routed, 2).view(batch, channels * k * k, height // k, width // k)
+        return aten.pixel_shuffle(stacked, k)
     return _scatter_to_maxima(grad_output, input, indices)
 
 
@@ -264,6 +259,7 @@ def trace_explain(ensemble: Ensemble, example: torch.Tensor, temperature: float 
     table[aten.convolution_backward.default] = _convolution_backward
     table[aten.max_pool2d_with_indices_backward.default] = _max_pool2d_backward
     table[aten.threshold_backward.default] = _threshold_backward
+    table.pop(aten.pixel_shuffle.default, None)  # kept whole: it exports as one DepthToSpace
     table[aten.adaptive_max_pool2d_backward.default] = _adaptive_max_pool2d_backward
     table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
     table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_backward
@@ -305,8 +301,11 @@ def _write_onnx(
     output_names: tuple[str, ...],
     contract: ExportContract,
     metadata: dict[str, str],
+    members: int,
 ) -> None:
     import onnx
+
+    from training.export.layout import dense_input_convs
 
     batch = torch.export.Dim(contract.batch_axis, min=1)
     dynamic = {name: {0: batch} for name in input_names}
@@ -324,6 +323,8 @@ def _write_onnx(
             verbose=False,
         )
     model = program.model_proto
+    # The first convolution reads the input once, not once per member (exact; see layout.py).
+    dense_input_convs(model, members)
     del model.metadata_props[:]
     for key, value in metadata.items():
         entry = model.metadata_props.add()
@@ -343,7 +344,7 @@ def write_predict_graph(
     contract = contract or ExportContract()
     example = torch.zeros(2, *ensemble.input_shape)
     graph = _PredictGraph(ensemble.eval(), temperature)
-    _write_onnx(graph, (example,), Path(path), [INPUT], PREDICT_OUTPUTS, contract, metadata or {})
+    _write_onnx(graph, (example,), Path(path), [INPUT], PREDICT_OUTPUTS, contract, metadata or {}, ensemble.members)
 
 
 def write_explain_graph(
@@ -359,5 +360,12 @@ def write_explain_graph(
     traced = trace_explain(ensemble, example, temperature)
     target = torch.full((len(example),), -1, dtype=torch.int64)
     _write_onnx(
-        _ExplainGraph(traced), (example, target), Path(path), [INPUT, TARGET], EXPLAIN_OUTPUTS, contract, metadata or {}
+        _ExplainGraph(traced),
+        (example, target),
+        Path(path),
+        [INPUT, TARGET],
+        EXPLAIN_OUTPUTS,
+        contract,
+        metadata or {},
+        ensemble.members,
     )
