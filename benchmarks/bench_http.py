@@ -2,13 +2,13 @@
 
     python benchmarks/bench_http.py [--model exported/digits.onnx] [--seconds 10] [--rounds 2]
 
-The load comes from `wrk` (C, little CPU: `apt-get install wrk`), 64 connections, one input per
-request. Four servers, each started with `bentoml serve` on loopback, one at a time, in rounds:
-forde-serve with adaptive batching on and off, and `benchmarks/noop_service.py` (same request and
-response schema, no model, no checks) on and off, which is BentoML's own per-request ceiling
-here. Prints one JSON object: requests/s, p50 and p99 per configuration (median over rounds) and
-the ratios the goals are stated in. The server and wrk share the machine's cores: ratios, not
-absolutes.
+The load comes from `wrk` (C, one thread: little CPU; `apt-get install wrk`) at 1, 16 and 64
+connections, one input per request. Four servers, each started with `bentoml serve` on loopback,
+one at a time, in rounds: forde-serve with adaptive batching on and off, and
+`benchmarks/noop_service.py` (same request and response schema, no model, no checks) on and off,
+which is BentoML's own per-request ceiling here. Prints one JSON object: requests/s, p50 and p99
+per configuration and connection count (median over rounds) and the ratios the goals are stated
+in (at the most connections). The server and wrk share the machine's cores: ratios, not absolutes.
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "exported" / "digits.onnx")
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration per configuration and round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over the four configurations")
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--connections", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (one keeps a core for the server)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
@@ -132,25 +132,28 @@ def main() -> None:
     body = json.dumps({"inputs": [{"input": row.tolist()}]})
 
     configs = [(service, batching) for batching in (True, False) for service in ("noop", "forde")]
-    samples: dict[tuple[str, bool], list[dict]] = {c: [] for c in configs}
+    samples: dict[tuple[str, bool, int], list[dict]] = {(*c, n): [] for c in configs for n in args.connections}
     for _ in range(args.rounds):
         for service, batching in configs:
             process, url = _start(service, args.model.resolve(), batching)
             try:
-                _wrk(url, body, args.connections, 2, args.threads)  # warm-up: connections, caches
-                result = _wrk(url, body, args.connections, args.seconds, args.threads)
+                _wrk(url, body, max(args.connections), 2, args.threads)  # warm-up: connections, caches
+                for connections in args.connections:
+                    result = _wrk(url, body, connections, args.seconds, args.threads)
+                    samples[(service, batching, connections)].append(result)
+                    mode = "batching" if batching else "no batching"
+                    print(service, mode, connections, result, file=sys.stderr)
             finally:
                 _stop(process)
-            samples[(service, batching)].append(result)
-            print(service, "batching" if batching else "no batching", result, file=sys.stderr)
-    summary = {
-        f"{service} {'batched' if batching else 'unbatched'}": {
+    summary: dict[str, dict[str, dict]] = {}
+    for (service, batching, connections), runs in samples.items():
+        name = f"{service} {'batched' if batching else 'unbatched'}"
+        summary.setdefault(name, {})[str(connections)] = {
             key: round(statistics.median(s[key] for s in runs), 2) for key in runs[0]
         }
-        for (service, batching), runs in samples.items()
-    }
-    noop_best = max((summary["noop batched"], summary["noop unbatched"]), key=lambda r: r["rps"])
-    forde = summary["forde batched"]
+    top = str(max(args.connections))
+    noop_best = max((summary["noop batched"][top], summary["noop unbatched"][top]), key=lambda r: r["rps"])
+    forde = summary["forde batched"][top]
     print(
         json.dumps(
             {
@@ -160,8 +163,9 @@ def main() -> None:
                 "seconds": args.seconds,
                 "rounds": args.rounds,
                 "results": summary,
+                "goal_connections": int(top),
                 "forde_batched_over_best_noop_rps": round(forde["rps"] / noop_best["rps"], 3),
-                "forde_batched_over_unbatched_rps": round(forde["rps"] / summary["forde unbatched"]["rps"], 3),
+                "forde_batched_over_unbatched_rps": round(forde["rps"] / summary["forde unbatched"][top]["rps"], 3),
                 "forde_batched_p99_over_best_noop_p99": round(forde["p99_ms"] / noop_best["p99_ms"], 3),
             },
             indent=2,
