@@ -4,7 +4,8 @@
     FORDE_MODEL=path/to/NAME.onnx bentoml serve    # another exported ensemble
 
 Settings (environment): FORDE_MODEL, FORDE_MAX_INPUTS (rows per request, 256),
-FORDE_MAX_BODY_BYTES (8 MiB), FORDE_BATCHING (1; 0 turns adaptive batching off).
+FORDE_MAX_BODY_BYTES (8 MiB), FORDE_BATCHING (1; 0 turns adaptive batching off), FORDE_SPIN (0;
+1 lets onnxruntime's idle threads spin-wait, which only pays on cores the server has to itself).
 
 Endpoints (POST, JSON): `predict` (adaptive batching), `explain`, `predict_image` (file
 upload), `metadata`; BentoML's own `/readyz`, `/livez`, `/metrics`, the Swagger page at `/`
@@ -52,11 +53,13 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "exported" / "digits.onnx"
 MAX_INPUTS = int(os.environ.get("FORDE_MAX_INPUTS", "256"))  # rows per request
 MAX_BODY_BYTES = int(os.environ.get("FORDE_MAX_BODY_BYTES", str(8 * 1024 * 1024)))
 BATCHING = os.environ.get("FORDE_BATCHING", "1") != "0"  # adaptive batching of predict (0: off)
+# Spinning onnxruntime threads compete with the event loop that parses and answers requests.
+SPIN = os.environ.get("FORDE_SPIN", "0") != "0"
 
 MODEL_PATH = Path(os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
 # The one runtime of this process, opened at import: the request models below check each row at
 # parse time with its rules (shape, finiteness), and the service answers with its sessions.
-RUNTIME = EnsembleRuntime(MODEL_PATH, max_batch=max(MAX_INPUTS, 1024))
+RUNTIME = EnsembleRuntime(MODEL_PATH, max_batch=max(MAX_INPUTS, 1024), spin=SPIN)
 _CARD = RUNTIME.card
 _SHAPE = list(_CARD.input_shape)
 
