@@ -1,35 +1,41 @@
-"""HTTP throughput and latency of the service, adaptive batching on and off, vs in-process.
+"""HTTP throughput and latency of `/predict`, against a no-op BentoML service with the same schema.
 
-    python benchmarks/bench_http.py [--model exported/digits.onnx] [--seconds 6]
+    python benchmarks/bench_http.py [--model exported/digits.onnx] [--seconds 10] [--rounds 2]
 
-Starts `bentoml serve` (loopback only) once with adaptive batching and once without, and
-for 1, 16 and 64 concurrent clients (asyncio + httpx, one input per request) measures
-requests per second and p50/p99 latency over a bounded window. In-process throughput is
-`EnsembleRuntime.predict` on the same inputs, one input per call. Prints one JSON object.
-The load generator shares the machine's cores with the server: ratios, not absolutes.
+The load comes from `wrk` (C, one thread: little CPU; `apt-get install wrk`) at 1, 16 and 64
+connections, one input per request. Four servers, each started with `bentoml serve` on loopback,
+one at a time, in rounds: forde-serve with adaptive batching on and off, and
+`benchmarks/noop_service.py` (same request and response schema, no model, no checks) on and off,
+which is BentoML's own per-request ceiling here. Prints one JSON object: requests/s, p50 and p99
+per configuration and connection count (median over rounds) and the ratios the goals are stated
+in (at the most connections). The server and wrk share the machine's cores: ratios, not absolutes.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
+import re
+import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from forde_serve.runtime import EnsembleRuntime
-
 ROOT = Path(__file__).resolve().parents[1]
-CLIENTS = (1, 16, 64)
+SERVICES = {
+    "forde": ["forde_serve.app.service:FordeEnsemble"],
+    "noop": ["noop_service:NoopEnsemble", "--working-dir", str(ROOT / "benchmarks")],
+}
 
 
 def _free_port() -> int:
@@ -38,117 +44,129 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(model: Path, batching: bool) -> tuple[subprocess.Popen, str]:
+def _start(service: str, model: Path, batching: bool) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = dict(os.environ) | {"FORDE_MODEL": str(model), "FORDE_BATCHING": "1" if batching else "0"}
+    command = [sys.executable, "-m", "bentoml", "serve", *SERVICES[service], "--port", str(port), "--host", "127.0.0.1"]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bentoml",
-            "serve",
-            "forde_serve.app.service:FordeEnsemble",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+    for _ in range(600):
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return process, url
         except httpx.HTTPError:
             time.sleep(0.2)
     os.killpg(process.pid, signal.SIGTERM)
-    raise SystemExit("bentoml serve did not become ready")
+    raise SystemExit(f"{service} did not become ready")
 
 
-async def _load(url: str, bodies: list[dict], clients: int, seconds: float, max_requests: int) -> dict:
-    latencies: list[float] = []
-    failures = 0
-    deadline = 0.0
-    counter = iter(range(max_requests))
+def _stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
-    async def client(client_http: httpx.AsyncClient) -> None:
-        nonlocal failures
-        for n in counter:
-            if time.perf_counter() > deadline:
-                return
-            start = time.perf_counter()
-            try:
-                response = await client_http.post(f"{url}/predict", json=bodies[n % len(bodies)])
-            except httpx.TransportError:  # counted, reported, never hidden
-                failures += 1
-                continue
-            latencies.append(time.perf_counter() - start)
-            failures += response.status_code != 200
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client_http:
-        for body in bodies[:clients]:  # warm-up: open the connections
-            await client_http.post(f"{url}/predict", json=body)
-        started = time.perf_counter()
-        deadline = started + seconds
-        await asyncio.gather(*(client(client_http) for _ in range(clients)))
-        elapsed = time.perf_counter() - started
-    ms = np.array(latencies) * 1000
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _wrk(url: str, body: str, connections: int, seconds: int, threads: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(
+            f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = {json.dumps(body)}\n'
+        )
+    try:
+        out = subprocess.run(
+            [
+                "wrk",
+                f"-t{threads}",
+                f"-c{connections}",
+                f"-d{seconds}s",
+                "--latency",
+                "-s",
+                script.name,
+                f"{url}/predict",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        os.unlink(script.name)
+
+    def latency(percent: str) -> float:
+        value, unit = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * _UNITS[unit]
+
+    failed = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {
-        "rps": round(len(ms) / elapsed, 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2),
-        "requests": len(ms),
-        "failures": failures,
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "non_2xx": int(failed.group(1)) if failed else 0,
+        "socket_errors": sum(map(int, errors.groups())) if errors else 0,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "exported" / "digits.onnx")
-    parser.add_argument("--seconds", type=float, default=6.0, help="measurement window per setting")
-    parser.add_argument("--max-requests", type=int, default=5000, help="cap per setting")
+    parser.add_argument("--seconds", type=int, default=10, help="wrk duration per configuration and round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over the four configurations")
+    parser.add_argument("--connections", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (one keeps a core for the server)")
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+
+    from forde_serve.runtime import EnsembleRuntime
 
     runtime = EnsembleRuntime(args.model)
-    rng = np.random.default_rng(0)
-    inputs = rng.uniform(
-        0, 16 if "0 to 16" in runtime.card.input_space else 1, (256, *runtime.card.input_shape)
-    ).astype(np.float32)
-    bodies = [{"inputs": [{"input": x.tolist()}]} for x in inputs]
+    high = 16 if "0 to 16" in runtime.card.input_space else 1
+    row = np.random.default_rng(0).uniform(0, high, runtime.card.input_shape).round(3)
+    body = json.dumps({"inputs": [{"input": row.tolist()}]})
 
-    calls, started = 0, time.perf_counter()
-    while time.perf_counter() - started < args.seconds / 2:
-        runtime.predict(inputs[calls % len(inputs)][None])
-        calls += 1
-    in_process_rps = calls / (time.perf_counter() - started)
-
-    results = []
-    for batching in (True, False):
-        process, url = _start(args.model.resolve(), batching)
-        try:
-            for clients in CLIENTS:
-                row = asyncio.run(_load(url, bodies, clients, args.seconds, args.max_requests))
-                results.append({"clients": clients, "batching": batching, **row})
-                print(results[-1], file=sys.stderr)
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-    at64 = {r["batching"]: r["rps"] for r in results if r["clients"] == 64}
+    configs = [(service, batching) for batching in (True, False) for service in ("noop", "forde")]
+    samples: dict[tuple[str, bool, int], list[dict]] = {(*c, n): [] for c in configs for n in args.connections}
+    for _ in range(args.rounds):
+        for service, batching in configs:
+            process, url = _start(service, args.model.resolve(), batching)
+            try:
+                _wrk(url, body, max(args.connections), 2, args.threads)  # warm-up: connections, caches
+                for connections in args.connections:
+                    result = _wrk(url, body, connections, args.seconds, args.threads)
+                    samples[(service, batching, connections)].append(result)
+                    mode = "batching" if batching else "no batching"
+                    print(service, mode, connections, result, file=sys.stderr)
+            finally:
+                _stop(process)
+    summary: dict[str, dict[str, dict]] = {}
+    for (service, batching, connections), runs in samples.items():
+        name = f"{service} {'batched' if batching else 'unbatched'}"
+        summary.setdefault(name, {})[str(connections)] = {
+            key: round(statistics.median(s[key] for s in runs), 2) for key in runs[0]
+        }
+    top = str(max(args.connections))
+    noop_best = max((summary["noop batched"][top], summary["noop unbatched"][top]), key=lambda r: r["rps"])
+    forde = summary["forde batched"][top]
     print(
         json.dumps(
             {
-                "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores; server and load generator share them)",
+                "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores; server and wrk share them)",
                 "model": str(args.model),
-                "results": results,
-                "in_process_rps": round(in_process_rps, 1),
-                "batching_over_no_batching_at_64": round(at64[True] / at64[False], 2),
-                "http_at_64_over_in_process": round(at64[True] / in_process_rps, 3),
+                "connections": args.connections,
+                "seconds": args.seconds,
+                "rounds": args.rounds,
+                "results": summary,
+                "goal_connections": int(top),
+                "forde_batched_over_best_noop_rps": round(forde["rps"] / noop_best["rps"], 3),
+                "forde_batched_over_unbatched_rps": round(forde["rps"] / summary["forde unbatched"][top]["rps"], 3),
+                "forde_batched_p99_over_best_noop_p99": round(forde["p99_ms"] / noop_best["p99_ms"], 3),
             },
             indent=2,
         )

@@ -40,14 +40,22 @@ def test_members_are_fused_not_copied(digits_export, quickstart_runs):
     conv_layers = sum(isinstance(m, FusedConv2d) for m in ensemble.modules())
     predict = [n for n in _ops(path) if n.op_type == "Conv"]
     assert len(predict) == conv_layers == 4
-    for node in predict:  # each Conv runs all 8 members as one grouped convolution
-        assert {a.name: a.i for a in node.attribute}["group"] == 8
+
+    def groups(nodes):
+        return sorted({a.name: a.i for a in n.attribute}["group"] for n in nodes)
+
+    # each Conv runs all 8 members as one grouped convolution, except the first: every member reads
+    # the same input, so it is one dense convolution with all members' output channels (layout.py)
+    assert groups(predict) == [1, 8, 8, 8]
+    assert not any(n.op_type == "Expand" for n in _ops(path))
     explain = _ops(path.with_name("digits.explain.onnx"))
     # forward convolutions plus one backward convolution each (stride 1: a Conv with the kernel
-    # flipped; strided: a ConvTranspose), every one of them over all members at once
+    # flipped; strided: a ConvTranspose), every one of them over all members at once; the input
+    # layer's gradient (one input channel per member) is a depthwise Conv over every member's
+    # 16 gradient channels and a sum
     convolutions = [n for n in explain if n.op_type in ("Conv", "ConvTranspose")]
     assert len(convolutions) == 2 * conv_layers
-    assert all({a.name: a.i for a in n.attribute}["group"] == 8 for n in convolutions)
+    assert groups(convolutions) == [1, 8, 8, 8, 8, 8, 8, 8 * 16]
     assert not any(n.op_type in ("Loop", "Scan", "If") for n in explain)
 
 
