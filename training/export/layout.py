@@ -1,17 +1,13 @@
 """Rewrites of an exported graph's member layout, chosen for how fast onnxruntime runs them.
 
-The fused graph runs M members as grouped convolutions over `[batch, M * C, H, W]`. Two exact
-rewrites (same arithmetic per output element, so the same outputs up to float summation order):
+The fused graph runs M members as grouped convolutions over `[batch, M * C, H, W]`. One exact
+rewrite (same arithmetic per output element, so the same outputs up to float summation order):
 
-- `dense_input_convs`: a convolution that reads the input replicated once per member (Unsqueeze,
+`dense_input_convs`: a convolution that reads the input replicated once per member (Unsqueeze,
   Expand to M copies, Reshape to `[batch, M * C, H, W]`, a Conv with group = M) is one dense
   convolution with M * C_out output channels on the un-replicated input: the grouped weight
   `[M * C_out, C, kh, kw]` is already a dense one of that shape. No replicated copy, no reorder,
   and onnxruntime's blocked (NCHWc) kernels instead of its generic grouped path.
-- `split_member_convs`: every remaining Conv with group = M (and more than one input channel per
-  member) becomes Split -> M dense Convs -> Concat, so that each member's convolution takes the
-  dense kernels too; the weight and bias are split inside the graph (onnxruntime folds the
-  constants when it loads the file).
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-__all__ = ["dense_input_convs", "split_member_convs"]
+__all__ = ["dense_input_convs"]
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -146,51 +142,6 @@ def _replicated_input(
         if rank is None or rank > len(target) - 2:
             return None
     return unsqueeze.input[0], elementwise[::-1]
-
-
-def split_member_convs(model: onnx.ModelProto, members: int) -> int:
-    """Rewrite, in place, every Conv with group = `members` into Split -> one dense Conv per member
-    -> Concat; returns how many were rewritten. Grouped Convs inside a member (group > members) stay."""
-    graph = model.graph
-    nodes: list[onnx.NodeProto] = []
-    rewritten = 0
-    for node in graph.node:
-        if node.op_type != "Conv" or _attribute(node, "group", 1) != members or members == 1:
-            nodes.append(node)
-            continue
-        base = node.name or node.output[0]
-        parts = [f"{base}/member{m}" for m in range(members)]
-        x_parts = [f"{p}/input" for p in parts]
-        w_parts = [f"{p}/weight" for p in parts]
-        nodes.append(
-            helper.make_node("Split", [node.input[0]], x_parts, name=f"{base}/split_input", axis=1, num_outputs=members)
-        )
-        nodes.append(
-            helper.make_node(
-                "Split", [node.input[1]], w_parts, name=f"{base}/split_weight", axis=0, num_outputs=members
-            )
-        )
-        has_bias = len(node.input) > 2 and node.input[2]
-        if has_bias:
-            b_parts = [f"{p}/bias" for p in parts]
-            nodes.append(
-                helper.make_node(
-                    "Split", [node.input[2]], b_parts, name=f"{base}/split_bias", axis=0, num_outputs=members
-                )
-            )
-        kept = [a for a in node.attribute if a.name != "group"]
-        outputs = [f"{p}/output" for p in parts]
-        for m in range(members):
-            conv = helper.make_node(
-                "Conv", [x_parts[m], w_parts[m], *([b_parts[m]] if has_bias else [])], [outputs[m]], name=parts[m]
-            )
-            conv.attribute.extend(kept)
-            nodes.append(conv)
-        nodes.append(helper.make_node("Concat", outputs, [node.output[0]], name=f"{base}/concat", axis=1))
-        rewritten += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return rewritten
 
 
 def _drop_dead(graph: onnx.GraphProto) -> None:
