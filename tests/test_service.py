@@ -51,8 +51,11 @@ def _assert_matches(row, expected, i):
     assert row["predicted_class"] == int(expected["predicted_class"][i])
     assert row["class_name"] == str(int(expected["predicted_class"][i]))
     np.testing.assert_allclose(row["probs"], expected["probs"][i], atol=1e-6)
+    # A row may run in another batch than the runtime's call (adaptive batching), and onnxruntime's
+    # kernels round differently per batch size; the temperature (1/T = 6.6 on the committed model)
+    # scales those float32 differences before the entropies: measured up to 1.01e-6 on 64 rows.
     for name in OUTPUTS:
-        assert row[name] == pytest.approx(float(expected[name][i]), abs=1e-6)
+        assert row[name] == pytest.approx(float(expected[name][i]), abs=1e-5)
     assert row["abstain"] == bool(expected["abstain"][i])
 
 
