@@ -60,8 +60,7 @@ MODEL_PATH = Path(os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
 # The one runtime of this process, opened at import: the request models below check each row at
 # parse time with its rules (shape, finiteness), and the service answers with its sessions.
 RUNTIME = EnsembleRuntime(MODEL_PATH, max_batch=max(MAX_INPUTS, 1024), spin=SPIN)
-_CARD = RUNTIME.card
-_SHAPE = list(_CARD.input_shape)
+_SHAPE = list(RUNTIME.card.input_shape)  # every request model checks rows against it
 
 
 def _raw_input(value: Any) -> np.ndarray:
@@ -77,13 +76,13 @@ def _class_index(value: Any) -> int | None:
     if value is None or value == -1 and type(value) is int:
         return None
     if isinstance(value, str):
-        if value not in _CARD.class_names:
+        if value not in RUNTIME.card.class_names:
             raise ValueError(f"expected a class name from /metadata or an index, got unknown class {value!r}")
-        return _CARD.class_names.index(value)
+        return RUNTIME.card.class_names.index(value)
     if type(value) is not int:  # strict: true is not class 1, nor 3.0 class 3
         raise ValueError(f"expected a class index (an integer) or a class name (a string), got {value!r}")
-    if not 0 <= value < len(_CARD.class_names):
-        raise ValueError(f"expected a class index in [0, {len(_CARD.class_names) - 1}], got {value}")
+    if not 0 <= value < len(RUNTIME.card.class_names):
+        raise ValueError(f"expected a class index in [0, {len(RUNTIME.card.class_names) - 1}], got {value}")
     return value
 
 
@@ -129,8 +128,9 @@ def _check_coverage(value: float | None) -> float | None:
 
 _COVERAGE_DESCRIPTION = (
     "also return the conformal prediction set at this coverage: the classes that hold the true one with "
-    f"this probability on data like the validation split; one of {', '.join(f'{c:g}' for c in _CARD.coverage_levels)}"
-    if _CARD.coverage_levels
+    "this probability on data like the validation split; one of "
+    + ", ".join(f"{c:g}" for c in RUNTIME.card.coverage_levels)
+    if RUNTIME.card.coverage_levels
     else "prediction sets: this model file has no conformal thresholds, so only null is accepted"
 )
 
@@ -139,7 +139,7 @@ class PredictRow(BaseModel):
     # extra: a misspelt option is an error, not silently ignored; strict: "yes" is not a boolean
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    input: Annotated[list, _nested_numbers(_SHAPE, f"one raw input shaped {_SHAPE}: {_CARD.input_space}")]
+    input: Annotated[list, _nested_numbers(_SHAPE, f"one raw input shaped {_SHAPE}: {RUNTIME.card.input_space}")]
     members: bool = Field(False, description="also return every member's probabilities")
     coverage: float | None = Field(None, description=_COVERAGE_DESCRIPTION)
     _position: int = PrivateAttr(0)
@@ -158,8 +158,8 @@ class PredictRow(BaseModel):
 
 _TARGET_SCHEMA = {
     "anyOf": [
-        {"type": "integer", "minimum": -1, "maximum": len(_CARD.class_names) - 1},
-        {"type": "string", "enum": list(_CARD.class_names)},
+        {"type": "integer", "minimum": -1, "maximum": len(RUNTIME.card.class_names) - 1},
+        {"type": "string", "enum": list(RUNTIME.card.class_names)},
     ],
     "nullable": True,
     "description": "class index or name whose input gradient to return; null or -1: the ensemble's predicted class",
@@ -178,7 +178,7 @@ class ExplainRow(PredictRow):
     @field_validator("saliency_png")
     @classmethod
     def _check_saliency(cls, value: bool) -> bool:
-        if value and _CARD.image is None:
+        if value and RUNTIME.card.image is None:
             raise ValueError("expected false: this model's inputs are not images, so there is no saliency picture")
         return value
 
@@ -220,7 +220,8 @@ class Prediction(BaseModel):
 class Explanation(Prediction):
     target: int = Field(description="class whose input gradients are returned")
     input_gradients: Annotated[
-        list, _nested_numbers([_CARD.members, *_SHAPE], "[members, *input_shape]: d member logit[target] / d input")
+        list,
+        _nested_numbers([RUNTIME.card.members, *_SHAPE], "[members, *input_shape]: d member logit[target] / d input"),
     ]
     mean_gradient: Annotated[list, _nested_numbers(_SHAPE, "[*input_shape]: the members' mean input gradient")]
     saliency_png: str | None = Field(
@@ -278,7 +279,7 @@ def _prediction_sets(probs: np.ndarray, coverages: list[float | None], skip=()) 
         rows = [i for i, c in enumerate(coverages) if c == level and i not in skip]
         if rows:
             for i, mask in zip(rows, RUNTIME.prediction_sets(probs[rows], level), strict=True):
-                sets[i] = [_CARD.class_names[k] for k in np.flatnonzero(mask)]
+                sets[i] = [RUNTIME.card.class_names[k] for k in np.flatnonzero(mask)]
     return sets
 
 
@@ -289,7 +290,7 @@ def _rows(out: dict[str, np.ndarray], members: list[bool], sets: list[list[str] 
         rows.append(
             {
                 "predicted_class": index,
-                "class_name": _CARD.class_names[index],
+                "class_name": RUNTIME.card.class_names[index],
                 "confidence": float(out["confidence"][i]),
                 "probs": out["probs"][i].tolist(),
                 **{
@@ -307,7 +308,7 @@ def _rows(out: dict[str, np.ndarray], members: list[bool], sets: list[list[str] 
 
 def _saliency_png(x: np.ndarray, gradients: np.ndarray, member_probs: np.ndarray, target: int) -> str:
     """forde_serve.saliency's figure for one row (input, mean gradient, each member's), base64 PNG."""
-    figure = saliency_png(x, gradients, member_probs, _CARD.class_names, target, _CARD.image)
+    figure = saliency_png(x, gradients, member_probs, RUNTIME.card.class_names, target, RUNTIME.card.image)
     return base64.b64encode(figure).decode()
 
 
@@ -395,30 +396,30 @@ class FordeEnsemble:
 
     def _image_to_input(self, path: Path) -> np.ndarray:
         try:
-            return image_to_input(path, _CARD.image)
+            return image_to_input(path, RUNTIME.card.image)
         except InvalidInput as err:
             raise refusal(err) from None
 
 
 _MODEL_INFO = ModelInfo(
     model=MODEL_PATH.name,
-    class_names=list(_CARD.class_names),
-    input_shape=list(_CARD.input_shape),
-    input_space=_CARD.input_space,
-    image=_CARD.image,
-    members=_CARD.members,
-    method=_CARD.method,
-    kernel=_json_safe(_CARD.kernel),
-    metrics=_json_safe(_CARD.metrics),
-    abstain_threshold=_json_safe(_CARD.abstain_threshold),
-    abstain_coverage=_json_safe(_CARD.abstain_coverage),
-    abstain_target_risk=_json_safe(_CARD.abstain_target_risk),
-    temperature=_CARD.temperature,
-    calibration=None if _CARD.calibration is None else _CARD.calibration.to_metadata(),
-    coverage_levels=list(_CARD.coverage_levels),
-    conformal_score=None if _CARD.conformal is None else _CARD.conformal.score,
+    class_names=list(RUNTIME.card.class_names),
+    input_shape=list(RUNTIME.card.input_shape),
+    input_space=RUNTIME.card.input_space,
+    image=RUNTIME.card.image,
+    members=RUNTIME.card.members,
+    method=RUNTIME.card.method,
+    kernel=_json_safe(RUNTIME.card.kernel),
+    metrics=_json_safe(RUNTIME.card.metrics),
+    abstain_threshold=_json_safe(RUNTIME.card.abstain_threshold),
+    abstain_coverage=_json_safe(RUNTIME.card.abstain_coverage),
+    abstain_target_risk=_json_safe(RUNTIME.card.abstain_target_risk),
+    temperature=RUNTIME.card.temperature,
+    calibration=None if RUNTIME.card.calibration is None else RUNTIME.card.calibration.to_metadata(),
+    coverage_levels=list(RUNTIME.card.coverage_levels),
+    conformal_score=None if RUNTIME.card.conformal is None else RUNTIME.card.conformal.score,
     max_inputs_per_request=MAX_INPUTS,
-    format_version=_CARD.format_version,
+    format_version=RUNTIME.card.format_version,
 )
 
 FordeEnsemble.add_asgi_middleware(RequestEdge, service=FordeEnsemble, max_body_bytes=MAX_BODY_BYTES)
