@@ -13,6 +13,15 @@ after warm-up; figures are medians in milliseconds:
 - explain_ms: the explain graph (predict outputs + every member's input gradient)
 
 Given an exported file instead of a run, only fused_ms and explain_ms are measured.
+
+`--candidates` also times other forms of the same fused predict graph, each a bare onnxruntime
+session (all outputs; no input checks, so compare them with each other and with sessions_ms):
+
+- graph_all_ms / graph_extended_ms / graph_basic_ms: the exported graph at onnxruntime's graph
+  optimization levels ENABLE_ALL (what the runtime uses), ENABLE_EXTENDED and ENABLE_BASIC
+- branches_ms: every grouped convolution (one group per member) rewritten as Split -> M dense
+  convolutions -> Concat, a per-member branch layout (ENABLE_ALL)
+- onnxslim_ms: the graph after `onnxslim.slim` (ENABLE_ALL), where the onnxslim package is installed
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,8 +52,68 @@ def _median_ms(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
+def _per_member_branches(model, members: int) -> int:
+    """Rewrite, in place, every Conv with one group per member (group = `members`) as Split -> `members`
+    dense Convs -> Concat; returns how many were rewritten. Each output element is the same sum."""
+    from onnx import helper
+
+    nodes, rewritten = [], 0
+    for conv in model.graph.node:
+        group = next((helper.get_attribute_value(a) for a in conv.attribute if a.name == "group"), 1)
+        if conv.op_type != "Conv" or members == 1 or group != members:
+            nodes.append(conv)
+            continue
+        base = conv.name or conv.output[0]
+        parts = []
+        for slot, axis in ((0, 1), (1, 0), (2, 0)):  # input by channels; weight and bias by output channels
+            if slot < len(conv.input) and conv.input[slot]:
+                outputs = [f"{base}/split{slot}/{m}" for m in range(members)]
+                nodes.append(helper.make_node("Split", [conv.input[slot]], outputs, axis=axis, num_outputs=members))
+                parts.append(outputs)
+        attributes = {a.name: helper.get_attribute_value(a) for a in conv.attribute if a.name != "group"}
+        branches = [f"{base}/member{m}" for m in range(members)]
+        for m, out in enumerate(branches):
+            nodes.append(helper.make_node("Conv", [p[m] for p in parts], [out], **attributes))
+        nodes.append(helper.make_node("Concat", branches, [conv.output[0]], axis=1))
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return rewritten
+
+
+def _candidates(fused_path: Path, workdir: Path, members: int, providers: list[str]) -> dict:
+    """Bare sessions over other forms of the fused predict graph (see the module docstring)."""
+    import onnx
+
+    def session(path: Path, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.graph_optimization_level = level
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+    levels = ort.GraphOptimizationLevel
+    found = {
+        "graph_all_ms": session(fused_path),
+        "graph_extended_ms": session(fused_path, levels.ORT_ENABLE_EXTENDED),
+        "graph_basic_ms": session(fused_path, levels.ORT_ENABLE_BASIC),
+    }
+    model = onnx.load(str(fused_path))
+    if _per_member_branches(model, members):
+        onnx.save(model, str(workdir / "branches.onnx"))
+        found["branches_ms"] = session(workdir / "branches.onnx")
+    try:
+        import onnxslim
+    except ImportError:
+        print("onnxslim is not installed: onnxslim_ms not measured", file=sys.stderr)
+    else:
+        onnx.save(onnxslim.slim(onnx.load(str(fused_path))), str(workdir / "slim.onnx"))
+        found["onnxslim_ms"] = session(workdir / "slim.onnx")
+    return found
+
+
 def _baselines(run_dir: Path, workdir: Path, device: str):
-    """Export the run's fused pair and one predict graph per member; build the eager models."""
+    """Export the run's fused pair and one predict graph per member (with the fused graph's
+    temperature, so every session computes the same probabilities); build the eager models."""
     from training.export import export_run, write_predict_graph
     from training.models import build_ensemble, member_state_dict
     from training.run import load_run
@@ -51,6 +121,7 @@ def _baselines(run_dir: Path, workdir: Path, device: str):
     run = load_run(run_dir)
     fused_path = workdir / "fused.onnx"
     export_run(run_dir, fused_path, echo=lambda line: None)
+    temperature = EnsembleRuntime(fused_path).card.temperature
     config, info = run.config, run.dataset
     singles, sessions = [], []
     for m in range(run.ensemble.members):
@@ -68,7 +139,7 @@ def _baselines(run_dir: Path, workdir: Path, device: str):
         single.eval()
         singles.append(single.to(device))
         path = workdir / f"member{m}.onnx"
-        write_predict_graph(single, path)
+        write_predict_graph(single, path, temperature=temperature)
         sessions.append(path)
     return run, fused_path, singles, sessions
 
@@ -81,6 +152,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="batch sizes to time")
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: CUDA execution provider and torch on the GPU"
+    )
+    parser.add_argument(
+        "--candidates",
+        action="store_true",
+        help="also time other forms of the fused graph: optimization levels, per-member branches, onnxslim",
     )
     args = parser.parse_args()
 
@@ -97,6 +173,11 @@ def main() -> None:
             member_sessions = [ort.InferenceSession(str(p), options, providers=providers) for p in member_paths]
         else:
             fused_path = args.model_or_run
+        candidates = (
+            _candidates(fused_path, Path(tmp), EnsembleRuntime(fused_path).card.members, providers)
+            if args.candidates
+            else {}
+        )
         # Spinning onnxruntime threads would starve torch between interleaved calls: off for all.
         runtime = EnsembleRuntime(fused_path, providers=providers, spin=False)
         shape = runtime.card.input_shape
@@ -126,6 +207,12 @@ def main() -> None:
                     return out.cpu().numpy()
 
                 variants |= {"sessions_ms": sessions, "eager_ms": eager, "eager_loop_ms": eager_loop}
+            for name, session in candidates.items():
+                variants[name] = lambda x=x, session=session: session.run(None, {"input": x})
+            if "branches_ms" in candidates:  # an exact rewrite: the same probabilities, or it is not measured
+                np.testing.assert_allclose(
+                    variants["branches_ms"]()[0], variants["graph_all_ms"]()[0], rtol=0, atol=1e-6
+                )
             for _ in range(args.warmup):
                 for fn in variants.values():
                     fn()
@@ -138,6 +225,8 @@ def main() -> None:
             if is_run:
                 best = min(row["sessions_ms"], row["eager_ms"], row["eager_loop_ms"])
                 row["best_baseline_over_fused"] = round(best / row["fused_ms"], 3)
+                for name in candidates:  # how much faster than M sessions each candidate form is
+                    row[f"sessions_over_{name.removesuffix('_ms')}"] = round(row["sessions_ms"] / row[name], 3)
             row["explain_over_fused"] = round(row["explain_ms"] / row["fused_ms"], 3)
             results.append(row)
     device = "cpu" if args.device == "cpu" else "cuda"
