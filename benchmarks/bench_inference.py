@@ -3,7 +3,8 @@
     python benchmarks/bench_inference.py runs/digits-forde            # a training run folder
     python benchmarks/bench_inference.py exported/digits.onnx         # fused + explain only
 
-Prints one JSON object. For each batch size every variant runs once per round, interleaved,
+Prints one JSON object. For each batch size every variant runs once per round, interleaved
+(the order rotated each round),
 after warm-up; figures are medians in milliseconds:
 
 - fused_ms: the exported predict graph (all members in one graph), onnxruntime
@@ -218,9 +219,13 @@ def main() -> None:
                     fn()
             rounds = max(5, args.rounds // (4 if batch >= 256 else 1))
             times: dict[str, list[float]] = {name: [] for name in variants}
-            for _ in range(rounds):
-                for name, fn in variants.items():
-                    times[name].append(_median_ms(fn, 1))
+            order = list(variants)
+            for r in range(rounds):
+                # Rotated each round: torch's OpenMP threads spin on after a call and slow whatever
+                # runs next (measured: the bare session right after the eager loop at 1.2x the same
+                # graph timed elsewhere in the round), so no variant may always follow another.
+                for name in order[r % len(order) :] + order[: r % len(order)]:
+                    times[name].append(_median_ms(variants[name], 1))
             row = {"batch": batch, **{name: round(statistics.median(v), 3) for name, v in times.items()}}
             if is_run:
                 best = min(row["sessions_ms"], row["eager_ms"], row["eager_loop_ms"])
