@@ -82,33 +82,37 @@ def _per_member_branches(model, members: int) -> int:
     return rewritten
 
 
+def _bare_session(
+    path: Path, providers: list[str], level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+) -> ort.InferenceSession:
+    """A plain onnxruntime session, threads not spinning (as the runtime's, see main)."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = level
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
 def _candidates(fused_path: Path, workdir: Path, members: int, providers: list[str]) -> dict:
     """Bare sessions over other forms of the fused predict graph (see the module docstring)."""
     import onnx
 
-    def session(path: Path, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.graph_optimization_level = level
-        return ort.InferenceSession(str(path), options, providers=providers)
-
     levels = ort.GraphOptimizationLevel
     found = {
-        "graph_all_ms": session(fused_path),
-        "graph_extended_ms": session(fused_path, levels.ORT_ENABLE_EXTENDED),
-        "graph_basic_ms": session(fused_path, levels.ORT_ENABLE_BASIC),
+        "graph_all_ms": _bare_session(fused_path, providers),
+        "graph_extended_ms": _bare_session(fused_path, providers, levels.ORT_ENABLE_EXTENDED),
+        "graph_basic_ms": _bare_session(fused_path, providers, levels.ORT_ENABLE_BASIC),
     }
     model = onnx.load(str(fused_path))
     if _per_member_branches(model, members):
         onnx.save(model, str(workdir / "branches.onnx"))
-        found["branches_ms"] = session(workdir / "branches.onnx")
+        found["branches_ms"] = _bare_session(workdir / "branches.onnx", providers)
     try:
         import onnxslim
     except ImportError:
         print("onnxslim is not installed: onnxslim_ms not measured", file=sys.stderr)
     else:
         onnx.save(onnxslim.slim(onnx.load(str(fused_path))), str(workdir / "slim.onnx"))
-        found["onnxslim_ms"] = session(workdir / "slim.onnx")
+        found["onnxslim_ms"] = _bare_session(workdir / "slim.onnx", providers)
     return found
 
 
@@ -169,18 +173,12 @@ def main() -> None:
 
             run, fused_path, singles, member_paths = _baselines(args.model_or_run, Path(tmp), args.device)
             ensemble = run.ensemble.to(args.device)
-            options = ort.SessionOptions()
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            member_sessions = [ort.InferenceSession(str(p), options, providers=providers) for p in member_paths]
+            member_sessions = [_bare_session(p, providers) for p in member_paths]
         else:
             fused_path = args.model_or_run
-        candidates = (
-            _candidates(fused_path, Path(tmp), EnsembleRuntime(fused_path).card.members, providers)
-            if args.candidates
-            else {}
-        )
         # Spinning onnxruntime threads would starve torch between interleaved calls: off for all.
         runtime = EnsembleRuntime(fused_path, providers=providers, spin=False)
+        candidates = _candidates(fused_path, Path(tmp), runtime.card.members, providers) if args.candidates else {}
         shape = runtime.card.input_shape
         high = 16.0 if "0 to 16" in runtime.card.input_space else 1.0
         rng = np.random.default_rng(0)
@@ -221,9 +219,8 @@ def main() -> None:
             times: dict[str, list[float]] = {name: [] for name in variants}
             order = list(variants)
             for r in range(rounds):
-                # Rotated each round: torch's OpenMP threads spin on after a call and slow whatever
-                # runs next (measured: the bare session right after the eager loop at 1.2x the same
-                # graph timed elsewhere in the round), so no variant may always follow another.
+                # Rotated each round, so that no variant always runs right after the same other one
+                # (after torch's eager calls, say) and carries what that leaves behind in every round.
                 for name in order[r % len(order) :] + order[: r % len(order)]:
                     times[name].append(_median_ms(variants[name], 1))
             row = {"batch": batch, **{name: round(statistics.median(v), 3) for name, v in times.items()}}
