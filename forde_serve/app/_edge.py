@@ -324,6 +324,8 @@ def _error_body(status: int, body: bytes) -> bytes:
         for item in data["detail"]:
             if isinstance(item, dict) and "msg" in item:  # a pydantic error
                 message = str(item["msg"]).removeprefix("Value error, ")
+                if item.get("type") == "extra_forbidden" or message == "Extra inputs are not permitted":
+                    message = "unknown field: the endpoint takes only the fields its schema in /docs.json lists"
                 problems.append(Problem(field=_path(item.get("loc") or ()), message=message))
             elif isinstance(item, dict) and {"field", "message"} <= set(item):  # ours already
                 problems.append(Problem(field=str(item["field"]), message=str(item["message"])))

@@ -104,6 +104,7 @@ class ApiModels:
     explain_row: type[BaseModel]
     predict_input: type[IODescriptor]  # {"inputs": [predict_row, ...]}
     explain_input: type[IODescriptor]
+    metadata_input: type[IODescriptor]  # {}
     prediction: type[BaseModel]
     explanation: type[BaseModel]
     model_info: type[BaseModel]
@@ -205,6 +206,9 @@ def api_models(runtime: EnsembleRuntime, max_inputs: int) -> ApiModels:
     class ExplainInput(_Strict):
         inputs: Annotated[list[ExplainRow], rows]
 
+    class MetadataInput(_Strict):
+        pass
+
     prediction = create_model(
         "Prediction",
         __base__=_PredictionBase,
@@ -254,6 +258,7 @@ def api_models(runtime: EnsembleRuntime, max_inputs: int) -> ApiModels:
         explain_row=ExplainRow,
         predict_input=PredictInput,
         explain_input=ExplainInput,
+        metadata_input=MetadataInput,
         prediction=prediction,
         explanation=Explanation,
         model_info=ModelInfo,

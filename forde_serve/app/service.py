@@ -194,7 +194,7 @@ def make_service(settings: ServeSettings):
             out = run("image", self.runtime.predict, x[None])
             return Prediction(**prediction_rows(out, card.class_names, [members], sets_of(out["probs"], [coverage]))[0])
 
-        @bentoml.api
+        @bentoml.api(input_spec=models.metadata_input)
         def metadata(self) -> ModelInfo:
             """The model card: classes, input shape, members, method, kernel, metrics, abstention, calibration."""
             return model_info
