@@ -24,19 +24,6 @@ from helpers import BLOCK_TORCH, MODEL, ROOT, copy_with_metadata, run_forde, sta
 OUTPUTS = ("predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement")
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    return EnsembleRuntime(MODEL)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    return bunch.images.astype(np.float32)[:, None], bunch.target
-
-
 @pytest.fixture(params=["in-process", pytest.param("bentoml-serve", marks=pytest.mark.slow)])
 def client(request):
     """An HTTP client of the service: the in-process app, or a real `bentoml serve` on a free port."""
@@ -171,8 +158,11 @@ def _raw(c, endpoint, content: bytes, content_type="application/json"):
         (
             lambda c: _json(c, "predict", {"inputs": [{"input": ROW, "member": True}]}),
             400,
-            "inputs[0].member: Extra inputs are not permitted",
+            "inputs[0].member: unknown field",
         ),
+        (lambda c: _json(c, "predict", {"inputs": [{"input": ROW}], "coverage": 0.9}), 400, "coverage: unknown field"),
+        (lambda c: _json(c, "explain", {"inputs": [{"input": ROW}], "target": 1}), 400, "target: unknown field"),
+        (lambda c: _json(c, "metadata", {"verbose": True}), 400, "verbose: unknown field"),
         (lambda c: _json(c, "predict", {"inputs": [{"input": ROW, "members": "maybe"}]}), 400, "valid boolean"),
         (
             lambda c: c.post("/predict_image", files={"image": ("a.txt", b"hello", "text/plain")}),

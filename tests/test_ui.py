@@ -33,11 +33,6 @@ from helpers import (
 LABEL = re.compile(r"^(\S+) \((\d\.\d\d)\)$")  # "7 (0.93)"
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    return EnsembleRuntime(MODEL)
-
-
 def _expected_label(runtime, x) -> str:
     out = runtime.predict(x[None])
     return f"{runtime.card.class_names[int(out['predicted_class'][0])]} ({float(out['confidence'][0]):.2f})"

@@ -289,24 +289,39 @@ def score(
     show_default=True,
     help="Interface to listen on: 127.0.0.1 is this machine only; 0.0.0.0 is every interface.",
 )
-def serve(model: Path | None, port: int, host: str) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Worker processes behind the one port (FORDE_WORKERS; default 1). onnxruntime's threads are "
+    "shared out among them: cores / workers each, unless FORDE_THREADS says otherwise.",
+)
+def serve(model: Path | None, port: int, host: str, workers: int | None) -> None:
     """Serve an exported MODEL (NAME.onnx; default: exported/digits.onnx) over HTTP with BentoML.
 
     The same as `FORDE_MODEL=MODEL bentoml serve forde_serve.app.service:FordeEnsemble --host HOST
     --port PORT`, which this command becomes (it replaces itself with it), so SIGTERM or Ctrl+C stops
-    the server and its worker processes. Endpoints: /predict, /explain, /predict_image, /metadata (POST);
-    /readyz, /livez, /metrics; the Swagger page at /, the OpenAPI
-    spec at /docs.json, and /ui, a page to try the model in a browser.
+    the server and its worker processes. The model and every FORDE_* setting are checked first, so a
+    mistake is one line here rather than a traceback from each worker.
+
+    \b
+    Endpoints: /predict, /explain, /predict_image, /metadata (POST); /readyz, /livez, /metrics;
+    the Swagger page at /, the OpenAPI spec at /docs.json, and /ui, a page to try the model in a
+    browser.
     """
     import os
 
+    from forde_serve.app.settings import ServeSettings
+
+    overrides = {} if model is None else {"model": model.resolve()}
+    if workers is not None:
+        overrides["workers"] = workers
+    settings = ServeSettings.load(arguments=overrides)
     from forde_serve.runtime import EnsembleRuntime
 
-    env = dict(os.environ)
-    if model is not None:
-        EnsembleRuntime(model, providers=["CPUExecutionProvider"])  # a bad file is one line here, not in the server
-        env["FORDE_MODEL"] = str(model.resolve())
+    # a bad file is one line here, not a traceback in each worker
+    EnsembleRuntime(settings.model, providers=["CPUExecutionProvider"]).warm_up()
     _check_can_listen(host, port)
+    env = dict(os.environ) | settings.environment()
     command = [
         sys.executable,
         "-m",

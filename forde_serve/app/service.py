@@ -200,8 +200,13 @@ def make_service(settings: ServeSettings):
             return model_info
 
     info = {"title": "forde-serve", "version": __version__, "description": _DESCRIPTION}
+    titled = (models.predict_row, models.explain_row, Prediction, Explanation, ModelInfo)
     FordeEnsemble.add_asgi_middleware(
-        RequestEdge, service=FordeEnsemble, max_body_bytes=settings.max_body_bytes, info=info
+        RequestEdge,
+        service=FordeEnsemble,
+        max_body_bytes=settings.max_body_bytes,
+        info=info,
+        models={model.__name__: model for model in titled},
     )
     quiet_caller_errors()
     mount_page(FordeEnsemble, runtime)  # the /ui page, answering with this same runtime
