@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,10 @@ def test_a_block_that_raises_stores_nothing(sqlite_url):
         assert tx.get_state("aci") is None and tx.counts()["predictions"] == 0
     with pytest.raises(RuntimeError, match="has exited"):
         tx.get_state("aci")
+    with pytest.raises(RuntimeError, match="not reentrant"), store.transaction(), store.transaction():
+        pass
+    with store.transaction() as tx:  # the refused inner block left the store usable
+        assert tx.counts()["predictions"] == 0
 
 
 def test_a_duplicate_id_is_a_state_store_error_naming_the_database(sqlite_url):
@@ -164,13 +169,58 @@ def test_databases_that_cannot_be_used_are_refused_in_one_sentence(tmp_path):
         StateStore("not a url")
     with pytest.raises(StateStoreError, match="expected a SQLite file shared by every worker"):
         StateStore("sqlite://")
-    with pytest.raises(StateStoreError, match="max_predictions: expected a positive integer, got 0"):
+    with pytest.raises(
+        StateStoreError, match=r"max_predictions \(FORDE_STATE_MAX_PREDICTIONS\): expected a positive integer, got 0"
+    ):
         StateStore(f"sqlite:///{tmp_path / 's.sqlite3'}", max_predictions=0)
-    with pytest.raises(StateStoreError, match="max_age_s: expected a positive number of seconds or None, got -1"):
+    with pytest.raises(
+        StateStoreError,
+        match=r"max_age_s \(FORDE_STATE_MAX_AGE_S\): expected a positive number of seconds or None, got -1",
+    ):
         StateStore(f"sqlite:///{tmp_path / 's.sqlite3'}", max_age_s=-1)
-    with pytest.raises(StateStoreError, match=r"postgres.*:secret@|cannot use this URL \(PostgreSQL needs") as caught:
+    with pytest.raises(StateStoreError, match=r"cannot use this URL \(PostgreSQL needs the `postgres` extra\)"):
         StateStore("postgresql+nosuchdriver://user:secret@localhost/db")
-    assert "secret" not in str(caught.value)  # passwords are never shown
+    port = free_port()  # nothing listens there
+    with pytest.raises(StateStoreError) as refused:
+        StateStore(f"postgresql://forde:secret@127.0.0.1:{port}/state")
+    assert str(refused.value).startswith(
+        f"state database postgresql+psycopg://forde:***@127.0.0.1:{port}/state cannot be opened, created or written: "
+    )
+    assert "Connection refused" in str(refused.value)  # the driver's reason; the password is never shown
+
+
+def test_threads_of_one_process_take_turns(sqlite_url):
+    store = StateStore(sqlite_url)
+
+    def increment(thread):
+        for i in range(40):
+            with store.transaction() as tx:
+                n = (tx.get_state("counter") or {"n": 0})["n"]
+                tx.put_state("counter", {"n": n + 1})
+                tx.insert_predictions([_prediction(f"t{thread}-{i}")])
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(increment, range(4)))
+    with store.transaction() as tx:
+        assert tx.get_state("counter") == {"n": 160} and tx.counts()["predictions"] == 160
+
+
+def test_a_forked_child_opens_its_own_connections(sqlite_url):
+    store = StateStore(sqlite_url)
+    with store.transaction() as tx:
+        tx.put_state("counter", {"n": 1})
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's pooled connection must not be reused here
+        code = 1
+        try:
+            with store.transaction() as tx:
+                tx.put_state("counter", {"n": tx.get_state("counter")["n"] + 1})
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    with store.transaction() as tx:
+        assert tx.get_state("counter") == {"n": 2}
 
 
 def test_a_newer_schema_and_another_models_state_are_refused(tmp_path):
@@ -208,7 +258,10 @@ def test_from_environment_places_one_file_per_model(tmp_path, monkeypatch):
     assert (tmp_path / "url.sqlite3").is_file()
 
     monkeypatch.setenv("FORDE_STATE_MAX_PREDICTIONS", "ten")
-    with pytest.raises(StateStoreError, match="FORDE_STATE_MAX_PREDICTIONS: expected a positive integer, got 'ten'"):
+    with pytest.raises(
+        StateStoreError,
+        match=r"max_predictions \(FORDE_STATE_MAX_PREDICTIONS\): expected a positive integer, got 'ten'",
+    ):
         StateStore.from_environment("0123abcd")
     with pytest.raises(StateStoreError, match=r"model_key: expected .* got '\.\./up'"):
         StateStore.from_environment("../up")

@@ -204,18 +204,12 @@ def default_state_dir() -> Path:
     return base / "forde-serve"
 
 
-def _setting(name: str, parse, check, expected: str, default):
-    """Environment variable `name` parsed and checked, or `default` when unset or empty."""
-    raw = os.environ.get(name, "")
-    if not raw.strip():
-        return default
-    try:
-        value = parse(raw)
-    except ValueError:
-        value = None
-    if value is None or not check(value):
-        raise StateStoreError(f"{name}: expected {expected}, got {raw!r}")
-    return value
+# FORDE_STATE_* settings: the variable, the StateStore keyword it sets, how its text is read
+_SETTINGS = (
+    ("FORDE_STATE_MAX_PREDICTIONS", "max_predictions", int),
+    ("FORDE_STATE_MAX_AGE_S", "max_age_s", float),
+    ("FORDE_STATE_SQLITE_SYNCHRONOUS", "sqlite_synchronous", str.upper),
+)
 
 
 class StateStore:
@@ -232,12 +226,17 @@ class StateStore:
         sqlite_synchronous: str = "NORMAL",
     ) -> None:
         if isinstance(max_predictions, bool) or not isinstance(max_predictions, int) or max_predictions < 1:
-            raise StateStoreError(f"max_predictions: expected a positive integer, got {max_predictions!r}")
+            raise StateStoreError(
+                f"max_predictions (FORDE_STATE_MAX_PREDICTIONS): expected a positive integer, got {max_predictions!r}"
+            )
         if max_age_s is not None and not (isinstance(max_age_s, int | float) and 0 < max_age_s < math.inf):
-            raise StateStoreError(f"max_age_s: expected a positive number of seconds or None, got {max_age_s!r}")
+            raise StateStoreError(
+                f"max_age_s (FORDE_STATE_MAX_AGE_S): expected a positive number of seconds or None, got {max_age_s!r}"
+            )
         if sqlite_synchronous not in _SQLITE_SYNCHRONOUS:
             raise StateStoreError(
-                f"sqlite_synchronous: expected one of {_SQLITE_SYNCHRONOUS}, got {sqlite_synchronous!r}"
+                f"sqlite_synchronous (FORDE_STATE_SQLITE_SYNCHRONOUS): expected one of {_SQLITE_SYNCHRONOUS}, "
+                f"got {sqlite_synchronous!r}"
             )
         self.max_predictions, self.max_age_s, self.model_key = max_predictions, max_age_s, model_key
         try:
@@ -251,7 +250,7 @@ class StateStore:
         if self.sqlite:
             self._prepare_sqlite_file()
         self._engine = self._create_engine(sqlite_synchronous)
-        self._pid, self._one_thread = os.getpid(), threading.Lock()
+        self._pid, self._one_thread, self._owner = os.getpid(), threading.Lock(), None
         self._initialize()
 
     @classmethod
@@ -265,33 +264,28 @@ class StateStore:
         url = os.environ.get("FORDE_STATE_URL", "").strip()
         if not url:
             url = sa.URL.create("sqlite", database=str(default_state_dir() / f"{model_key}.sqlite3")).render_as_string()
-        return cls(
-            url,
-            max_predictions=_setting(
-                "FORDE_STATE_MAX_PREDICTIONS", int, lambda v: v >= 1, "a positive integer", DEFAULT_MAX_PREDICTIONS
-            ),
-            max_age_s=_setting(
-                "FORDE_STATE_MAX_AGE_S", float, lambda v: 0 < v < math.inf, "a positive number of seconds", None
-            ),
-            model_key=model_key,
-            sqlite_synchronous=_setting(
-                "FORDE_STATE_SQLITE_SYNCHRONOUS",
-                str.upper,
-                _SQLITE_SYNCHRONOUS.__contains__,
-                "NORMAL or FULL",
-                "NORMAL",
-            ),
-        )
+        settings = {}
+        for variable, keyword, parse in _SETTINGS:
+            if raw := os.environ.get(variable, "").strip():
+                try:
+                    settings[keyword] = parse(raw)
+                except ValueError:
+                    settings[keyword] = raw  # the check names the variable and what it expects
+        return cls(url, model_key=model_key, **settings)
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        """The one writer across threads, processes and machines; committed when the block exits."""
+        """The one writer across threads, processes and machines; committed when the block exits, rolled
+        back if it raises. Not reentrant; keep the block short (every other writer waits for it)."""
         if os.getpid() != self._pid:  # a forked child: the parent's pooled connections are not its own
             self._engine.dispose(close=False)
-            self._pid, self._one_thread = os.getpid(), threading.Lock()
+            self._pid, self._one_thread, self._owner = os.getpid(), threading.Lock(), None
+        if self._owner == threading.get_ident():
+            raise RuntimeError("StateStore.transaction() is not reentrant: this thread is inside one already")
         # Threads of one process queue on a mutex, not on SQLite's busy handler (which sleeps in steps of
         # up to 100 ms); processes and machines then queue on the database's own lock.
         with self._one_thread:
+            self._owner = threading.get_ident()
             try:
                 with self._engine.begin() as connection:  # SQLite: BEGIN IMMEDIATE (see _create_engine)
                     if not self.sqlite:
@@ -303,6 +297,8 @@ class StateStore:
                         transaction._connection = None
             except exc.DBAPIError as err:
                 raise self._error("could not be written", err) from err
+            finally:
+                self._owner = None
 
     def dispose(self) -> None:
         """Close this process's pooled connections (the next transaction opens new ones)."""
