@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forde_serve.errors import FordeError
+from forde_serve.scoring import ENGINES
 
 __all__ = ["COMMANDS_GROUP", "main"]
 
@@ -176,7 +177,7 @@ SOME_ROWS_FAILED = 3  # `forde score` finished, but rows listed in the errors fi
 @click.option("--key", help="Array name in a .npz, or column of a .parquet (default: the only one, or 'input').")
 @click.option(
     "--engine",
-    type=click.Choice(["local", "ray"]),
+    type=click.Choice(ENGINES),
     default="local",
     show_default=True,
     help="local: this process. ray: Ray Data actors, one onnxruntime session each (pip install 'forde-serve[ray]').",
