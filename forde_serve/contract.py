@@ -198,6 +198,9 @@ class ValidationChoices:
     temperature: TemperatureFit | None = None
     conformal: ConformalCalibration | None = None
     abstention: Abstention = field(default_factory=Abstention)
+    # What the person exporting should know about these choices (a temperature refused, an abstention rule
+    # that accepts almost nothing); said at export time, not stored in the file.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def temperature_value(self) -> float:

@@ -136,6 +136,8 @@ def export_validated(
     card = replace(card, choices=chosen or ValidationChoices())
     paths = export_ensemble(ensemble, path, card, check_x, check_target, contract, echo)
     abstain = card.choices.abstention
+    for warning in card.choices.warnings:
+        echo(f"warning: {warning}")
     if chosen is None:
         echo("no validation data: no calibration, no prediction sets, and the file never abstains")
     else:
