@@ -278,3 +278,15 @@ def test_validation_split_for_choosing_settings_without_the_test_split(tmp_path)
     metrics = json.loads((tmp_path / "val" / "metrics.json").read_text())
     assert metrics["inputs"] == 180 and "validation split" in metrics["source"]["data"]
     assert metrics["gradient_cosine_distance"] is None and len(metrics["per_set"]) == 55
+
+
+def test_the_saliency_grid_shows_one_input_of_each_class(runtime, digits):
+    from forde_serve.evaluation import RuntimePredictor, evaluate
+
+    x, y = digits[0][:120], digits[1][:120]
+    evaluation = evaluate(RuntimePredictor(runtime), x, y, choices=runtime.card.choices, gradient_rows=8)
+    first = [int(np.flatnonzero(y == c)[0]) for c in range(6)]  # classes 0..5, each one's first input
+    np.testing.assert_array_equal(evaluation.saliency_inputs, x[first])
+    assert evaluation.saliency_gradients.shape == (6, runtime.card.members, 1, 8, 8)
+    np.testing.assert_allclose(evaluation.saliency_gradients, runtime.explain(x[first])["input_gradients"], rtol=1e-6)
+    assert evaluation.metrics["accuracy_uncalibrated"] is not None

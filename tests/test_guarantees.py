@@ -77,8 +77,11 @@ def test_an_abstention_rule_that_accepts_almost_nothing_is_said():
 
 
 @pytest.mark.slow
-def test_export_bakes_the_temperature_and_stores_thresholds(digits_export, digits_split):
+def test_export_bakes_the_temperature_and_stores_thresholds(digits_export, digits_split, quickstart_runs):
     path, stdout = digits_export
+    # the run's metrics.json said which temperature the export would fit, and at what test accuracy
+    trained = json.loads((quickstart_runs["forde"] / "metrics.json").read_text())["calibrated"]
+    assert EnsembleRuntime(path).card.temperature == pytest.approx(trained["temperature"], rel=1e-9)
     assert "temperature" in stdout and "prediction sets (lac) for coverage 0.8, 0.9, 0.95, 0.99" in stdout
     runtime = EnsembleRuntime(path)
     card = runtime.card

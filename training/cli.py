@@ -137,10 +137,15 @@ def train(
     console = Console()
     if metrics:
         table = Table(title=f"{plan.config.ensemble.method} x{plan.config.ensemble.members}: clean test metrics")
+        calibrated = metrics.get("calibrated", {})
         table.add_column("metric")
-        table.add_column("value", justify="right")
+        table.add_column("T = 1", justify="right")
+        if calibrated:  # what `forde export` will serve: the temperature it fits on the validation split
+            table.add_column(f"T = {calibrated['temperature']:.3g} (as exported)", justify="right")
         for name, value in metrics.items():
-            table.add_row(name, f"{value:.4f}")
+            if name != "calibrated":
+                served = [f"{calibrated[name]:.4f}" if name in calibrated else ""] if calibrated else []
+                table.add_row(name, f"{value:.4f}", *served)
         console.print(table)
     else:
         console.print("no test split (the image folder has no test/): metrics.json is empty")
@@ -424,7 +429,11 @@ def evaluate(
                       distance, risk-coverage area, accuracy at the model's abstention threshold,
                       OOD AUROC; `corrupted`, `per_severity`, `per_corruption` and `per_set`
       report.md       the same as tables, with the figures
-      *.png           reliability diagram, accuracy/NLL per severity, risk-coverage, saliency grid
+      reliability.png    reliability diagram, clean and corrupted, before and after the temperature
+      severity.png       accuracy and NLL per corruption severity
+      coverage.png       prediction-set coverage and size per severity, at each stored level
+      risk_coverage.png  error rate of the accepted inputs against the share accepted
+      saliency.png       members' input gradients on clean test inputs of different classes
 
     An exported file is measured through the serving runtime, a run folder through PyTorch; the
     two agree on the same model. Compare reports with `forde compare`.
@@ -469,12 +478,20 @@ def evaluate(
     metrics = evaluation.metrics
     table = Table(title=f"{source.name}: {metrics['source']['data']}")
     table.add_column("metric")
-    table.add_column("clean", justify="right")
+    table.add_column(f"clean (T = {metrics['temperature']:.3g})", justify="right")
+    table.add_column("clean, T = 1", justify="right")
     table.add_column("corrupted", justify="right")
+    corrupted = metrics.get("corrupted") or {}
+
+    def shown(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
     for key in ("accuracy", "nll", "ece", "brier", "mutual_information", "gradient_cosine_distance", "aurc"):
-        clean, corrupted = metrics.get(key), (metrics.get("corrupted") or {}).get(key)
         table.add_row(
-            key, "n/a" if clean is None else f"{clean:.4f}", "n/a" if corrupted is None else f"{corrupted:.4f}"
+            key,
+            shown(metrics.get(key)),
+            shown(metrics.get(f"{key}_uncalibrated")) if key in ("accuracy", "nll", "ece") else "",
+            shown(corrupted.get(key)),
         )
     console = Console()
     console.print(table)

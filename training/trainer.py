@@ -389,7 +389,8 @@ def _train(
         return None
     ensemble.eval()
     # An image folder without test/ has no test metrics: metrics.json is then an empty object.
-    metrics = {} if data.test is None else clean_metrics(ensemble, data.test.x.to(device), data.test.y)
+    validation = (data.val.x.to(device), data.val.y)
+    metrics = {} if data.test is None else clean_metrics(ensemble, data.test.x.to(device), data.test.y, validation)
     run_files.write_weights(run_dir, ensemble)
     atomic_write_text(run_dir / run_files.METRICS, json.dumps(metrics, indent=2))
     return metrics
