@@ -304,13 +304,19 @@ def test_bentoml_build_packs_the_model_and_no_torch(tmp_path):
         "BENTOML_HOME": str(tmp_path / "home"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    # a user's own export left in exported/ (as a README example once did) must not ride along
+    decoy = ROOT / "exported" / "left-here.onnx"
+    decoy.write_bytes(b"not packed")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "bentoml", "build"], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+    finally:
+        decoy.unlink()
     assert result.returncode == 0, result.stderr[-2000:]
     (bento,) = [p for p in (tmp_path / "home" / "bentos" / "forde_ensemble").iterdir() if p.name != "latest"]
     src = bento / "src"
-    assert (src / "exported" / "digits.onnx").is_file() and (src / "exported" / "digits.explain.onnx").is_file()
+    assert sorted(p.name for p in (src / "exported").iterdir()) == ["digits.explain.onnx", "digits.onnx"]
     assert (src / "forde_serve" / "app" / "service.py").is_file() and not (src / "training").exists()
     assert (src / "forde_serve" / "app" / "examples" / "digit-3.png").is_file()  # the /ui page's examples
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
