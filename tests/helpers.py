@@ -157,6 +157,15 @@ def bare_card(input_shape, members, classes=10, abstain_threshold=1.0):
     )
 
 
+def in_process_app(service):
+    """BentoML's ASGI app of `service` (a `make_service` class) for starlette's TestClient, without BentoML's
+    own request metrics: those register once per process, so a second service's app would clash."""
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    service.inject_config()
+    return ServiceAppFactory(service, is_main=True, enable_metrics=False)()
+
+
 def copy_with_metadata(src, dst_dir, change):
     """Copy an exported pair to `dst_dir/m.onnx` with `change(props)` applied to both files' metadata."""
     import onnx

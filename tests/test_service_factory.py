@@ -1,0 +1,80 @@
+"""The service is built from a model path by `make_service`, validated once: any exported file can be
+served in process, and a file whose explain graph does not work stops the start, not a request."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from forde_serve.app.service import make_service
+from forde_serve.app.settings import ServeSettings, SettingsError
+from forde_serve.contract import ModelFileError
+
+from helpers import MODEL, copy_with_metadata, in_process_app, run_forde
+
+ROW = np.zeros((1, 8, 8)).tolist()
+
+
+def test_any_exported_file_is_served_in_process(tmp_path):
+    names = [f"class-{i}" for i in range(10)]
+    path = copy_with_metadata(MODEL, tmp_path, lambda p: p.update({"forde.class_names": json.dumps(names)}))
+    service = make_service(ServeSettings(model=path, max_inputs=3))
+    with TestClient(in_process_app(service)) as client:
+        answer = client.post("/predict", json={"inputs": [{"input": ROW}] * 3})
+        assert answer.status_code == 200 and answer.json()[0]["class_name"] in names
+        too_many = client.post("/predict", json={"inputs": [{"input": ROW}] * 4})
+        assert too_many.status_code == 400 and "at most 3" in too_many.json()["error"]
+        card = client.post("/metadata", json={}).json()
+        assert card["class_names"] == names and card["max_inputs_per_request"] == 3 and card["model"] == "m.onnx"
+        explained = client.post("/explain", json={"inputs": [{"input": ROW, "target": "class-4"}]})
+        assert explained.status_code == 200 and explained.json()[0]["target"] == 4
+
+
+@pytest.mark.parametrize("damage", ["missing", "junk"])
+def test_a_model_without_a_working_explain_graph_does_not_start(tmp_path, damage):
+    path = tmp_path / "m.onnx"
+    shutil.copy(MODEL, path)
+    explain = tmp_path / "m.explain.onnx"
+    if damage == "junk":
+        explain.write_bytes(b"not an onnx file")
+    with pytest.raises(ModelFileError, match="m.explain.onnx"):
+        make_service(ServeSettings(model=path))
+    result = run_forde("serve", path, check=False)
+    assert result.returncode == 2 and "m.explain.onnx" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_settings_come_from_arguments_over_variables_over_defaults(tmp_path):
+    assert ServeSettings.load(arguments={}, environ={}) == ServeSettings()
+    environ = {"FORDE_MAX_INPUTS": "12", "FORDE_WORKERS": "2", "FORDE_BATCHING": "0"}
+    settings = ServeSettings.load(arguments={"max_inputs": "30"}, environ=environ)
+    assert (settings.max_inputs, settings.workers, settings.batching) == (30, 2, False)
+    assert settings.onnx_threads() >= 1 and ServeSettings(threads=3, workers=2).onnx_threads() == 3
+    assert ServeSettings.load(arguments={}, environ=settings.environment()) == settings
+
+
+@pytest.mark.parametrize(
+    ("arguments", "environ", "message"),
+    [
+        ({}, {"FORDE_MAX_INPUTS": "lots"}, "FORDE_MAX_INPUTS: input should be a valid integer"),
+        ({"workers": "0"}, {}, "--arg workers: input should be greater than or equal to 1, got '0'"),
+        ({"wokers": "2"}, {}, "--arg wokers: not a forde-serve setting; expected one of model, max_inputs"),
+        ({}, {"FORDE_BATCHING": "sometimes"}, "FORDE_BATCHING: input should be a valid boolean"),
+    ],
+)
+def test_a_bad_setting_is_one_sentence_naming_where_it_came_from(arguments, environ, message):
+    with pytest.raises(SettingsError) as refused:
+        ServeSettings.load(arguments=arguments, environ=environ)
+    assert str(refused.value).startswith(message), str(refused.value)
+
+
+def test_forde_serve_checks_its_settings_before_starting(tmp_path):
+    result = run_forde("serve", env=_env(FORDE_MAX_INPUTS="lots"), check=False)
+    assert result.returncode == 2 and result.stderr.startswith("Error: FORDE_MAX_INPUTS: input should be a valid")
+
+
+def _env(**variables):
+    import os
+
+    return dict(os.environ) | variables
