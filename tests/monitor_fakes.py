@@ -85,13 +85,14 @@ class _Transaction:
 
 
 def store_factories() -> dict:
-    """name -> callable(tmp_path) giving a fresh store: the fake always, the real SQLite store once merged."""
-    factories = {"memory": lambda tmp_path: MemoryStore()}
+    """name -> callable(tmp_path, **kwargs) giving a fresh store (kwargs: max_predictions): the fake always,
+    the real SQLite store once merged."""
+    factories = {"memory": lambda tmp_path, **kwargs: MemoryStore(**kwargs)}
     try:
         from forde_serve.monitoring.store import StateStore
     except ImportError:
         return factories
-    factories["sqlite"] = lambda tmp_path: StateStore(f"sqlite:///{tmp_path / 'state.sqlite3'}")
+    factories["sqlite"] = lambda tmp_path, **kwargs: StateStore(f"sqlite:///{tmp_path / 'state.sqlite3'}", **kwargs)
     return factories
 
 

@@ -166,6 +166,21 @@ def test_a_bad_item_refuses_the_whole_request_and_names_it(store, parts):
     assert snapshot["feedback"]["labels"] == 0 and snapshot["stored"]["labels"] == 0  # nothing half-stored
 
 
+@pytest.mark.parametrize("kind", sorted(store_factories()))
+def test_a_repeat_label_after_retention_is_a_duplicate_and_a_pruned_unlabelled_id_is_named(kind, tmp_path, parts):
+    store = store_factories()[kind](tmp_path, max_predictions=2)
+    monitor = _monitor(store, parts)
+    outputs, labels = _rows(11, 2)
+    labelled, unlabelled = (row.id for row in monitor.observe(outputs))
+    assert monitor.feedback([(labelled, int(labels[0]))]).stored == (labelled,)
+    monitor.observe(outputs)  # two newer predictions: both of the first two are pruned
+    assert monitor.feedback([(labelled, 1)]).duplicates == (labelled,)
+    with pytest.raises(FeedbackError, match="retention"):
+        monitor.feedback([(unlabelled, 1)])
+    assert monitor.snapshot()["stored"] == {"predictions": 2, "labels": 1}
+    store.dispose()
+
+
 def test_snapshot_window_estimates_over_the_newest_rows(store, parts):
     monitor = _monitor(store, parts, window=10)
     empty = monitor.snapshot()["window"]

@@ -186,8 +186,11 @@ class Monitor:
         ids = list(dict.fromkeys(item[0] for item in items))
         now = self.clock()
         with self.store.transaction() as tx:
-            predictions = tx.predictions(ids)
+            labelled = set(tx.labelled(ids))  # a repeat is a duplicate even once its prediction is pruned
+            predictions = tx.predictions([id for id in ids if id not in labelled])
             for i, (id, label) in enumerate(items):
+                if id in labelled:
+                    continue
                 if id not in predictions:
                     raise FeedbackError(
                         f"item {i}: id {id!r} is not a stored prediction (unknown, or dropped by the store's retention)"
@@ -197,7 +200,6 @@ class Monitor:
                     raise FeedbackError(
                         f"item {i} (id {id!r}): label expected a class index in 0..{classes - 1}, got {label}"
                     )
-            labelled = set(tx.labelled(ids))
             adaptive_state = None
             if self.adaptive is not None:
                 adaptive_state = self._state(tx, ADAPTIVE, self.adaptive.start, self.adaptive.check_state)
