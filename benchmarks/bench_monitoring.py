@@ -4,8 +4,8 @@ the shift alarm (detection delay, false alarms, bins), and adaptive sets with la
     python benchmarks/bench_monitoring.py                      # exported/digits.onnx, the full run
     python benchmarks/bench_monitoring.py --orders 5 --permutations 20   # quicker
 
-Data: the project's fixed digits split (`training.data.load_dataset(DataConfig())`; torch is needed
-to load it, nothing else here uses torch). The committed file holds neither the validation split's
+Data: the project's fixed digits split (`training.splits.digits_split()`, the one `training.data`
+uses, read without torch). The committed file holds neither the validation split's
 mutual information nor the calibration's conformity scores, so both are recomputed here through the
 runtime on the validation split (its plain LAC thresholds come out equal to the file's to ~1e-8:
 float32 outputs here, the exporter's float64 there).
@@ -227,13 +227,11 @@ def main() -> None:
     parser.add_argument("--permutations", type=int, default=100, help="shuffled orders of the clean test rows")
     args = parser.parse_args()
 
-    from training.config import DataConfig
-    from training.data import load_dataset
+    from training.splits import digits_split
 
-    data = load_dataset(DataConfig())
+    split = digits_split()
     runtime = EnsembleRuntime(args.model)
-    val_x, val_y = data.val.x.numpy(), data.val.y.numpy()
-    test_x, test_y = data.test.x.numpy(), data.test.y.numpy()
+    (val_x, val_y), (test_x, test_y) = split["val"], split["test"]
     val = predict_outputs(runtime, val_x)
     reference = MonitorReference.from_scores(val["mutual_information"])
     calibrations = {

@@ -3,7 +3,34 @@ in process and behind a real server."""
 
 import pytest
 
-from helpers import TINY, run_forde, start_server, stop_server
+from helpers import MODEL, TINY, run_forde, start_server, stop_server
+
+
+@pytest.fixture(scope="session")
+def runtime():
+    """The committed default model, exported/digits.onnx, in the serving runtime."""
+    from forde_serve.runtime import EnsembleRuntime
+
+    return EnsembleRuntime(MODEL)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """All 1797 bundled digits: raw inputs [N, 1, 8, 8] float32 (0..16) and labels [N] (scikit-learn, no torch)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images.astype(np.float32)[:, None], bunch.target
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    """The project's fixed split of the digits, {"train", "val", "test"} -> (x, y) numpy, without torch
+    (training.splits, the indices training.data uses)."""
+    from training.splits import digits_split
+
+    return digits_split()
 
 
 @pytest.fixture

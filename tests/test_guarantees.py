@@ -22,14 +22,6 @@ def committed_runtime():
     return EnsembleRuntime(MODEL)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    from training.config import DataConfig
-    from training.data import load_dataset
-
-    return load_dataset(DataConfig(dataset="digits"))
-
-
 def test_choices_are_made_in_order_on_the_same_inputs():
     # Three-member ensemble on synthetic data whose labels follow softmax(logits / 2): the fitted
     # temperature is near 2, the conformal thresholds are those of the probabilities at that
@@ -49,7 +41,7 @@ def test_choices_are_made_in_order_on_the_same_inputs():
 
 
 @pytest.mark.slow
-def test_export_bakes_the_temperature_and_stores_thresholds(digits_export, digits):
+def test_export_bakes_the_temperature_and_stores_thresholds(digits_export, digits_split):
     path, stdout = digits_export
     assert "temperature" in stdout and "prediction sets (lac) for coverage 0.8, 0.9, 0.95, 0.99" in stdout
     runtime = EnsembleRuntime(path)
@@ -57,11 +49,11 @@ def test_export_bakes_the_temperature_and_stores_thresholds(digits_export, digit
     assert card.calibration is not None and card.temperature != 1.0
     assert card.coverage_levels == (0.8, 0.9, 0.95, 0.99)
     # The graph's member logits are the raw ones divided by T: its probabilities are ensemble_probs at T.
-    out = runtime.predict(digits.val.x.numpy())
+    out = runtime.predict(digits_split["val"][0])
     raw = out["member_logits"].astype(np.float64) * card.temperature
     np.testing.assert_allclose(out["probs"], ensemble_probs(raw, card.temperature), atol=1e-5)
     # What the file stores is what choose_on_validation decides on the same validation split.
-    again = choose_on_validation(raw, digits.val.y.numpy())
+    again = choose_on_validation(raw, digits_split["val"][1])
     assert again.temperature.temperature == pytest.approx(card.temperature, rel=1e-4)
     assert again.conformal.score == card.conformal.score
     for level in card.coverage_levels:

@@ -24,19 +24,6 @@ from helpers import BLOCK_TORCH, MODEL, ROOT, copy_with_metadata, run_forde, sta
 OUTPUTS = ("predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement")
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    return EnsembleRuntime(MODEL)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    return bunch.images.astype(np.float32)[:, None], bunch.target
-
-
 @pytest.fixture(params=["in-process", pytest.param("bentoml-serve", marks=pytest.mark.slow)])
 def client(request):
     """An HTTP client of the service: the in-process app, or a real `bentoml serve` on a free port."""
@@ -171,8 +158,11 @@ def _raw(c, endpoint, content: bytes, content_type="application/json"):
         (
             lambda c: _json(c, "predict", {"inputs": [{"input": ROW, "member": True}]}),
             400,
-            "inputs[0].member: Extra inputs are not permitted",
+            "inputs[0].member: unknown field",
         ),
+        (lambda c: _json(c, "predict", {"inputs": [{"input": ROW}], "coverage": 0.9}), 400, "coverage: unknown field"),
+        (lambda c: _json(c, "explain", {"inputs": [{"input": ROW}], "target": 1}), 400, "target: unknown field"),
+        (lambda c: _json(c, "metadata", {"verbose": True}), 400, "verbose: unknown field"),
         (lambda c: _json(c, "predict", {"inputs": [{"input": ROW, "members": "maybe"}]}), 400, "valid boolean"),
         (
             lambda c: c.post("/predict_image", files={"image": ("a.txt", b"hello", "text/plain")}),
@@ -369,22 +359,17 @@ def test_forde_serve_refuses_a_bad_model_file(tmp_path):
 
 
 def test_saliency_is_refused_for_models_without_images(tmp_path):
+    import pydantic
+
+    from forde_serve.app.schemas import api_models
+
     path = copy_with_metadata(MODEL, tmp_path, lambda p: p.update({"forde.image": "null"}))
-    code = (
-        "import pydantic, numpy as np\n"
-        "from forde_serve.app.service import ExplainRow\n"
-        "row = np.zeros((1, 8, 8)).tolist()\n"
-        "assert ExplainRow(input=row).saliency_png is False\n"
-        "try:\n"
-        "    ExplainRow(input=row, saliency_png=True)\n"
-        "except pydantic.ValidationError as err:\n"
-        "    print(err)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ) | {"FORDE_MODEL": str(path)}
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "saliency_png" in result.stdout and "inputs are not images" in result.stdout
+    explain_row = api_models(EnsembleRuntime(path), max_inputs=8).explain_row
+    row = np.zeros((1, 8, 8)).tolist()
+    assert explain_row(input=row).saliency_png is False
+    with pytest.raises(pydantic.ValidationError, match="inputs are not images") as refused:
+        explain_row(input=row, saliency_png=True)
+    assert refused.value.errors()[0]["loc"] == ("saliency_png",)
 
 
 # What a fuzzer and a browser found: wrong answers, 5xx, a spec that lied.
@@ -434,15 +419,16 @@ def _count_batches(client, monkeypatch):
     if client.base_url.host != "testserver":
         rows, calls = _batch_counts(client)
         return lambda: tuple(after - before for after, before in zip(_batch_counts(client), (rows, calls), strict=True))
-    import forde_serve.app.service as service
+    from forde_serve.app.service import FordeEnsemble
 
-    sizes, predict = [], service.RUNTIME.predict
+    runtime = FordeEnsemble.inner.runtime
+    sizes, predict = [], runtime.predict
 
     def watched(x):
         sizes.append(len(x))
         return predict(x)
 
-    monkeypatch.setattr(service.RUNTIME, "predict", watched)
+    monkeypatch.setattr(runtime, "predict", watched)
     return lambda: (sum(sizes), len(sizes))
 
 
