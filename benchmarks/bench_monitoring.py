@@ -43,8 +43,8 @@ from forde_serve.corruptions import CORRUPTIONS, HELD_OUT_SHIFTS, SEVERITIES, co
 from forde_serve.monitoring.adaptive import DEFAULT_GAMMA
 from forde_serve.monitoring.martingale import ConformalMartingale, MartingaleConfig
 from forde_serve.monitoring.monitor import MonitorConfig
-from forde_serve.monitoring.reference import MonitorReference
 from forde_serve.monitoring.stream import evaluate_streams, predict_outputs, replay
+from forde_serve.reference import MonitorReference
 from forde_serve.runtime import EnsembleRuntime
 
 COVERAGE = 0.9

@@ -21,6 +21,7 @@ import numpy as np
 from forde_serve.calibration import TemperatureFit
 from forde_serve.conformal import ConformalCalibration
 from forde_serve.errors import FordeError
+from forde_serve.reference import MonitorReference
 
 __all__ = [
     "EXPLAIN_OUTPUTS",
@@ -83,6 +84,7 @@ _KEY = {
     "abstain_validation_risk": "forde.abstain_validation_risk",  # error rate among them
     "calibration": "forde.calibration",  # JSON (TemperatureFit) or absent: T = 1
     "conformal": "forde.conformal",  # JSON (ConformalCalibration) or absent: no prediction sets
+    "shift_reference": "forde.shift_reference",  # JSON (MonitorReference) or absent: no label-free shift test
 }
 _REQUIRED = ("format_version", "class_names", "input_shape", "members", "method", "abstain_threshold")
 
@@ -198,6 +200,8 @@ class ValidationChoices:
     temperature: TemperatureFit | None = None
     conformal: ConformalCalibration | None = None
     abstention: Abstention = field(default_factory=Abstention)
+    # the validation split's uncertainty scores: what the served traffic's shift test compares with
+    reference: MonitorReference | None = None
     # What the person exporting should know about these choices (a temperature refused, an abstention rule
     # that accepts almost nothing); said at export time, not stored in the file.
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -218,6 +222,8 @@ class ValidationChoices:
             meta[_KEY["calibration"]] = json.dumps(self.temperature.to_metadata())
         if self.conformal is not None:
             meta[_KEY["conformal"]] = json.dumps(self.conformal.to_metadata())
+        if self.reference is not None:
+            meta[_KEY["shift_reference"]] = json.dumps(self.reference.to_metadata())
         return meta
 
     @classmethod
@@ -229,6 +235,7 @@ class ValidationChoices:
             temperature=parsed("calibration", TemperatureFit),
             conformal=parsed("conformal", ConformalCalibration),
             abstention=Abstention.from_metadata(meta),
+            reference=parsed("shift_reference", MonitorReference),
         )
 
 

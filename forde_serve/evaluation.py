@@ -160,7 +160,9 @@ def _set_metrics(
     metrics["accuracy_when_accepted"] = float(correct[accepted].mean()) if accepted.any() else None
     if model.conformal is not None:
         for level in model.conformal.coverages:
-            covered, size = set_coverage_and_size(prediction_sets(probs, model.conformal, level), y)
+            conformal = model.conformal
+            groups = spread[conformal.group_score] if conformal.groups else None
+            covered, size = set_coverage_and_size(prediction_sets(probs, conformal, level, groups), y)
             metrics[f"set_coverage@{level:g}"], metrics[f"set_size@{level:g}"] = covered, size
     pooled["served"].add(probs, y, mi)
     pooled["uncalibrated"].add(uncalibrated_members.mean(1), y)

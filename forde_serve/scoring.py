@@ -276,7 +276,7 @@ class _PartScorer:
                 ok[list(bad)] = False
                 out = self._run(x, ok, bad) if ok.any() else None
                 if out is not None and job.coverage is not None:
-                    out["prediction_set"] = self.runtime.prediction_sets(out["probs"], job.coverage)
+                    out["prediction_set"] = self.runtime.prediction_sets(out, job.coverage)
                 ids = self.source.row_ids(first, last)
                 errors += [{"row": first + r, "row_id": _plain(ids[r]), "reason": bad[r]} for r in sorted(bad)]
                 table = _table(

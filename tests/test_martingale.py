@@ -18,7 +18,7 @@ from forde_serve.monitoring.martingale import (
     MartingaleStateError,
     log_martingale_path,
 )
-from forde_serve.monitoring.reference import MonitorReference, ReferenceError
+from forde_serve.reference import MonitorReference, ReferenceError
 
 
 class _PowerBets:

@@ -14,7 +14,7 @@ from forde_serve.conformal import ConformalError, calibrate, prediction_sets
 from forde_serve.monitoring.adaptive import AdaptiveSets
 from forde_serve.monitoring.martingale import ConformalMartingale
 from forde_serve.monitoring.monitor import FeedbackError, Monitor, MonitorConfig, MonitorError
-from forde_serve.monitoring.reference import MonitorReference
+from forde_serve.reference import MonitorReference
 
 
 def _softmax(logits):
@@ -153,12 +153,12 @@ def test_a_bad_item_refuses_the_whole_request_and_names_it(store, parts):
     outputs, _ = _rows(5, 2)
     ids = [row.id for row in monitor.observe(outputs)]
     for items, match in [
-        ([(ids[0], 1), ("nope", 1)], r"item 1: id 'nope' is not a stored prediction"),
-        ([(ids[0], 1), (ids[1], 4)], r"item 1 \(id '.+'\): label expected a class index in 0..3, got 4"),
-        ([(ids[0], True)], "label expected a class index"),
-        ([(ids[0], "1")], "label expected a class index"),
-        ([(7, 1)], "item 0: id expected a non-empty string"),
-        ([ids[0]], r"item 0: expected an \(id, label\) pair"),
+        ([(ids[0], 1), ("nope", 1)], r"items\[1\].id: expected the id of a stored prediction, got 'nope'"),
+        ([(ids[0], 1), (ids[1], 4)], r"items\[1\].label: expected a class index in 0..3 for id '.+', got 4"),
+        ([(ids[0], True)], r"items\[0\].label: expected a class index"),
+        ([(ids[0], "1")], r"items\[0\].label: expected a class index"),
+        ([(7, 1)], r"items\[0\].id: expected a non-empty string"),
+        ([ids[0]], r"items\[0\]: expected an \(id, label\) pair"),
     ]:
         with pytest.raises(FeedbackError, match=match):
             monitor.feedback(items)

@@ -2,20 +2,16 @@
 themselves (Debian's `postgresql` package); real processes for the concurrency and SIGKILL tests."""
 
 import os
-import pwd
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
 
 from forde_serve.monitoring.store import (
     SCHEMA_VERSION,
@@ -26,7 +22,7 @@ from forde_serve.monitoring.store import (
     default_state_dir,
 )
 
-from helpers import free_port
+from helpers import free_port, new_postgres_database
 
 
 def _prediction(id, created=None, **overrides):
@@ -315,58 +311,12 @@ def _start_children(url: str, names: list[str], count: int) -> list[subprocess.P
     return children
 
 
-def _postgres_bindir() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    return found[-1].parent if found else None
-
-
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A real PostgreSQL server on a free port, its data and socket in a temp dir (as the `postgres` user
-    when the tests run as root: postgres refuses root); yields an admin URL."""
-    bindir = _postgres_bindir()
-    if bindir is None:
-        pytest.skip("no PostgreSQL binaries under /usr/lib/postgresql/*/bin (Debian: apt-get install -y postgresql)")
-    as_user = []
-    root = Path(tempfile.mkdtemp(prefix="forde-pg-"))
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            shutil.rmtree(root)
-            pytest.skip("running as root, and there is no `postgres` user to run the PostgreSQL server as")
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, "postgres")
-    port = free_port()
-    data = root / "data"
-
-    def run(*command):
-        result = subprocess.run([*as_user, *map(str, command)], capture_output=True, text=True)
-        assert result.returncode == 0, f"{command[0]} failed: {result.stdout}{result.stderr}"
-
-    try:
-        run(bindir / "initdb", "-D", data, "-U", "forde", "--auth=trust", "--no-sync", "-E", "UTF8")
-        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
-        run(bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-o", options, "-w", "-t", "60", "start")
-        yield f"postgresql+psycopg://forde@127.0.0.1:{port}"
-    finally:
-        if (data / "postmaster.pid").exists():
-            run(bindir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path):
     """A fresh, empty database: an SQLite file, or a new database on the PostgreSQL server."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'state.sqlite3'}"
-    server = request.getfixturevalue("postgres_server")
-    name = f"forde_{os.getpid()}_{time.monotonic_ns()}"
-    admin = sa.create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    admin.dispose()
-    return f"{server}/{name}"
+    return new_postgres_database(request.getfixturevalue("postgres_server"))
 
 
 @pytest.mark.slow  # real processes (and a PostgreSQL server)

@@ -13,7 +13,6 @@ from sklearn.datasets import load_digits
 from forde_serve.conformal import calibrate, prediction_sets
 from forde_serve.corruptions import CORRUPTIONS, HELD_OUT_SHIFTS, SEVERITIES, corrupt, shift
 from forde_serve.monitoring.monitor import MonitorConfig
-from forde_serve.monitoring.reference import MonitorReference
 from forde_serve.monitoring.stream import (
     _clopper_pearson_upper,
     detection_delays,
@@ -21,6 +20,7 @@ from forde_serve.monitoring.stream import (
     false_alarms,
     replay,
 )
+from forde_serve.reference import MonitorReference
 from forde_serve.runtime import EnsembleRuntime
 
 from helpers import MODEL

@@ -86,15 +86,15 @@ def test_a_predict_press_runs_one_graph_and_the_slider_none(runtime, monkeypatch
     page = answer(runtime, x, coverage=0.9)
     assert calls == ["explain"]
     for level in (0.8, 0.9, 0.95, 0.99):
-        expected = runtime.prediction_sets(page.probs[None], level)[0]
+        expected = runtime.prediction_sets({k: v[None] for k, v in page.set_outputs.items()}, level)[0]
         names = [runtime.card.class_names[k] for k in np.flatnonzero(expected)]
-        shown = prediction_set_md(runtime, page.probs, level)
+        shown = prediction_set_md(runtime, page.set_outputs, level)
         assert f"coverage: {{{', '.join(names) if names else 'empty'}}}**" in shown, shown
-    assert prediction_set_md(runtime, page.probs, 0.9) in page.prediction_set_md
+    assert prediction_set_md(runtime, page.set_outputs, 0.9) in page.prediction_set_md
     assert calls == ["explain"]
     monkeypatch.undo()
     served = runtime.predict(x[None], coverage=0.9)["prediction_set"][0]
-    assert np.array_equal(runtime.prediction_sets(page.probs[None], 0.9)[0], served)
+    assert np.array_equal(runtime.prediction_sets({k: v[None] for k, v in page.set_outputs.items()}, 0.9)[0], served)
 
 
 def _pad(stroke_columns: slice, transparent: bool) -> Image.Image:

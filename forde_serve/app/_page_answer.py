@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from forde_serve.contract import UNCERTAINTY
 from forde_serve.images import image_to_input
 from forde_serve.runtime import EnsembleRuntime, InvalidInput
 from forde_serve.saliency import saliency_png
@@ -48,7 +49,9 @@ class PageAnswer:
     abstain_md: str  # starts with "abstain" or "answer", then the threshold
     prediction_set_md: str  # "" when the file has no conformal thresholds or no coverage was asked
     saliency_png: bytes  # forde_serve.saliency's figure for the predicted class
-    probs: np.ndarray  # [classes] the ensemble's probabilities (the coverage slider's sets are made from them)
+    # the outputs a prediction set is made from, this input's: `probs` [classes] and its uncertainty (the
+    # coverage slider's sets are made from them)
+    set_outputs: dict
 
 
 def answer(runtime: EnsembleRuntime, x: np.ndarray, coverage: float | None = None) -> PageAnswer:
@@ -58,6 +61,7 @@ def answer(runtime: EnsembleRuntime, x: np.ndarray, coverage: float | None = Non
     out = runtime.explain(np.asarray(x)[None])  # predict's outputs plus the gradients, in one call
     predicted, confidence = int(out["predicted_class"][0]), float(out["confidence"][0])
     member_probs = out["member_probs"][0]  # [M, classes]
+    set_outputs = {name: out[name][0] for name in ("probs", *UNCERTAINTY)}
     return PageAnswer(
         label=f"{card.class_names[predicted]} ({confidence:.2f})",
         predicted_class=predicted,
@@ -67,11 +71,11 @@ def answer(runtime: EnsembleRuntime, x: np.ndarray, coverage: float | None = Non
         votes_html=_votes_html(member_probs, predicted, card.class_names),
         uncertainty_md=_uncertainty_md(out, len(card.class_names), card.members),
         abstain_md=_abstain_md(float(out["mutual_information"][0]), bool(out["abstain"][0]), card),
-        prediction_set_md=prediction_set_md(runtime, out["probs"][0], coverage),
+        prediction_set_md=prediction_set_md(runtime, set_outputs, coverage),
         saliency_png=saliency_png(
             np.asarray(x), out["input_gradients"][0], member_probs, card.class_names, predicted, card.image
         ),
-        probs=out["probs"][0],
+        set_outputs=set_outputs,
     )
 
 
@@ -112,15 +116,16 @@ def drawing_to_input(card, path: str | Path | None) -> np.ndarray:
     return image_to_input(buffer, card.image, field="drawing")
 
 
-def prediction_set_md(runtime: EnsembleRuntime, probs: np.ndarray, coverage: float | None) -> str:
-    """The prediction set of one input's ensemble probabilities `[classes]` at the calibrated level nearest
-    `coverage`, as Markdown ("" when the file has no conformal thresholds or no coverage was asked).
-    No graph runs: the sets come from the probabilities the Predict press already has."""
+def prediction_set_md(runtime: EnsembleRuntime, outputs: dict, coverage: float | None) -> str:
+    """The prediction set of one input at the calibrated level nearest `coverage`, as Markdown ("" when the
+    file has no conformal thresholds or no coverage was asked). `outputs`: the input's `probs` `[classes]`
+    and uncertainty (`PageAnswer.set_outputs`). No graph runs: the set comes from what the Predict press
+    already has."""
     levels = runtime.card.coverage_levels
     if coverage is None or not levels:
         return ""
     level = nearest_level(levels, coverage)
-    in_set = runtime.prediction_sets(np.asarray(probs)[None], level)[0]
+    in_set = runtime.prediction_sets({name: np.asarray(value)[None] for name, value in outputs.items()}, level)[0]
     return _prediction_set_md(runtime.card.class_names, in_set, level, coverage)
 
 

@@ -34,7 +34,9 @@ SWAGGER_PAGE = """<!DOCTYPE html>
 _REF = "#/components/schemas/{model}"
 
 
-def truthful_spec(spec: dict[str, Any], routes: dict[str, Route], info: dict[str, str] | None = None) -> dict[str, Any]:
+def truthful_spec(
+    spec: dict[str, Any], routes: dict[str, Route], info: dict[str, str] | None = None, readable: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """BentoML's generated OpenAPI 3.0 spec, corrected to say what the service does: the errors each API
     route answers, all as ErrorBody; null where a field can be null (`nullable`, as 3.0 says it);
     `Prediction` for /predict_image's answer rather than a copy of it; the service's own `info` (title,
@@ -60,6 +62,12 @@ def truthful_spec(spec: dict[str, Any], routes: dict[str, Route], info: dict[str
                 "content": {JSON: {"schema": {"$ref": _REF.format(model="ErrorBody")}}},
             }
         operation["responses"] = responses
+        if path in readable:  # answered as the POST of an empty body
+            spec["paths"][path]["get"] = {
+                **{k: v for k, v in operation.items() if k not in ("requestBody", "operationId")},
+                "operationId": f"get_{route.name}",
+                "responses": {k: v for k, v in responses.items() if k not in ("413", "415", "401")},
+            }
         if route.media_type == MULTIPART:  # the edge refuses any other part
             for media in operation.get("requestBody", {}).get("content", {}).values():
                 media.get("schema", {})["additionalProperties"] = False

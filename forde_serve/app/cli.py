@@ -305,9 +305,17 @@ def serve(model: Path | None, port: int, host: str, workers: int | None) -> None
     mistake is one line here rather than a traceback from each worker.
 
     \b
-    Endpoints: /predict, /explain, /predict_image, /metadata (POST); /readyz, /livez, /metrics;
+    Endpoints: /predict, /explain, /predict_image, /metadata (POST); /feedback (POST: true labels
+    by answer id); /monitor (GET: the shift alarm, window estimates, realized coverage; POST
+    {"reset": true} re-arms the alarm); /readyz, /livez, /metrics (Prometheus, every worker);
     the Swagger page at /, the OpenAPI spec at /docs.json, and /ui, a page to try the model in a
     browser.
+
+    \b
+    State (labels, the alarm, adaptive thresholds) is shared by every worker: an SQLite file under
+    FORDE_STATE_DIR (default ~/.local/state/forde-serve), or FORDE_STATE_URL (any SQLAlchemy URL,
+    e.g. postgresql://... for several replicas). FORDE_ADMIN_TOKEN guards /feedback and the reset;
+    FORDE_MONITOR=0 keeps no state at all.
     """
     import os
 
@@ -319,8 +327,21 @@ def serve(model: Path | None, port: int, host: str, workers: int | None) -> None
     settings = ServeSettings.load(arguments=overrides)
     from forde_serve.runtime import EnsembleRuntime
 
-    # a bad file is one line here, not a traceback in each worker
-    EnsembleRuntime(settings.model, providers=["CPUExecutionProvider"]).warm_up()
+    # a bad file or state store is one line here, not a traceback in each worker
+    runtime = EnsembleRuntime(settings.model, providers=["CPUExecutionProvider"])
+    runtime.warm_up()
+    if settings.monitor:
+        from forde_serve.app._watch import model_key
+        from forde_serve.monitoring.store import StateStore
+
+        StateStore.from_environment(model_key(runtime.path)).dispose()
+        if settings.token() is None and not _loopback(host):
+            click.echo(
+                f"warning: serving on {host} without FORDE_ADMIN_TOKEN: anyone who reaches it can send labels to "
+                "/feedback (which move the adaptive sets every caller is served) and re-arm the shift alarm; set "
+                "FORDE_ADMIN_TOKEN to require `Authorization: Bearer <token>` there",
+                err=True,
+            )
     _check_can_listen(host, port)
     env = dict(os.environ) | settings.environment()
     command = [
@@ -339,6 +360,16 @@ def serve(model: Path | None, port: int, host: str, workers: int | None) -> None
     # exec, not a child: a supervisor's SIGTERM then reaches BentoML's own process, which stops its workers
     # and frees the port; a child left behind by a killed parent would keep serving.
     os.execve(sys.executable, command, env)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (socket.gaierror, ValueError):
+        return False
 
 
 def _check_can_listen(host: str, port: int) -> None:

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from forde_serve.errors import FordeError
-from forde_serve.monitoring.reference import MonitorReference
+from forde_serve.reference import MonitorReference
 
 __all__ = [
     "BETTINGS",

@@ -41,8 +41,8 @@ from forde_serve.monitoring.martingale import (
     MartingaleConfig,
     MartingaleStateError,
 )
-from forde_serve.monitoring.reference import MonitorReference
 from forde_serve.monitoring.store import LabelRecord, PredictionRecord
+from forde_serve.reference import MonitorReference
 
 __all__ = ["FeedbackError", "FeedbackResult", "Monitor", "MonitorConfig", "MonitorError", "ServedRow"]
 
@@ -93,6 +93,8 @@ class ServedRow:
 class FeedbackResult:
     stored: tuple[str, ...]  # ids whose label was stored now, in the order given
     duplicates: tuple[str, ...]  # ids already labelled (before, or earlier in the same request): ignored
+    labels: int = 0  # labels stored in all, after this request
+    coverage: dict | None = None  # level -> {"static": share, "adaptive": share}, over those labels
 
 
 class Monitor:
@@ -115,6 +117,7 @@ class Monitor:
     ):
         self.store = store
         self.config = config or MonitorConfig()
+        self.last_shift: dict | None = None  # the shift test's summary after this process's latest observe()
         self.calibration = calibration
         self.test = (
             None
@@ -156,6 +159,7 @@ class Monitor:
                 state = self._state(tx, MARTINGALE, self.test.start, self.test.check_state)
                 state, _ = self.test.update(state, outputs[self.test.reference.score], self.rng)
                 tx.put_state(MARTINGALE, state)
+                self.last_shift = self.test.summary(state)
             alphas = {}
             if self.adaptive is not None:
                 alphas = self.adaptive.alphas(self._state(tx, ADAPTIVE, self.adaptive.start, self.adaptive.check_state))
@@ -178,11 +182,13 @@ class Monitor:
         items = list(items)
         for i, item in enumerate(items):
             if not (isinstance(item, tuple | list) and len(item) == 2):
-                raise FeedbackError(f"item {i}: expected an (id, label) pair, got {item!r}")
+                raise FeedbackError(f"items[{i}]: expected an (id, label) pair, got {item!r}")
             if not isinstance(item[0], str) or not item[0]:
-                raise FeedbackError(f"item {i}: id expected a non-empty string, got {item[0]!r}")
+                raise FeedbackError(f"items[{i}].id: expected a non-empty string, got {item[0]!r}")
             if isinstance(item[1], bool) or not isinstance(item[1], int | np.integer):
-                raise FeedbackError(f"item {i} (id {item[0]!r}): label expected a class index (int), got {item[1]!r}")
+                raise FeedbackError(
+                    f"items[{i}].label: expected a class index (int) for id {item[0]!r}, got {item[1]!r}"
+                )
         ids = list(dict.fromkeys(item[0] for item in items))
         now = self.clock()
         with self.store.transaction() as tx:
@@ -193,12 +199,13 @@ class Monitor:
                     continue
                 if id not in predictions:
                     raise FeedbackError(
-                        f"item {i}: id {id!r} is not a stored prediction (unknown, or dropped by the store's retention)"
+                        f"items[{i}].id: expected the id of a stored prediction, got {id!r} (unknown, or dropped "
+                        "by the store's retention)"
                     )
                 classes = len(predictions[id].probs)
                 if not 0 <= label < classes:
                     raise FeedbackError(
-                        f"item {i} (id {id!r}): label expected a class index in 0..{classes - 1}, got {label}"
+                        f"items[{i}].label: expected a class index in 0..{classes - 1} for id {id!r}, got {label}"
                     )
             adaptive_state = None
             if self.adaptive is not None:
@@ -222,7 +229,8 @@ class Monitor:
                 tx.put_state(FEEDBACK, totals)
                 if adaptive_state is not None:
                     tx.put_state(ADAPTIVE, adaptive_state)
-        return FeedbackResult(tuple(stored), tuple(duplicates))
+        adaptive = None if adaptive_state is None else self.adaptive.summary(adaptive_state)
+        return FeedbackResult(tuple(stored), tuple(duplicates), totals["labels"], self._coverage(totals, adaptive))
 
     def snapshot(self) -> dict:
         """The /monitor document (JSON-able; see the module docstring)."""
@@ -237,10 +245,7 @@ class Monitor:
             recent = tx.recent_predictions(self.config.window)
             counts = tx.counts()
         adaptive = None if adaptive is None else self.adaptive.summary(adaptive)
-        coverage = {key: {"static": _share(totals["covered"][key], totals["labels"])} for key in self.levels}
-        if adaptive is not None:
-            for key in self.levels:
-                coverage[key]["adaptive"] = adaptive[key]["coverage"]
+        coverage = self._coverage(totals, adaptive)
         return {
             "shift": None if self.test is None else self.test.summary(martingale),
             "window": self._window(recent),
@@ -272,6 +277,14 @@ class Monitor:
         return self.test.summary(state)
 
     # --- helpers ------------------------------------------------------------------------------------
+
+    def _coverage(self, totals: dict, adaptive: dict | None) -> dict:
+        """Realized coverage per level of the static sets (and the adaptive ones) over the labels so far."""
+        coverage = {key: {"static": _share(totals["covered"][key], totals["labels"])} for key in self.levels}
+        if adaptive is not None:
+            for key in self.levels:
+                coverage[key]["adaptive"] = adaptive[key]["coverage"]
+        return coverage
 
     def _outputs(self, outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
         needed = list(_NEEDED)

@@ -139,6 +139,13 @@ class ServiceMetrics:
             for size in sizes:
                 child.observe(int(size))
 
+    def observe_set_sizes(self, set_sizes: Mapping[str, Sequence[int]]) -> None:
+        """Sizes of the prediction sets answered, per coverage level (as str)."""
+        for level, sizes in set_sizes.items():
+            child = self.set_size.labels(level=str(level))
+            for size in sizes:
+                child.observe(int(size))
+
     def observe_shift(self, statistic: float, alarm: bool) -> None:
         """The shift test's state after the latest transaction (shared by every worker)."""
         self.shift_statistic.set(float(statistic))

@@ -22,7 +22,7 @@ import numpy as np
 
 from forde_serve.conformal import ConformalCalibration, prediction_sets
 from forde_serve.monitoring.monitor import Monitor, MonitorConfig
-from forde_serve.monitoring.reference import MonitorReference
+from forde_serve.reference import MonitorReference
 
 __all__ = ["detection_delays", "evaluate_streams", "false_alarms", "predict_outputs", "replay"]
 

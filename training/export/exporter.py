@@ -148,10 +148,18 @@ def export_validated(
                 f"ECE {fit.ece_before:.4f} -> {fit.ece_after:.4f}"
             )
         levels = ", ".join(f"{c:g}" for c in chosen.conformal.coverages)
-        echo(
-            f"prediction sets ({chosen.conformal.score}) for coverage {levels}, on {chosen.conformal.n_calibration} "
-            "validation inputs"
+        conformal = chosen.conformal
+        grouped = (
+            f", in {conformal.groups} groups of {conformal.group_score.replace('_', ' ')} (Mondrian)"
+            if conformal.groups
+            else ""
         )
+        echo(
+            f"prediction sets ({conformal.score}) for coverage {levels}, on {conformal.n_calibration} validation "
+            f"inputs{grouped}"
+        )
+        if chosen.reference is not None:
+            echo(f"shift alarm: the validation split's {chosen.reference.score.replace('_', ' ')} as its reference")
         echo(
             f"abstain when mutual_information > {abstain.threshold:.4g}: validation coverage "
             f"{abstain.coverage:.1%} at error rate {abstain.validation_risk:.2%} (target {options.target_risk:.0%})"
