@@ -44,10 +44,10 @@ def choose_on_validation(
     thresholds for the default levels plus `coverages`, then the abstention threshold reaching
     `target_risk`, all on the same validation inputs (labels `[N]`), and the shift test's reference.
 
-    The prediction sets are group-conditional (Mondrian) on the predictive entropy: `groups` groups at
-    its validation quantiles (None: one per `conformal.MIN_GROUP_ROWS` rows; 1: plain split conformal),
-    so an input the members are unsure of gets the looser threshold of the inputs like it. Measured on
-    digits (benchmarks/bench_monitoring.py): clean coverage unchanged, far better coverage under shift.
+    The prediction sets are group-conditional (Mondrian) on the predictive entropy: `groups` equal groups
+    at its validation quantiles (None: the dyadic groups of `forde_serve.conformal`; 1: plain split
+    conformal), so an input the members are unsure of gets the looser threshold of the inputs like it.
+    Measured on digits (benchmarks/bench_monitoring.py): clean coverage kept, far better under shift.
     """
     warnings = []
     fit = fit_temperature(member_logits, labels, _BOUNDS) if calibrate_temperature else None

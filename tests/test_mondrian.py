@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from forde_serve.conformal import (
-    MIN_GROUP_ROWS,
+    MIN_TOP_ROWS,
     ConformalCalibration,
     ConformalError,
     calibrate,
@@ -93,12 +93,15 @@ def test_each_group_keeps_its_coverage_where_plain_sets_fail_the_hard_one():
         assert abs(mondrian.mean() - coverage) <= band and abs(marginal.mean() - coverage) <= band
 
 
-def test_default_number_of_groups_comes_from_the_calibration_size():
+def test_default_groups_halve_toward_the_most_uncertain():
     probs, labels, u, _ = _heteroscedastic(4, 180)
-    assert MIN_GROUP_ROWS == 36
-    assert calibrate(probs, labels, group_scores=u).groups == 5  # 180 // 36
-    assert calibrate(probs[:71], labels[:71], group_scores=u[:71]).groups == 0  # one group: not grouped
-    assert calibrate(probs[:72], labels[:72], group_scores=u[:72]).group_rows == (36, 36)
+    assert MIN_TOP_ROWS == 20
+    cal = calibrate(probs, labels, group_scores=u)
+    assert cal.group_rows == (90, 45, 22, 23)  # quantiles 1/2, 3/4, 7/8: the top group keeps >= 20 rows
+    np.testing.assert_allclose(cal.group_edges, np.quantile(u, [0.5, 0.75, 0.875]))
+    assert calibrate(probs[:39], labels[:39], group_scores=u[:39]).groups == 0  # 39 / 2 < 20: not grouped
+    assert calibrate(probs[:40], labels[:40], group_scores=u[:40]).group_rows == (20, 20)
+    assert calibrate(probs, labels, group_scores=u, groups=5).group_rows == (36,) * 5  # equal groups on request
 
 
 def test_metadata_round_trip_with_groups_and_scores():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import click
@@ -404,6 +404,27 @@ def fuse(
     show_default=True,
     help="validation: measure the validation split (digits, image folders), to choose settings without the test split.",
 )
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Replay streams of rows through the server's monitor instead (SOURCE: an exported NAME.onnx, digits): "
+    "false alarms, detection delays per digits-C corruption and held-out shift, coverage over time of static, "
+    "label-free and adaptive sets; stream.json, stream.md and figures.",
+)
+@click.option(
+    "--orders",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="--stream: shuffled orders of each shifted stream (detection delays).",
+)
+@click.option(
+    "--permutations",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="--stream: shuffled orders of the clean rows (false alarms).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 def evaluate(
     source: Path,
@@ -416,6 +437,9 @@ def evaluate(
     per_severity: int | None,
     gradient_rows: int,
     split: str,
+    stream: bool,
+    orders: int,
+    permutations: int,
     quiet: bool,
 ) -> None:
     """Measure an ensemble's robustness: SOURCE is a training run folder or an exported NAME.onnx.
@@ -437,7 +461,29 @@ def evaluate(
 
     An exported file is measured through the serving runtime, a run folder through PyTorch; the
     two agree on the same model. Compare reports with `forde compare`.
+
+    \b
+    With --stream (an exported file; no torch needed), the file's rows are replayed instead, one
+    per request, through the same monitor the server runs (each replay on its own SQLite store):
+      stream.json, stream.md   false alarms over --permutations clean orders; rows until the alarm
+                               over --orders orders of each digits-C set and held-out shift; 90%
+                               coverage of static, label-free (Mondrian) and adaptive sets
+      martingale*.png          the shift statistic over rows, with the alarm threshold
+      coverage-*.png           running coverage of the three kinds of sets, clean and per shift
     """
+    if stream:
+        from training.streams import StreamJob, stream_report
+
+        with Console().status("replaying streams through the monitor", spinner="dots") if not quiet else nullcontext():
+            report = stream_report(
+                StreamJob(model=source, out=out, seed=seed, orders=orders, permutations=permutations)
+            )
+        if not quiet:
+            alarms = report["false_alarms"]
+            click.echo(
+                f"false alarms: {alarms['fired']} of {alarms['permutations']} clean orders; report: {out / 'stream.md'}"
+            )
+        return
     with _training_extra():
         from training.evaluation import EvaluationJob, evaluate_job
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
