@@ -98,3 +98,16 @@ def test_schema_json_and_docs_json_say_null_in_the_same_places(server):
     output = route["output"]["properties"]
     nullable_in_schema = {name for name, prop in output.items() if {"type": "null"} in prop.get("anyOf", [])}
     assert nullable_in_schema == nullable_in_spec
+
+
+def test_feedback_and_monitor_through_the_client(client, digits):
+    x, y = digits
+    answers = client.predict(inputs=[{"input": x[i].tolist()} for i in range(3)])
+    stored = client.feedback(items=[{"id": a["id"], "label": int(y[i])} for i, a in enumerate(answers)])
+    assert stored["stored"] == 3 and stored["duplicates"] == []
+    again = client.feedback(items=[{"id": answers[0]["id"], "label": "4"}])  # a class name works too
+    assert again["stored"] == 0 and again["duplicates"] == [answers[0]["id"]]
+    document = client.monitor()
+    assert document["monitoring"] is True and document["feedback"]["labels"] >= 3
+    with pytest.raises(BentoMLException, match=r"items\[0\].id: expected the id of a stored prediction"):
+        client.feedback(items=[{"id": "no-such-id", "label": 1}])
