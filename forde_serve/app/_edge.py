@@ -20,10 +20,12 @@ the size limit. `quiet_caller_errors` makes BentoML log a refused request on one
 
 from __future__ import annotations
 
+import hmac
 import html
 import json
 import logging
 import re
+from collections.abc import Callable
 from http import HTTPStatus
 
 from bentoml.exceptions import BentoMLException, InvalidArgument
@@ -66,18 +68,20 @@ class RequestEdge:
         max_body_bytes: int,
         info: dict[str, str] | None = None,
         models: dict[str, type] | None = None,
-        guarded: frozenset[str] = frozenset(),
+        guarded: dict[str, Callable[[bytes], bool]] | None = None,
+        token: str | None = None,
     ):
         """`info`: the spec's title, version, description; `models`: the response and request models by
-        title (for /schema.json's nulls); `guarded`: API names that need the admin token (401 in the spec)."""
+        title (for /schema.json's nulls); `guarded`: API name -> whether a request body (bytes) is a write
+        that needs the admin `token` (401 in the spec; no token: nothing is guarded)."""
         self.app, self.service, self.max_body_bytes, self.info = app, service, max_body_bytes, info
-        self.models, self.guarded = models or {}, guarded
+        self.models, self.guarded, self.token = models or {}, guarded or {}, token
         self._routes: dict[str, Route] | None = None
 
     @property
     def routes(self) -> dict[str, Route]:
         if self._routes is None:  # the service's APIs are all registered once requests arrive
-            self._routes = api_routes(self.service, self.guarded)
+            self._routes = api_routes(self.service, frozenset(self.guarded))
         return self._routes
 
     async def __call__(self, scope, receive, send):
@@ -94,10 +98,13 @@ class RequestEdge:
             return await _send(send, 200, SWAGGER_PAGE.format(title=html.escape(self.title)).encode(), _HTML)
         route = self.routes.get(scope["path"])
         post = route is not None and scope["method"] == "POST"
+        guard = self.guarded.get(route.name) if post and self.token is not None else None
         try:
-            receive = await self._within_limit(scope, receive, buffer=post and bool(route.files))
+            receive = await self._within_limit(scope, receive, buffer=post and (bool(route.files) or guard is not None))
             if post:
                 await self._check(route, scope, receive)
+            if guard is not None and guard(receive.body):
+                self._authorize(route, scope)
         except _Refuse as refused:
             log.warning("Refused %s [%s]: %s: %s", scope["path"], scope["method"], refused.field, refused.message)
             return await _answer(send, refused.status, refused.field, refused.message)
@@ -138,6 +145,21 @@ class RequestEdge:
 
         replay.body = b"".join(m.get("body", b"") for m in messages)
         return replay
+
+    def _authorize(self, route: Route, scope) -> None:
+        """Refuse (401) a write without `Authorization: Bearer <token>`. Here, not in the API: BentoML
+        answers a 401 raised there with a bare "Authorization error". Compared in constant time, so the
+        answer's timing does not say how much of a guess was right."""
+        header = dict(scope.get("headers") or {}).get(b"authorization", b"").decode("latin-1")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            what = "re-arming the shift alarm" if route.name == "monitor" else f"/{route.name}"
+            raise _Refuse(
+                401,
+                "authorization",
+                f"{what} changes what every caller is served, so it needs the header `Authorization: Bearer "
+                "<FORDE_ADMIN_TOKEN>`; got none or another token",
+            )
 
     async def _check(self, route: Route, scope, receive) -> None:
         """Refuse a body of the wrong media type, and a form BentoML would choke on, before BentoML parses it."""

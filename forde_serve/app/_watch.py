@@ -9,7 +9,6 @@ issue 5056). A failing store is the server's fault, not the caller's: a 503 nami
 from __future__ import annotations
 
 import hashlib
-import hmac
 from http import HTTPStatus
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from forde_serve.monitoring.prometheus import ServiceMetrics
 from forde_serve.monitoring.store import StateStore, StateStoreError
 from forde_serve.runtime import EnsembleRuntime
 
-__all__ = ["Watch", "adaptive_refusal", "check_token", "model_key"]
+__all__ = ["Watch", "adaptive_refusal", "model_key"]
 
 
 def model_key(path: Path) -> str:
@@ -47,20 +46,6 @@ def adaptive_refusal(runtime: EnsembleRuntime, monitoring: bool) -> str | None:
             "re-export it with a current `forde export`"
         )
     return None
-
-
-def check_token(headers, token: str | None, what: str) -> None:
-    """Refuse (401) a request to a write endpoint without `Authorization: Bearer <token>`, when a token is set.
-    Compared in constant time, so the answer's timing does not say how much of a guess was right."""
-    if token is None:
-        return
-    scheme, _, given = (headers.get("authorization") or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise BentoMLException(
-            f"authorization: {what} changes what every caller is served, so it needs the header "
-            "`Authorization: Bearer <FORDE_ADMIN_TOKEN>`; got none or another token",
-            error_code=HTTPStatus.UNAUTHORIZED,
-        )
 
 
 class Watch:

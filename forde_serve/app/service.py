@@ -21,6 +21,7 @@ answer and the spec that says so live in `_edge.py`; the request and response mo
 # and the models they name are built for each service inside `make_service`.
 
 import base64
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
@@ -33,7 +34,7 @@ from pydantic import Field, Strict
 
 from forde_serve import __version__
 from forde_serve.app._edge import RequestEdge, quiet_caller_errors, refusal
-from forde_serve.app._watch import Watch, adaptive_refusal, check_token, model_key
+from forde_serve.app._watch import Watch, adaptive_refusal, model_key
 from forde_serve.app.schemas import FeedbackAnswer, MonitorDocument, MonitorInput, api_models, json_safe, unscorable
 from forde_serve.app.settings import ServeSettings
 from forde_serve.app.ui import mount_page
@@ -58,6 +59,14 @@ _DESCRIPTION = (
 )
 
 
+def _asks_reset(body: bytes) -> bool:
+    """Whether a /monitor body asks to re-arm the alarm (a body that does not parse is the API's 400)."""
+    try:
+        return json.loads(body or b"{}").get("reset") is True
+    except (ValueError, AttributeError):
+        return False
+
+
 def open_runtime(settings: ServeSettings) -> EnsembleRuntime:
     """The runtime over `settings.model`, both graphs opened and run once on a zero input (a broken
     or missing explain file raises ModelFileError here, not on the first request)."""
@@ -80,7 +89,6 @@ def make_service(settings: ServeSettings):
     watching = MonitorConfig(
         delta=settings.delta, window=settings.window, gamma=settings.gamma, keep_inputs=settings.keep_inputs
     )
-    token = settings.token()
     this_process: dict = {}  # what the worker's service instance made, for the /ui page in the same process
     Prediction, Explanation, ModelInfo = models.prediction, models.explanation, models.model_info
     model_info = ModelInfo(
@@ -236,11 +244,10 @@ def make_service(settings: ServeSettings):
             return model_info
 
         @bentoml.api(input_spec=models.feedback_input)
-        def feedback(self, items: list, ctx: bentoml.Context) -> FeedbackAnswer:
+        def feedback(self, items: list) -> FeedbackAnswer:
             """Store the true labels of served rows, by their ids: realized accuracy and coverage, and the
             adaptive sets' thresholds, follow them. The first label of an id stands; a repeat is reported as a
             duplicate and changes nothing. Needs the admin token when the server has one."""
-            check_token(ctx.request.headers, token, "/feedback")
             if self.watch is None:
                 raise InvalidArgument("items: this server keeps no state (FORDE_MONITOR=0), so it takes no labels")
             result = self.watch.feedback([(item.id, item.label) for item in items])
@@ -252,11 +259,10 @@ def make_service(settings: ServeSettings):
             )
 
         @bentoml.api(input_spec=MonitorInput)
-        def monitor(self, ctx: bentoml.Context, reset: bool = False) -> MonitorDocument:
+        def monitor(self, reset: bool = False) -> MonitorDocument:
             """The shift alarm, label-free estimates over the newest rows, and what the labels say (GET, or
             POST {}); POST {"reset": true} re-arms the alarm against the exported reference (admin token)."""
             if reset:
-                check_token(ctx.request.headers, token, "re-arming the shift alarm")
                 if self.watch is None:
                     raise InvalidArgument("reset: this server keeps no state (FORDE_MONITOR=0): there is no alarm")
                 self.watch.reset()
@@ -272,7 +278,9 @@ def make_service(settings: ServeSettings):
         max_body_bytes=settings.max_body_bytes,
         info=info,
         models={model.__name__: model for model in titled},
-        guarded=frozenset({"feedback", "monitor"}),
+        # the write paths (labels, the alarm's reset), refused there without the token when one is set
+        guarded={"feedback": lambda body: True, "monitor": _asks_reset},
+        token=settings.token(),
     )
     quiet_caller_errors()
 
