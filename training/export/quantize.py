@@ -2,24 +2,29 @@
 its CUDA provider. The explain graph is not lowered (it stays float32; see `lower_predict_graph`).
 
 int8 is onnxruntime's static QDQ quantization (`quantize_static`), calibrated on the validation
-split's inputs, after one layout rewrite made for it (`member_branches`). Why that layout, measured
-on the digits FoRDE model (benchmarks/bench_quantize.py; onnxruntime 1.32, AVX512-VNNI CPU):
+split's inputs, after one layout rewrite made for it (`member_branches`). Why, measured on the
+digits FoRDE model (benchmarks/bench_quantize.py --candidates, onnxruntime 1.32, a 2-core
+AVX512-VNNI CPU, batch 64, three runs on a busy machine; speedups are float32 / int8):
 
-- Quantizing the fused graph as it is leaves its grouped convolutions (group = members) on MLAS's
-  generic int8 path: MLAS's symmetric int8 convolution kernel takes only group 1 (or depthwise),
-  and onnxruntime's QLinearConv runs a batch one image at a time, parallel only within an image.
-  float32 grouped convolutions use the blocked NCHWc kernels over the whole batch, so the int8 file
-  was no faster at 1 thread and about half as fast at 2.
+- The fused graph quantized as it is (grouped convolutions, group = members) ran 0.68x to 1.38x at
+  1 thread: MLAS's symmetric int8 convolution kernel takes only group 1 (or depthwise), so grouped
+  convolutions take its generic im2col path, while float32 ones run the blocked NCHWc kernels.
 - Split into one dense convolution per member (the per-member branch layout), every member's
-  convolution takes the symmetric kernel (requantization fused in); per-channel ops between them
-  (ReLU, pooling) run per member, so the branches are concatenated once, where the members meet.
+  convolution takes the symmetric kernel (requantization fused in): 1.34x to 2.66x at 1 thread.
+  Per-channel ops between them (ReLU, pooling) run per member, and the branches are concatenated
+  once, where the members meet. QOperator instead of QDQ on the same layout measured the same
+  within the noise; QDQ is the portable form (other execution providers read it).
+- At onnxruntime's default threads (2 here) int8 is about float32's speed (1.0x to 1.4x at batch
+  64, 0.7x to 0.9x at batch 1): QLinearConv runs a batch one image at a time, parallel only within
+  an image, and an 8x8 digit is too small to share. int8 pays per core: best with 1 intra-op thread
+  per process (EnsembleRuntime(threads=1)), or on larger images.
+- Dynamic quantization (ConvInteger / MatMulInteger, activations quantized at run time): 0.09x to
+  0.18x. Not used.
 - Convolutions whose input channels are not a multiple of 4 (those reading a 1- or 3-channel raw
-  input) stay float32: the symmetric kernel refuses them and the im2col path was slower than float32.
+  input) stay float32: the symmetric kernel refuses them, and the im2col path took 2x float32's time.
 - Matrix products (the classifier heads) and everything after them stay float32: the logits, the
   softmax and the entropies need float resolution (a quantized softmax gives probabilities in steps
   of 1/256), and onnxruntime's QLinearMatMul refuses per-channel weights of a batched matmul.
-- Dynamic quantization (ConvInteger / MatMulInteger, activations quantized at run time) measured
-  slower than both float32 and static int8 on the same model.
 
 The temperature is folded in after quantization: the graph is quantized at T = 1, the temperature
 and every other validation-split choice is fitted on the quantized graph's own member logits, and
