@@ -65,7 +65,7 @@ def _interleaved(tasks: dict, rounds: int) -> dict[str, float]:
 def _test_metrics(runtime: EnsembleRuntime, x: np.ndarray, y: np.ndarray, reference: np.ndarray | None) -> dict:
     out = runtime.predict(x)
     metrics = classification_metrics(out["member_probs"].astype(np.float64), y)
-    coverage, size = set_coverage_and_size(runtime.prediction_sets(out["probs"], 0.9), y)
+    coverage, size = set_coverage_and_size(runtime.prediction_sets(out, 0.9), y)
     accepted = ~out["abstain"]
     metrics |= {
         "coverage_0.9": coverage,

@@ -191,7 +191,7 @@ def _test_metrics(path, x, y) -> dict:
     runtime = EnsembleRuntime(path)
     out = runtime.predict(x)
     metrics = classification_metrics(out["member_probs"].astype(np.float64), y)
-    metrics["coverage"], _ = set_coverage_and_size(runtime.prediction_sets(out["probs"], 0.9), y)
+    metrics["coverage"], _ = set_coverage_and_size(runtime.prediction_sets(out, 0.9), y)
     return metrics
 
 
