@@ -85,6 +85,7 @@ _KEY = {
     "calibration": "forde.calibration",  # JSON (TemperatureFit) or absent: T = 1
     "conformal": "forde.conformal",  # JSON (ConformalCalibration) or absent: no prediction sets
     "shift_reference": "forde.shift_reference",  # JSON (MonitorReference) or absent: no label-free shift test
+    "precision": "forde.precision",  # float32 (absent), int8 or fp16: the arithmetic of this file's graph
 }
 _REQUIRED = ("format_version", "class_names", "input_shape", "members", "method", "abstain_threshold")
 
@@ -254,6 +255,7 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)  # the run's clean test metrics
     choices: ValidationChoices = field(default_factory=ValidationChoices)
     format_version: str = FORMAT_VERSION
+    precision: str = "float32"  # this file's graph: float32, int8 (quantized) or fp16 (for the CUDA provider)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(self.class_names))
@@ -297,6 +299,8 @@ class ModelCard:
             _KEY["training_config"]: json.dumps(self.training_config, indent=2),
             _KEY["metrics"]: json.dumps(self.metrics),
         }
+        if self.precision != "float32":  # absent means float32, so files written before read the same
+            meta[_KEY["precision"]] = self.precision
         return meta | self.choices.to_metadata()
 
     @classmethod
@@ -328,6 +332,7 @@ class ModelCard:
                 metrics=json.loads(meta.get(_KEY["metrics"], "{}")),
                 choices=ValidationChoices.from_metadata(meta),
                 format_version=meta[_KEY["format_version"]],
+                precision=meta.get(_KEY["precision"], "float32"),
             )
         except (json.JSONDecodeError, TypeError, ValueError, KeyError) as err:
             raise ModelFileError(f"{source}: broken metadata ({err}); re-export the model") from None

@@ -220,6 +220,18 @@ def _held_out_options(command):
     return command
 
 
+def _quantize_option(command):
+    """`--quantize` of `forde export` / `forde fuse`: the predict graph's precision."""
+    return click.option(
+        "--quantize",
+        metavar="int8|fp16",
+        help="Lower the predict graph's precision: int8 (onnxruntime static quantization for the CPU, "
+        "calibrated on the validation split) or fp16 (float16, for the CUDA provider). Temperature, "
+        "prediction-set and abstention thresholds are fitted on the lowered graph's own outputs; the explain "
+        "graph stays float32. Default: float32.",
+    )(command)
+
+
 def _held_out(target_risk, no_calibrate, conformal_score, alpha, raps_k_reg, raps_lambda):
     from training.export import HeldOutOptions
 
@@ -251,7 +263,8 @@ def _held_out(target_risk, no_calibrate, conformal_score, alpha, raps_k_reg, rap
     show_default=True,
     help="Validation inputs on which both files are checked against the PyTorch ensemble.",
 )
-def export(run: Path, out: Path, validation_inputs: int, **held_out) -> None:
+@_quantize_option
+def export(run: Path, out: Path, validation_inputs: int, quantize: str | None, **held_out) -> None:
     """Fuse a training RUN into one batched ONNX graph (NAME.onnx) and its explain twin.
 
     \b
@@ -264,15 +277,19 @@ def export(run: Path, out: Path, validation_inputs: int, **held_out) -> None:
     Both files carry everything a server needs in their metadata (classes, input shape, members,
     method, kernel, training config, metrics, temperature, thresholds). After writing, both are run
     in onnxruntime on real validation inputs and compared output by output with the PyTorch
-    ensemble; if any output is off, the files are removed and the command exits 1.
+    ensemble; if any output is off, the files are removed and the command exits 1. With --quantize
+    the predict file is checked with its precision's looser tolerances (printed with each line).
     """
     if not out.name.endswith(".onnx") or out.name.endswith(".explain.onnx"):
         raise CommandError(f"--out: expected a NAME.onnx path for the predict graph, got {str(out)!r}")
     with _training_extra():
         from training.export import export_run
+        from training.export.quantize import check_precision
 
         options = _held_out(**held_out)
-    export_run(run, out, options, validation_inputs=validation_inputs, echo=click.echo)
+    precision = quantize or "float32"
+    check_precision(precision, has_validation=True)
+    export_run(run, out, options, validation_inputs=validation_inputs, echo=click.echo, precision=precision)
 
 
 @click.command(**_COMMAND)
@@ -300,6 +317,7 @@ def export(run: Path, out: Path, validation_inputs: int, **held_out) -> None:
     "on random inputs.",
 )
 @_held_out_options
+@_quantize_option
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -319,6 +337,7 @@ def fuse(
     classes: str | None,
     classes_file: Path | None,
     validation: Path | None,
+    quantize: str | None,
     out: Path,
     **held_out,
 ) -> None:
@@ -353,6 +372,7 @@ def fuse(
         held_out=options,
         width=width,
         depth=depth,
+        precision=quantize or "float32",
     )
     fuse_checkpoints(job, echo=click.echo)
 

@@ -19,6 +19,7 @@ from training.data import load_dataset
 from training.evaluation import member_logits
 from training.export.checks import ExportContract, validate_files
 from training.export.graphs import write_explain_graph, write_predict_graph
+from training.export.quantize import LoweredGraph, check_precision, lower_ensemble, lowered_contract
 from training.forde import member_input_gradients
 from training.models import Ensemble
 from training.run import load_run
@@ -51,12 +52,15 @@ def export_ensemble(
     validation_target: torch.Tensor,
     contract: ExportContract | None = None,
     echo=print,
+    lowered: LoweredGraph | None = None,
 ) -> dict[str, Path]:
     """Write `path` (predict) and its `.explain.onnx` twin, then validate them; returns both paths.
 
     Each file's metadata is `card.to_metadata(graph)`; both graphs divide the member logits by the
     card's temperature. On a failed validation both files are removed. The ensemble is switched to
-    eval mode, float32, on the CPU (in place).
+    eval mode, float32, on the CPU (in place). With `lowered` (an int8 or fp16 predict graph at T = 1)
+    that graph is the predict file, checked with its precision's tolerances (`lowered_contract`);
+    the explain file stays float32 and says so in its metadata.
     """
     contract = contract or ExportContract()
     temperature = card.temperature
@@ -67,11 +71,23 @@ def export_ensemble(
     example = validation_x[:2].float()
     tmp = {graph: p.with_name(f".{p.name}.tmp") for graph, p in paths.items()}
     try:
-        write_predict_graph(ensemble, tmp["predict"], card.to_metadata("predict"), contract, temperature)
-        write_explain_graph(ensemble, example, tmp["explain"], card.to_metadata("explain"), contract, temperature)
+        if lowered is None:
+            write_predict_graph(ensemble, tmp["predict"], card.to_metadata("predict"), contract, temperature)
+        else:
+            lowered.write(tmp["predict"], card.to_metadata("predict"), temperature)
+        explain_card = replace(card, precision="float32")
+        write_explain_graph(
+            ensemble, example, tmp["explain"], explain_card.to_metadata("explain"), contract, temperature
+        )
         x = validation_x.float()
         feeds = {"predict": {INPUT: x.numpy()}, "explain": {INPUT: x.numpy(), TARGET: validation_target.numpy()}}
-        validate_files(tmp, feeds, _reference(ensemble, x, validation_target, temperature), contract, echo)
+        reference = _reference(ensemble, x, validation_target, temperature)
+        if lowered is None:
+            validate_files(tmp, feeds, reference, contract, echo)
+        else:
+            predict_contract = lowered_contract(lowered.precision, ensemble.members, contract)
+            validate_files({"predict": tmp["predict"]}, feeds, reference, predict_contract, echo)
+            validate_files({"explain": tmp["explain"]}, feeds, reference, contract, echo)
         for graph in paths:
             tmp[graph].replace(paths[graph])
     finally:
@@ -101,6 +117,7 @@ def export_validated(
     check_inputs: int = 64,
     contract: ExportContract | None = None,
     echo=print,
+    precision: str = "float32",
 ) -> dict:
     """Export `ensemble` with what its validation split decides, then check the files against PyTorch.
 
@@ -111,12 +128,24 @@ def export_validated(
     (None) the file is not calibrated (T = 1), gives no prediction sets and never abstains, and the
     check runs on uniform random inputs in [0, 1]. `card` describes the model (class names, input
     shape, members, method, ...); its `choices` are replaced by what the validation split decides.
+
+    `precision` int8 or fp16 lowers the predict graph (`training.export.quantize`; int8 calibrates on
+    the validation inputs, so it needs them), and every choice above is fitted on the lowered graph's
+    own member logits; the explain graph stays float32.
     """
     options = options or HeldOutOptions()
+    check_precision(precision, validation is not None)
+    lowered = None
+    if precision != "float32":
+        ensemble = ensemble.eval().cpu().float()
+        calibration = None if validation is None else validation[0].float().numpy()
+        lowered = lower_ensemble(ensemble, precision, calibration, contract)
+        notes = ", ".join(f"{k} {v}" for k, v in lowered.notes.items())
+        echo(f"{precision} predict graph: {notes}; the explain graph stays float32")
     if validation is not None:
         x, y = validation
         chosen = choose_on_validation(
-            member_logits(ensemble, x),
+            member_logits(ensemble, x) if lowered is None else lowered.member_logits(x.float().numpy()),
             y.numpy(),
             calibrate_temperature=options.calibrate,
             score=options.score,
@@ -133,8 +162,8 @@ def export_validated(
         chosen = None
         check_x = torch.rand(check_inputs, *ensemble.input_shape, generator=torch.Generator().manual_seed(0))
         check_target = torch.full((check_inputs,), -1)
-    card = replace(card, choices=chosen or ValidationChoices())
-    paths = export_ensemble(ensemble, path, card, check_x, check_target, contract, echo)
+    card = replace(card, choices=chosen or ValidationChoices(), precision=precision)
+    paths = export_ensemble(ensemble, path, card, check_x, check_target, contract, echo, lowered)
     abstain = card.choices.abstention
     for warning in card.choices.warnings:
         echo(f"warning: {warning}")
@@ -178,8 +207,10 @@ def export_run(
     validation_inputs: int = 64,
     contract: ExportContract | None = None,
     echo=print,
+    precision: str = "float32",
 ) -> dict:
-    """Export a finished training run; what needs held-out data is chosen on its validation split."""
+    """Export a finished training run; what needs held-out data is chosen on its validation split
+    (on the lowered graph's outputs with `precision` int8 or fp16, see `export_validated`)."""
     run = load_run(run_dir)
     data = load_dataset(run.config.data, for_training=False)  # only the validation split is read
     forde = run.config.forde
@@ -204,5 +235,5 @@ def export_run(
     )
     echo(f"exporting {run_dir} ({run.ensemble.members} members) -> {path}")
     return export_validated(
-        run.ensemble, path, card, (data.val.x, data.val.y), options, validation_inputs, contract, echo
+        run.ensemble, path, card, (data.val.x, data.val.y), options, validation_inputs, contract, echo, precision
     )
