@@ -126,3 +126,23 @@ def test_bad_input_to_feedback_and_monitor_is_a_4xx_in_the_one_shape(in_process,
     answer = response.json()
     assert set(answer) == {"error", "detail"} and fragment in answer["error"], answer
     assert in_process.post("/predict", json={"inputs": [{"input": ROW}]}).status_code == 200  # still serving
+
+
+def test_the_swagger_page_loads_nothing_from_elsewhere_and_the_spec_is_the_project_s(in_process):
+    import re
+
+    from forde_serve import __version__
+
+    page = in_process.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert sources and all(s.startswith("./static_content/") for s in sources), sources
+    assert "googletagmanager" not in page.text and "http" not in page.text.replace("http-equiv", "")
+    for asset in sources:
+        assert in_process.get(asset.removeprefix(".")).status_code == 200, asset  # served by this server
+    info = in_process.get("/docs.json").json()["info"]
+    assert info["title"] == "forde-serve" and info["version"] == __version__
+    assert "BentoML" not in info["description"] and "ErrorBody" in info["description"]
+    spec = in_process.get("/docs.json").json()
+    assert spec["components"]["schemas"]["PredictInput"]["additionalProperties"] is False
+    assert "get" in spec["paths"]["/monitor"] and "401" in spec["paths"]["/feedback"]["post"]["responses"]
