@@ -95,7 +95,15 @@ def test_round_trip_through_a_reopened_file(sqlite_url):
         )
 
 
-def test_retention_keeps_the_newest_predictions_and_every_label(sqlite_url):
+@pytest.fixture
+def prune_every_insert(monkeypatch):
+    """Retention applied on every insert (the store prunes once per 64 rows a process inserts)."""
+    from forde_serve.monitoring import store as module
+
+    monkeypatch.setattr(module, "_PRUNE_EVERY", 1)
+
+
+def test_retention_keeps_the_newest_predictions_and_every_label(sqlite_url, prune_every_insert):
     store = StateStore(sqlite_url, max_predictions=5)
     for batch in range(3):  # 12 predictions, 4 per transaction; the first 2 get labels
         with store.transaction() as tx:
@@ -112,7 +120,18 @@ def test_retention_keeps_the_newest_predictions_and_every_label(sqlite_url):
         assert [r.id for r in tx.recent_predictions(100)] == [f"q{i}" for i in range(15, 10, -1)]
 
 
-def test_retention_by_age(sqlite_url):
+def test_retention_is_passed_by_at_most_64_rows_per_process(sqlite_url):
+    store = StateStore(sqlite_url, max_predictions=10)
+    counts = []
+    for batch in range(40):
+        with store.transaction() as tx:
+            tx.insert_predictions([_prediction(f"p{8 * batch + i}") for i in range(8)])
+            counts.append(tx.counts()["predictions"])
+    assert counts[0] == 8 and max(counts) <= 10 + 64 and counts[-1] < 320  # pruned, in passes
+    assert 10 in counts  # a pass leaves exactly the bound
+
+
+def test_retention_by_age(sqlite_url, prune_every_insert):
     store = StateStore(sqlite_url, max_age_s=60)
     now = time.time()
     with store.transaction() as tx:

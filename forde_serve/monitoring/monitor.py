@@ -152,7 +152,6 @@ class Monitor:
         for i, (c, a) in enumerate(zip(coverages, adaptives, strict=True)):
             self._check_request(i, c, a)
         groups = self._groups(outputs, rows)
-        set_sizes = {key: self._static_sets(probs, key, groups).sum(axis=1) for key in self.levels}
         now = self.clock()
         with self.store.transaction() as tx:
             if self.test is not None:
@@ -173,7 +172,7 @@ class Monitor:
                     )[0]
                 row = ServedRow(uuid.uuid4().hex, None if groups is None else int(groups[i]), adaptive_set, alpha)
                 served.append(row)
-                records.append(self._record(row, outputs, probs, i, now, set_sizes, alphas, coverages[i], inputs))
+                records.append(self._record(row, outputs, probs, i, now, alphas, coverages[i], inputs))
             tx.insert_predictions(records)
         return served
 
@@ -327,7 +326,7 @@ class Monitor:
         thresholds = np.array([self.calibration.threshold(coverage, g) for g in range(self.calibration.groups)])
         return threshold_sets(probs, self.calibration, thresholds[groups])
 
-    def _record(self, row, outputs, probs, i, now, set_sizes, alphas, coverage, inputs) -> PredictionRecord:
+    def _record(self, row, outputs, probs, i, now, alphas, coverage, inputs) -> PredictionRecord:
         served = {"alpha": dict(alphas), "coverage": coverage, "adaptive": row.adaptive_set is not None}
         kept = None
         if self.config.keep_inputs and inputs is not None:
@@ -341,7 +340,9 @@ class Monitor:
             abstain=bool(outputs["abstain"][i]),
             probs=probs[i],
             group=row.group,
-            set_sizes={key: int(sizes[i]) for key, sizes in set_sizes.items()},
+            # the static sets' sizes are worked out from probs and group when /monitor asks (window estimates),
+            # not on every request
+            set_sizes={},
             served=served,
             input=kept,
         )
@@ -368,10 +369,18 @@ class Monitor:
             "estimated_accuracy": float(np.mean([r.confidence for r in recent])),
             "mean_mutual_information": float(np.mean([r.mutual_information for r in recent])),
             "abstain_rate": float(np.mean([r.abstain for r in recent])),
-            "mean_set_size": {
-                key: _mean([r.set_sizes[key] for r in recent if key in r.set_sizes]) for key in self.levels
-            },
+            "mean_set_size": self._mean_set_sizes(recent),
         }
+
+    def _mean_set_sizes(self, recent: list[PredictionRecord]) -> dict[str, float | None]:
+        """Mean size of the static set at each level over `recent` rows, from their stored probabilities."""
+        if self.calibration is None:
+            return dict.fromkeys(self.levels)
+        probs = np.stack([np.asarray(r.probs, dtype=np.float32) for r in recent])
+        groups = None
+        if self.calibration.groups:
+            groups = np.array([0 if r.group is None else r.group for r in recent])
+        return {key: float(self._static_sets(probs, key, groups).sum(axis=1).mean()) for key in self.levels}
 
     def _feedback_start(self) -> dict:
         """Label totals since the monitor started: labels, correct predictions, and per level the labels

@@ -26,7 +26,8 @@ commits are as durable as the server's `synchronous_commit` / `fsync` settings (
 
 Retention: the newest `max_predictions` predictions are kept (default 100 000;
 `FORDE_STATE_MAX_PREDICTIONS`), and with `max_age_s` (`FORDE_STATE_MAX_AGE_S`) none older than that
-(by their `created` time); both are applied whenever predictions are inserted. A label row carries
+(by their `created` time); both are applied when a process has inserted 64 predictions since its last
+pass (and on its first insert), so each bound may be passed by at most 64 rows per process. A label row carries
 all it needs (label, time, outcome) and stays after its prediction is pruned. A label for a pruned or
 unknown id is recognisable: `Transaction.predictions` does not return that id.
 
@@ -135,7 +136,8 @@ _PRUNE_BY_AGE = sa.delete(_predictions).where(_predictions.c.created < sa.bindpa
 _LOCK_WRITERS = sa.select(_writer_lock.c.id).where(_writer_lock.c.id == 1).with_for_update()
 _PREDICTIONS_BY_ID = sa.select(_predictions).where(_predictions.c.id.in_(sa.bindparam("b_ids", expanding=True)))
 _LABELLED_BY_ID = sa.select(_labels.c.id).where(_labels.c.id.in_(sa.bindparam("b_ids", expanding=True)))
-_dumps = partial(json.dumps, allow_nan=False, separators=(",", ":"))  # NaN is not JSON (PostgreSQL refuses it)
+_dumps = partial(json.dumps, allow_nan=False, separators=(",", ":"))
+_PRUNE_EVERY = 64  # rows a process inserts between two retention passes  # NaN is not JSON (PostgreSQL refuses it)
 
 
 class StateStoreError(FordeError):
@@ -239,6 +241,7 @@ class StateStore:
                 f"got {sqlite_synchronous!r}"
             )
         self.max_predictions, self.max_age_s, self.model_key = max_predictions, max_age_s, model_key
+        self._unpruned = _PRUNE_EVERY  # the first insert of a process prunes (a restart catches up at once)
         try:
             self.url = sa.make_url(url)
         except exc.ArgumentError:
@@ -445,9 +448,14 @@ class Transaction:
         if not records:
             return
         self._db.execute(_INSERT_PREDICTIONS, [_prediction_row(r) for r in records])
-        self._db.execute(_PRUNE_BY_COUNT, {"b_keep": self._store.max_predictions})
-        if self._store.max_age_s is not None:
-            self._db.execute(_PRUNE_BY_AGE, {"b_cutoff": time.time() - self._store.max_age_s})
+        # Pruning is a DELETE over the table's newest-rows bound: done once per _PRUNE_EVERY rows this process
+        # inserts, not per request, so the bounds are exceeded by at most that many rows per process.
+        self._store._unpruned += len(records)
+        if self._store._unpruned >= _PRUNE_EVERY:
+            self._store._unpruned = 0
+            self._db.execute(_PRUNE_BY_COUNT, {"b_keep": self._store.max_predictions})
+            if self._store.max_age_s is not None:
+                self._db.execute(_PRUNE_BY_AGE, {"b_cutoff": time.time() - self._store.max_age_s})
 
     def predictions(self, ids: Sequence[str]) -> dict[str, PredictionRecord]:
         """The stored predictions among `ids` (a pruned or unknown id is simply absent)."""
