@@ -19,7 +19,7 @@ from helpers import FORDE, ROOT, epochs_checkpointed, read_metrics, run_forde, w
 
 pytestmark = pytest.mark.slow  # trains, exports or runs several processes
 
-METRIC_KEYS = {"accuracy", "nll", "ece", "brier", "gradient_cosine_distance", "mutual_information"}
+METRIC_KEYS = {"accuracy", "nll", "ece", "brier", "gradient_cosine_distance", "mutual_information", "parameters"}
 
 
 def test_quickstart_reaches_the_targets(quickstart_runs):
@@ -39,6 +39,7 @@ def test_run_folder_holds_everything(quickstart_runs):
         "checkpoint.safetensors",
         "train_log.jsonl",
         "metrics.json",
+        "trajectory.safetensors",
     } <= names
     assert not any(n.endswith(".tmp") for n in names)
     assert set(read_metrics(run)) == METRIC_KEYS
@@ -52,6 +53,12 @@ def test_run_folder_holds_everything(quickstart_runs):
     assert de_log[0]["repulsion"] is None
     weights = load_file(str(run / "members.safetensors"))
     assert weights["body.1.weight"].shape[0] == 8  # stacked [M, ...]
+    trained = {key: w for key, w in weights.items() if key not in ("mean", "std")}  # the CNN's other tensors
+    assert read_metrics(run)["parameters"] == sum(w.numel() for w in trained.values())
+    # every member's probabilities on the first 64 test inputs, before training and after each epoch
+    probs = load_file(str(run / "trajectory.safetensors"))["probs"]
+    assert probs.shape == (config.optim.epochs + 1, 8, 64, 10)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
 
 
 def test_loaded_run_reproduces_its_metrics(quickstart_runs):
@@ -103,6 +110,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_config):
     for name in straight:
         assert torch.equal(straight[name], again[name]), name
     assert read_metrics(killed) == read_metrics(tmp_path / "straight")
+    trajectories = [load_file(str(run / "trajectory.safetensors"))["probs"] for run in (killed, tmp_path / "straight")]
+    assert trajectories[0].shape[0] == 11 and torch.equal(*trajectories)  # one frame per epoch, none redone twice
     epochs = [json.loads(line)["epoch"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 11))  # nothing lost, nothing duplicated
 

@@ -24,7 +24,7 @@ from training import corruptions as rgb_corruptions
 from training.config import DataConfig
 from training.data import load_corrupted_cifar, load_dataset
 from training.forde import member_input_gradients
-from training.models import Ensemble
+from training.models import Ensemble, parameter_count
 from training.run import load_run
 
 __all__ = [
@@ -66,12 +66,14 @@ def predicted_class_input_gradients(ensemble: Ensemble, x: torch.Tensor, batch_s
 
 
 def clean_metrics(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """accuracy, nll, ece, brier, mutual_information and gradient_cosine_distance on one split."""
+    """accuracy, nll, ece, brier, mutual_information and gradient_cosine_distance on one split, and the
+    ensemble's `parameters` (distinct trained parameters: a weight shared by the members counts once)."""
     was_training = ensemble.training
     ensemble.eval()
     metrics = classification_metrics(member_probabilities(ensemble, x), y.numpy())
     if ensemble.members > 1:
         metrics["gradient_cosine_distance"] = gradient_cosine_distance(predicted_class_input_gradients(ensemble, x))
+    metrics["parameters"] = parameter_count(ensemble)
     ensemble.train(was_training)
     return metrics
 

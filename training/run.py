@@ -94,6 +94,8 @@ def new_ensemble(config: TrainConfig, info: DatasetInfo, load_init: bool = False
         kwargs=model.kwargs,
         factory=model.factory,
         init=model.init if load_init else None,
+        structure=config.ensemble.structure,
+        embedded=config.embedded,
     )
 
 
