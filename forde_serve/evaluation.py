@@ -16,7 +16,8 @@ from typing import Protocol
 import numpy as np
 
 from forde_serve.calibration import member_probs as member_softmax
-from forde_serve.conformal import ConformalCalibration, prediction_sets, set_coverage_and_size
+from forde_serve.conformal import prediction_sets, set_coverage_and_size
+from forde_serve.contract import ValidationChoices
 from forde_serve.metrics import (
     ECE_BINS,
     auroc,
@@ -126,18 +127,9 @@ class Evaluation:
     saliency_gradients: np.ndarray  # [K, M, *input_shape]
 
 
-@dataclass(frozen=True)
-class _Model:
-    """What the served model decides with: its temperature, conformal thresholds, abstention threshold."""
-
-    temperature: float
-    conformal: ConformalCalibration | None
-    abstain_threshold: float
-
-
 def _set_metrics(
     predictor: Predictor,
-    model: _Model,
+    model: ValidationChoices,
     x: np.ndarray,
     y: np.ndarray,
     gradient_rows: int,
@@ -146,7 +138,7 @@ def _set_metrics(
 ) -> tuple[dict, np.ndarray | None]:
     """Metrics of one set; gradients of its first max(gradient_rows, keep_rows) inputs are returned."""
     logits = predictor.member_logits(x)
-    member_probs = member_softmax(logits, model.temperature)
+    member_probs = member_softmax(logits, model.temperature_value)
     probs = member_probs.mean(1)
     metrics = classification_metrics(member_probs, y)
     uncalibrated_members = member_softmax(logits)
@@ -163,7 +155,7 @@ def _set_metrics(
     correct = probs.argmax(1) == y
     mi = spread["mutual_information"]
     metrics["aurc"] = risk_coverage(mi, correct)["aurc"]
-    accepted = mi <= model.abstain_threshold
+    accepted = mi <= model.abstention.threshold
     metrics["abstain_coverage"] = float(accepted.mean())
     metrics["accuracy_when_accepted"] = float(correct[accepted].mean()) if accepted.any() else None
     if model.conformal is not None:
@@ -190,9 +182,7 @@ def evaluate(
     y: np.ndarray,
     corrupted: Iterable[tuple[str, int, np.ndarray, np.ndarray]] = (),
     *,
-    abstain_threshold: float,
-    temperature: float = 1.0,
-    conformal: ConformalCalibration | None = None,
+    choices: ValidationChoices,
     ood_x: np.ndarray | None = None,
     gradient_rows: int = 1000,
     saliency_rows: int = 6,
@@ -201,16 +191,17 @@ def evaluate(
     """Measure `predictor` on the clean set (`x` raw inputs, `y` labels) and every corrupted set
     `(corruption, severity, x, y)`; corrupted metrics are averaged over all types and severities.
 
-    The ensemble is measured as served: its member logits divided by `temperature`, abstaining when
-    mutual information exceeds `abstain_threshold`, with prediction sets from `conformal` (None: no
-    set metrics). NLL and ECE are also reported at T = 1 (`*_uncalibrated`). `ood_x`, if given, is
-    scored against the clean set by mutual information (AUROC). Input gradients are computed on the
+    The ensemble is measured as served by `choices` (what its validation split decided): member
+    logits divided by the temperature, abstaining by the abstention rule, with prediction sets from
+    the conformal thresholds (None: no set metrics). NLL and ECE are also reported at T = 1
+    (`*_uncalibrated`). `ood_x`, if given, is scored against the clean set by mutual information (AUROC).
+    Input gradients are computed on the
     first `gradient_rows` inputs of each set (cosine distance; 0 skips them and the saliency grid).
 
     Conformal coverage is guaranteed only for inputs exchangeable with the validation split the
     thresholds were chosen on; on corrupted sets it is measured, not promised.
     """
-    model = _Model(temperature, conformal, abstain_threshold)
+    model, temperature, conformal = choices, choices.temperature_value, choices.conformal
     keys = BASE_KEYS + (set_keys(conformal.coverages) if conformal is not None else ())
     pooled = {name: {"served": _Pooled(), "uncalibrated": _Pooled()} for name in ("clean", "corrupted")}
     clean, clean_gradients = _set_metrics(
@@ -241,7 +232,7 @@ def evaluate(
         mi_in = uncertainty(member_softmax(predictor.member_logits(x), temperature))["mutual_information"]
         mi_out = uncertainty(member_softmax(predictor.member_logits(ood_x), temperature))["mutual_information"]
         metrics["ood"] = {"auroc_mutual_information": auroc(mi_in, mi_out), "inputs": len(ood_x)}
-    metrics["abstain_threshold"] = float(abstain_threshold)
+    metrics["abstain_threshold"] = float(choices.abstention.threshold)
     metrics["temperature"] = float(temperature)
     metrics["coverage_levels"] = list(conformal.coverages) if conformal is not None else []
     if conformal is not None:

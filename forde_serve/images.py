@@ -1,5 +1,5 @@
-"""Pictures to raw inputs, as an exported model's `forde.image` metadata says (mode, size, scale,
-invert). Shared by the HTTP `predict_image` endpoint and batch scoring of image folders, so an
+"""Pictures to raw inputs, as an exported model's picture spec says (`contract.ImageSpec`: mode, size,
+scale, invert). Shared by the HTTP `predict_image` endpoint and batch scoring of image folders, so an
 uploaded file and the same file in a folder give the same numbers.
 """
 
@@ -10,6 +10,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from forde_serve.contract import ImageSpec
 from forde_serve.runtime import InvalidInput
 
 __all__ = ["IMAGE_FORMATS", "IMAGE_SUFFIXES", "ImageTooLarge", "image_to_input"]
@@ -34,7 +35,7 @@ class ImageTooLarge(InvalidInput):
 
 
 def image_to_input(
-    source: str | Path | BinaryIO, spec: dict | None, field: str = "image", max_pixels: int = MAX_IMAGE_PIXELS
+    source: str | Path | BinaryIO, spec: ImageSpec | None, field: str = "image", max_pixels: int = MAX_IMAGE_PIXELS
 ) -> np.ndarray:
     """Decode a picture into the model's raw input `[channels, height, width]` float32."""
     if spec is None:
@@ -86,25 +87,25 @@ def _undecodable(field: str, format: str | None, err: Exception) -> InvalidInput
     return InvalidInput(f"{field}: expected a {_NAMES} picture, got a {format or 'picture'} file that does not decode")
 
 
-def _to_model_input(picture, spec: dict) -> np.ndarray:
+def _to_model_input(picture, spec: ImageSpec) -> np.ndarray:
     """A decoded picture -> raw input `[channels, height, width]` float32, as the model's `spec` says.
 
-    A spec with `crop` (an image folder's evaluation transform) resizes the shorter side to `resize`
-    and centre-crops `crop`, with torchvision's own size and offset arithmetic on the same PIL calls,
+    A spec with `resize` (an image folder's evaluation transform) resizes the shorter side to `resize`
+    and centre-crops `size`, with torchvision's own size and offset arithmetic on the same PIL calls,
     so an upload becomes exactly the input the model was validated and tested on. Without it
     (digits, CIFAR) the picture is resized to `size` as a whole.
     """
     from PIL import Image
 
-    converted = picture.convert(spec["mode"])
-    if "crop" in spec:
-        converted = _centre_crop(_resize_shorter_side(converted, int(spec["resize"])), *spec["crop"])
+    converted = picture.convert(spec.mode)
+    if spec.resize is not None:
+        converted = _centre_crop(_resize_shorter_side(converted, spec.resize), *spec.size)
     else:
-        converted = converted.resize(tuple(spec["size"][::-1]), Image.BILINEAR)
+        converted = converted.resize(spec.size[::-1], Image.BILINEAR)
     array = np.asarray(converted, dtype=np.float32)
-    if spec["invert"]:
+    if spec.invert:
         array = 255.0 - array
-    array = array * np.float32(spec["scale"])
+    array = array * np.float32(spec.scale)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 

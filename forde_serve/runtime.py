@@ -4,11 +4,9 @@ all go through `EnsembleRuntime`, so a number means the same everywhere. numpy +
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,15 +15,14 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
-from forde_serve.calibration import TemperatureFit
-from forde_serve.conformal import ConformalCalibration, ConformalError, prediction_sets
+from forde_serve.conformal import ConformalError, prediction_sets
 from forde_serve.contract import (
     EXPLAIN_OUTPUTS,
-    FORMAT_VERSION,
     INPUT,
-    METADATA_KEYS,
     PREDICT_OUTPUTS,
     TARGET,
+    ModelCard,
+    ModelFileError,
     explain_path,
 )
 from forde_serve.errors import FordeError
@@ -43,9 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_REQUIRED = ("format_version", "class_names", "input_shape", "members", "method", "abstain_threshold")
-
 
 NOT_FINITE = "expected finite float32 values, got NaN, infinity or a value beyond +-3.4e38"
 NOT_FINITE_OUTPUTS = (
@@ -117,10 +111,6 @@ def _nearest_float32(value: int) -> float:
     return -nearest if value < 0 else nearest
 
 
-class ModelFileError(FordeError, ValueError):
-    """An exported file that cannot be served: missing, not ONNX, unknown format or missing metadata."""
-
-
 class InvalidInput(FordeError, ValueError):
     """A caller's input that does not fit the model; the message names the field, expected and got."""
 
@@ -137,37 +127,6 @@ class NonFiniteOutput(InvalidInput):
         super().__init__(message)
         self.rows = tuple(int(r) for r in rows)
         self.outputs = outputs
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What an exported file says about itself (its metadata_props)."""
-
-    class_names: tuple[str, ...]
-    input_shape: tuple[int, ...]
-    input_space: str
-    image: dict | None  # how an uploaded image becomes an input: mode, size [H, W], scale, invert
-    members: int
-    method: str
-    kernel: dict | None
-    metrics: dict
-    abstain_threshold: float  # abstain when mutual_information > this
-    abstain_coverage: float | None
-    abstain_target_risk: float | None
-    training_config: dict
-    format_version: str
-    calibration: TemperatureFit | None = None  # None: exported without calibration (T = 1)
-    conformal: ConformalCalibration | None = None  # None: no prediction sets (exported before them)
-
-    @property
-    def temperature(self) -> float:
-        """The temperature baked into the graphs: their `member_logits` are the raw logits divided by it."""
-        return 1.0 if self.calibration is None else self.calibration.temperature
-
-    @property
-    def coverage_levels(self) -> tuple[float, ...]:
-        """Coverage levels with stored conformal thresholds (empty: the file cannot give prediction sets)."""
-        return () if self.conformal is None else self.conformal.coverages
 
 
 def _open_session(path: Path, providers: Sequence[str], options: ort.SessionOptions) -> ort.InferenceSession:
@@ -201,50 +160,6 @@ def _choose_providers(requested: Sequence[str] | None) -> list[str]:
         if "CUDAExecutionProvider" in available
         else ["CPUExecutionProvider"]
     )
-
-
-def _card(path: Path, meta: dict[str, str]) -> ModelCard:
-    missing = [METADATA_KEYS[k] for k in _REQUIRED if METADATA_KEYS[k] not in meta]
-    if METADATA_KEYS["format_version"] in meta and meta[METADATA_KEYS["format_version"]] != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: format version {meta[METADATA_KEYS['format_version']]!r} is not one this "
-            f"forde-serve knows (it reads {FORMAT_VERSION!r}); re-export it or upgrade forde-serve"
-        )
-    if missing:
-        raise ModelFileError(
-            f"{path} is not a forde-serve export: metadata {', '.join(missing)} missing (export it with `forde export`)"
-        )
-
-    def get(key: str, default=None):
-        return meta.get(METADATA_KEYS[key], default)
-
-    def number(key: str) -> float | None:
-        return None if get(key) is None else float(get(key))
-
-    try:
-        return ModelCard(
-            class_names=tuple(json.loads(get("class_names"))),
-            input_shape=tuple(int(d) for d in json.loads(get("input_shape"))),
-            input_space=get("input_space", ""),
-            image=json.loads(get("image", "null")),
-            members=int(get("members")),
-            method=get("method"),
-            kernel=json.loads(get("kernel", "null")),
-            metrics=json.loads(get("metrics", "{}")),
-            abstain_threshold=float(get("abstain_threshold")),
-            abstain_coverage=number("abstain_coverage"),
-            abstain_target_risk=number("abstain_target_risk"),
-            training_config=json.loads(get("training_config", "{}")),
-            format_version=get("format_version"),
-            calibration=None
-            if get("calibration") is None
-            else TemperatureFit.from_metadata(json.loads(get("calibration"))),
-            conformal=None
-            if get("conformal") is None
-            else ConformalCalibration.from_metadata(json.loads(get("conformal"))),
-        )
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
-        raise ModelFileError(f"{path}: broken metadata ({err}); re-export the model") from None
 
 
 class EnsembleRuntime:
@@ -283,7 +198,7 @@ class EnsembleRuntime:
         self._options = options
         self._providers = _choose_providers(providers)
         self._predict = _open_session(self.path, self._providers, options)
-        self.card = _card(self.path, self._predict.get_modelmeta().custom_metadata_map)
+        self.card = ModelCard.from_metadata(self._predict.get_modelmeta().custom_metadata_map, str(self.path))
         self._check_io(self._predict, [INPUT], PREDICT_OUTPUTS, self.path)
         if "CUDAExecutionProvider" in self._providers and "CUDAExecutionProvider" not in self.providers:
             log.warning(
@@ -298,6 +213,20 @@ class EnsembleRuntime:
     def require_explain(self) -> None:
         """Open the explain graph now rather than on first use; raises ModelFileError if it can't be."""
         self._explain  # noqa: B018 (opening is the point)
+
+    def warm_up(self) -> None:
+        """Open both graphs and run each once on a zero input, so that a server reports ready only with
+        graphs that answer (and the first caller does not pay for onnxruntime's first run). Raises
+        ModelFileError naming the file whose graph does not run."""
+        x = np.zeros((1, *self.card.input_shape), dtype=np.float32)
+        for path, session, feed in (
+            (self.path, self._predict, {INPUT: x}),
+            (self.explain_path, self._explain, {INPUT: x, TARGET: np.full(1, -1, dtype=np.int64)}),
+        ):
+            try:
+                session.run(None, feed)
+            except (RuntimeError, _ort_errors.Fail, _ort_errors.InvalidArgument) as err:
+                raise ModelFileError(f"{path}: its graph does not run ({str(err).splitlines()[0]})") from None
 
     @cached_property
     def _explain(self) -> ort.InferenceSession:

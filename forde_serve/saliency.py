@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from forde_serve.contract import ImageSpec
+
 __all__ = ["saliency_figure", "saliency_png"]
 
 _MAX_COLUMNS = 10  # panels per row before the figure wraps
@@ -32,7 +34,7 @@ def saliency_png(
     member_probs: np.ndarray,
     class_names: Sequence[str],
     target: int,
-    image: dict | None = None,
+    image: ImageSpec | None = None,
     dpi: int = 100,
 ) -> bytes:
     """The figure of `saliency_figure` as PNG bytes."""
@@ -48,7 +50,7 @@ def saliency_figure(
     member_probs: np.ndarray,
     class_names: Sequence[str],
     target: int,
-    image: dict | None = None,
+    image: ImageSpec | None = None,
 ):
     """Input, members' mean gradient and one panel per member, as a matplotlib `Figure`.
 
@@ -112,7 +114,7 @@ def saliency_figure(
     colorbar.set_label(f"d logit[{target_name}] / d pixel", fontsize=8)
     colorbar.ax.tick_params(labelsize=7)
 
-    brighter = "darker (more ink)" if image and image.get("invert") else "brighter"
+    brighter = "darker (more ink)" if image is not None and image.invert else "brighter"
     combined = (
         f" Gradient panels show the {'RGB' if channels == 3 else f'{channels}-channel'} input in grey; "
         f"each pixel's gradient is the sum over its {channels} channels."
@@ -135,16 +137,16 @@ def _vote(probs: np.ndarray, class_names: Sequence[str]) -> str:
     return f"{class_names[top]} ({float(probs[top]):.2f})"
 
 
-def _unit_range(x: np.ndarray, image: dict | None) -> np.ndarray:
+def _unit_range(x: np.ndarray, image: ImageSpec | None) -> np.ndarray:
     """`x` mapped to [0, 1] as a person would see it (dark ink dark), same shape."""
     low, high = float(x.min()), float(x.max())
-    if image is not None and "scale" in image:  # the file says which raw range a full-scale pixel spans
-        low, high = 0.0, 255.0 * float(image["scale"])
+    if image is not None:  # the file says which raw range a full-scale pixel spans
+        low, high = 0.0, 255.0 * image.scale
     unit = np.clip((x - low) / max(high - low, 1e-12), 0.0, 1.0)
-    return 1.0 - unit if image is not None and image.get("invert") else unit
+    return 1.0 - unit if image is not None and image.invert else unit
 
 
-def _grey(x: np.ndarray, image: dict | None) -> np.ndarray:
+def _grey(x: np.ndarray, image: ImageSpec | None) -> np.ndarray:
     """`[H, W]` in [0, 1]: the picture in grey, faded so the overlay's colours stay readable on it."""
     unit = _unit_range(x, image)
     # ITU-R 601 luma for RGB, as PIL's "L" mode; other channel counts are averaged.

@@ -23,13 +23,15 @@ import numpy as np
 
 from forde_serve._io import atomic_path, atomic_write_text
 from forde_serve._sources import InputFileError, open_source
+from forde_serve.contract import PREDICTION_FIELDS, UNCERTAINTY
 from forde_serve.errors import FordeError
 from forde_serve.runtime import NOT_FINITE, NOT_FINITE_OUTPUTS, EnsembleRuntime, NonFiniteOutput, finite_float32_rows
 
 __all__ = ["InputFileError", "ScoreJob", "ScoreSummary", "ScoringError", "score"]
 
 OUTPUT_SUFFIXES = (".parquet", ".csv")
-UNCERTAINTY = ("predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement")
+# The contract's answer row, as columns (each member's probabilities stay an HTTP option).
+SCORED_FIELDS = tuple(f.name for f in PREDICTION_FIELDS if f.name != "member_probs")
 
 
 class ScoringError(FordeError, ValueError):
@@ -336,17 +338,22 @@ def _table(
     else:
         columns["row_id"] = pa.array(row_ids, pa.int64())
     predicted = out["predicted_class"].astype(np.int32)
-    columns["predicted_class"] = pa.array(predicted)
-    columns["class_name"] = pa.array(class_names[predicted].tolist(), pa.string())
-    columns["confidence"] = pa.array(out["confidence"].astype(np.float32))
-    columns["probs"] = pa.FixedSizeListArray.from_arrays(pa.array(out["probs"].astype(np.float32).ravel()), classes)
-    for name in UNCERTAINTY:
-        columns[name] = pa.array(out[name].astype(np.float32))
-    columns["abstain"] = pa.array(out["abstain"].astype(bool))
-    if coverage is not None:
-        sets = out["prediction_set"]
-        columns["prediction_set"] = pa.array([class_names[row].tolist() for row in sets], pa.list_(pa.string()))
-        columns["set_size"] = pa.array(sets.sum(axis=1).astype(np.int32))
+    column = {
+        "predicted_class": lambda: pa.array(predicted),
+        "class_name": lambda: pa.array(class_names[predicted].tolist(), pa.string()),
+        "confidence": lambda: pa.array(out["confidence"].astype(np.float32)),
+        "probs": lambda: pa.FixedSizeListArray.from_arrays(pa.array(out["probs"].astype(np.float32).ravel()), classes),
+        **{name: (lambda name=name: pa.array(out[name].astype(np.float32))) for name in UNCERTAINTY},
+        "abstain": lambda: pa.array(out["abstain"].astype(bool)),
+        "prediction_set": lambda: pa.array(
+            [class_names[row].tolist() for row in out["prediction_set"]], pa.list_(pa.string())
+        ),
+        "set_size": lambda: pa.array(out["prediction_set"].sum(axis=1).astype(np.int32)),
+    }
+    for name in SCORED_FIELDS:
+        if name in ("prediction_set", "set_size") and coverage is None:
+            continue
+        columns[name] = column[name]()
     return pa.table(columns)
 
 

@@ -2,35 +2,21 @@
 `forde fuse` and `forde evaluate` on a run folder: the temperature (calibration), the conformal
 thresholds (prediction sets) and the abstention threshold, in that order, each on the
 probabilities the previous step produced, so a served number means what it was chosen to mean.
+The decisions are a `contract.ValidationChoices`, the shape the exported file stores them in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
-from forde_serve.calibration import TemperatureFit, ensemble_probs, fit_temperature, member_probs
-from forde_serve.conformal import DEFAULT_COVERAGES, ConformalCalibration, calibrate
+from forde_serve.calibration import ensemble_probs, fit_temperature, member_probs
+from forde_serve.conformal import DEFAULT_COVERAGES, calibrate
+from forde_serve.contract import Abstention, ValidationChoices
 from forde_serve.metrics import validation_abstention
 
-__all__ = ["ValidationChoices", "choose_on_validation"]
-
-
-@dataclass(frozen=True)
-class ValidationChoices:
-    """The temperature fit (None: not calibrated, T = 1), the conformal calibration on the
-    calibrated probabilities, and the abstention threshold on their mutual information."""
-
-    temperature: TemperatureFit | None
-    conformal: ConformalCalibration
-    abstention: dict[str, float]  # threshold, coverage, risk (metrics.abstention_threshold)
-    target_risk: float
-
-    @property
-    def temperature_value(self) -> float:
-        return 1.0 if self.temperature is None else self.temperature.temperature
+__all__ = ["choose_on_validation"]
 
 
 def choose_on_validation(
@@ -52,5 +38,6 @@ def choose_on_validation(
     probs = ensemble_probs(member_logits, temperature)
     levels = sorted(set(DEFAULT_COVERAGES) | {float(c) for c in coverages})
     conformal = calibrate(probs, labels, score=score, coverages=levels, k_reg=k_reg, lam=lam)
-    abstention = validation_abstention(member_probs(member_logits, temperature), labels, target_risk)
-    return ValidationChoices(fit, conformal, abstention, target_risk)
+    chosen = validation_abstention(member_probs(member_logits, temperature), labels, target_risk)
+    abstention = Abstention(chosen["threshold"], target_risk, chosen["coverage"], chosen["risk"])
+    return ValidationChoices(fit, conformal, abstention)

@@ -142,6 +142,21 @@ sys.meta_path.insert(0, _NoTorch())
 """
 
 
+def bare_card(input_shape, members, classes=10, abstain_threshold=1.0):
+    """The least model card an export needs: classes "0".."9", an input shape, no validation choices."""
+    from forde_serve.contract import Abstention, ModelCard, ValidationChoices
+
+    return ModelCard(
+        class_names=tuple(str(i) for i in range(classes)),
+        input_shape=tuple(input_shape),
+        input_space="test inputs",
+        image=None,
+        members=members,
+        method="de",
+        choices=ValidationChoices(abstention=Abstention(abstain_threshold)),
+    )
+
+
 def copy_with_metadata(src, dst_dir, change):
     """Copy an exported pair to `dst_dir/m.onnx` with `change(props)` applied to both files' metadata."""
     import onnx

@@ -8,14 +8,14 @@ import onnx
 import pytest
 import torch
 
-from forde_serve.contract import EXPLAIN_OUTPUTS, METADATA_KEYS, PREDICT_OUTPUTS
+from forde_serve.contract import EXPLAIN_OUTPUTS, PREDICT_OUTPUTS, ModelCard
 from forde_serve.runtime import EnsembleRuntime
 from training.export import ExportContract, OutputCheck, ToleranceError, export_ensemble
 from training.models import build_ensemble
 from training.models.layers import FusedConv2d, FusedLinear
 from training.run import load_run
 
-from helpers import run_forde
+from helpers import bare_card, run_forde
 
 pytestmark = pytest.mark.slow  # trains, exports or runs several processes
 
@@ -85,17 +85,20 @@ def test_batch_axis_is_symbolic(digits_export):
 def test_metadata_holds_what_a_server_needs(digits_export, quickstart_runs):
     path, _ = digits_export
     run = quickstart_runs["forde"]
+    card = EnsembleRuntime(path).card
     for graph, file in (("predict", path), ("explain", path.with_name("digits.explain.onnx"))):
         props = {p.key: p.value for p in onnx.load(str(file)).metadata_props}
-        assert set(METADATA_KEYS.values()) <= set(props), set(METADATA_KEYS.values()) - set(props)
-        assert props["forde.graph"] == graph
-    card = EnsembleRuntime(path).card
+        assert ModelCard.graph_of(props) == graph
+        assert ModelCard.from_metadata(props) == card  # both files carry the whole card
+        assert props == card.to_metadata(graph)  # and nothing else
     assert card.class_names == tuple(str(i) for i in range(10)) and card.input_shape == (1, 8, 8)
     assert (card.members, card.method) == (8, "forde")
     assert card.kernel["lengthscale"] == "identity"
     assert card.training_config == json.loads((run / "config.json").read_text())
     assert card.metrics == json.loads((run / "metrics.json").read_text())
-    assert card.abstain_target_risk == 0.01 and 0 < card.abstain_coverage <= 1
+    rule = card.choices.abstention
+    assert rule.target_risk == 0.01 and 0 < rule.coverage <= 1 and 0 <= rule.validation_risk <= 0.01
+    assert card.calibration is not None and card.conformal is not None
     assert "0 to 16" in card.input_space
 
 
@@ -140,20 +143,10 @@ def untrained_exports(tmp_path_factory):
             for _ in range(30):
                 ensemble(torch.rand(32, *shape))
         x = torch.rand(6, *shape)
-        paths[arch] = export_ensemble(ensemble, out / f"{arch}.onnx", {}, x, torch.full((6,), -1), echo=lambda s: None)
-        # a bare export has no model card: add the minimum the runtime reads
-        for file in paths[arch].values():
-            model = onnx.load(str(file))
-            for key, value in {
-                "class_names": json.dumps([str(i) for i in range(10)]),
-                "input_shape": json.dumps(list(shape)),
-                "members": str(members),
-                "method": "de",
-                "abstain_threshold": "1.0",
-            }.items():
-                entry = model.metadata_props.add()
-                entry.key, entry.value = METADATA_KEYS[key], value
-            onnx.save(model, str(file))
+        card = bare_card(shape, members)
+        paths[arch] = export_ensemble(
+            ensemble, out / f"{arch}.onnx", card, x, torch.full((6,), -1), echo=lambda s: None
+        )
     return paths
 
 
@@ -189,7 +182,7 @@ def test_a_failed_check_removes_the_files_and_lists_every_failure(tmp_path):
         export_ensemble(
             ensemble,
             tmp_path / "m.onnx",
-            {},
+            bare_card((1, 8, 8), 2),
             torch.rand(4, 1, 8, 8),
             torch.full((4,), -1),
             contract=strict,

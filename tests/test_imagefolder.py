@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from forde_serve.contract import ImageSpec
 from forde_serve.images import image_to_input
 from training.config import ConfigError, DataConfig, load_config
 from training.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupted_versions
@@ -147,7 +148,7 @@ def test_statistics_are_the_train_split_s_at_the_evaluation_transform(folder):
     torch.testing.assert_close(
         data.test.x, torch.stack([transform(Image.open(f).convert("RGB")) for f in data.test.files])
     )
-    assert data.input_shape == (3, 12, 12) and data.image["crop"] == [12, 12] and data.image["resize"] == 14
+    assert data.input_shape == (3, 12, 12) and data.image.size == (12, 12) and data.image.resize == 14
     given = load_dataset(_config(folder, mean=(0.1, 0.2, 0.3), std=(1.0, 2.0, 3.0)))
     assert (given.mean, given.std) == ((0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
 
@@ -224,10 +225,10 @@ def test_digits_and_cifar_specs_convert_as_before(tmp_path):
     picture = draw_picture("disc", 40, 30, np.random.default_rng(0))
     path = tmp_path / "p.png"
     picture.save(path)
-    cifar = {"mode": "RGB", "size": [32, 32], "scale": 1 / 255, "invert": False}
+    cifar = ImageSpec(mode="RGB", size=(32, 32), scale=1 / 255, invert=False)
     expected = np.asarray(picture.resize((32, 32), Image.BILINEAR), dtype=np.float32) * np.float32(1 / 255)
     assert np.array_equal(image_to_input(path, cifar), expected.transpose(2, 0, 1))
-    digits = {"mode": "L", "size": [8, 8], "scale": 16 / 255, "invert": True}
+    digits = ImageSpec(mode="L", size=(8, 8), scale=16 / 255, invert=True)
     gray = np.asarray(picture.convert("L").resize((8, 8), Image.BILINEAR), dtype=np.float32)
     assert np.array_equal(image_to_input(path, digits)[0], (255.0 - gray) * np.float32(16 / 255))
 

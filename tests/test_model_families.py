@@ -33,6 +33,8 @@ from training.models.layers import TwiceDifferentiableHardsigmoid, TwiceDifferen
 from training.models.members import CHECKED_TORCHVISION, build_member
 from training.trainer import Repulsion, train_step
 
+from helpers import bare_card
+
 pytestmark = pytest.mark.slow  # builds torchvision networks, trains and exports them
 
 
@@ -286,7 +288,9 @@ def test_fused_family_exports_and_validates(name, tmp_path):
     # traced on 2 inputs, validated on 3: the batch axis must really be free
     x, target = torch.rand(3, *SHAPE), torch.tensor([-1, 2, -1])
     lines = []
-    paths = export_ensemble(ensemble, tmp_path / f"{name}.onnx", {}, x, target, echo=lines.append)
+    paths = export_ensemble(
+        ensemble, tmp_path / f"{name}.onnx", bare_card(SHAPE, MEMBERS, CLASSES), x, target, echo=lines.append
+    )
     assert set(paths) == {"predict", "explain"} and all(p.exists() for p in paths.values())
     assert len(lines) == 15 and all("✓" in line for line in lines), lines
 

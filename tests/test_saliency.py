@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from forde_serve.contract import ImageSpec
 from forde_serve.runtime import EnsembleRuntime
 from forde_serve.saliency import saliency_figure, saliency_png
 
 from helpers import MODEL
 
-DIGITS = {"mode": "L", "size": [8, 8], "scale": 16 / 255, "invert": True}  # the bundled model's image spec
+DIGITS = ImageSpec(mode="L", size=(8, 8), scale=16 / 255, invert=True)  # the bundled model's image spec
 CLASSES = [str(c) for c in range(10)]
 
 
@@ -68,7 +69,7 @@ def test_colours_are_centred_at_zero_shared_and_unblurred():
 
 def test_rgb_inputs_say_how_channels_were_combined():
     x, gradients, member_probs = _hand_made(members=2, channels=3)
-    spec = {"mode": "RGB", "size": [8, 8], "scale": 1 / 255, "invert": False}
+    spec = ImageSpec(mode="RGB", size=(8, 8), scale=1 / 255, invert=False)
     figure = saliency_figure(x / 16, gradients, member_probs, CLASSES, target=0, image=spec)
     assert "sum over its 3 channels" in figure.get_suptitle() and "brighter" in figure.get_suptitle()
     panels = _images(figure)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from forde_serve.runtime import EnsembleRuntime
 
-from helpers import FORDE, ROOT, run_forde
+from helpers import FORDE, ROOT, bare_card, run_forde
 
 MODEL = ROOT / "exported" / "digits.onnx"
 UNCERTAINTY = ("predictive_entropy", "expected_entropy", "mutual_information", "vote_disagreement")
@@ -256,15 +256,9 @@ def wide_model(tmp_path_factory):
     torch.manual_seed(0)
     shape = (16, 64, 64)
     ensemble = build_ensemble("mlp", 2, shape, 10, [0.5] * 16, [0.25] * 16, width=8)
-    metadata = {
-        "class_names": json.dumps([str(i) for i in range(10)]),
-        "input_shape": json.dumps(list(shape)),
-        "members": "2",
-        "method": "de",
-        "abstain_threshold": "0.1",
-    }
     path = tmp_path_factory.mktemp("wide") / "wide.onnx"
-    export_ensemble(ensemble, path, metadata, torch.rand(4, *shape), torch.full((4,), -1), echo=lambda s: None)
+    card = bare_card(shape, 2, abstain_threshold=0.1)
+    export_ensemble(ensemble, path, card, torch.rand(4, *shape), torch.full((4,), -1), echo=lambda s: None)
     return path
 
 
@@ -463,9 +457,10 @@ def _scored_input(path, rows) -> np.ndarray:
 
 def _served_input(rows) -> np.ndarray:
     """The float32 batch the HTTP service feeds the graph for these JSON rows (its request model's parse)."""
-    from forde_serve.app.service import PredictRow
+    from forde_serve.app.service import FordeEnsemble
 
-    return np.stack([PredictRow.model_validate_json(json.dumps({"input": row})).input for row in rows])
+    predict_row = FordeEnsemble.inner.models.predict_row
+    return np.stack([predict_row.model_validate_json(json.dumps({"input": row})).input for row in rows])
 
 
 def _http_scores(client, rows) -> dict[str, np.ndarray]:

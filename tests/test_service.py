@@ -369,22 +369,17 @@ def test_forde_serve_refuses_a_bad_model_file(tmp_path):
 
 
 def test_saliency_is_refused_for_models_without_images(tmp_path):
+    import pydantic
+
+    from forde_serve.app.schemas import api_models
+
     path = copy_with_metadata(MODEL, tmp_path, lambda p: p.update({"forde.image": "null"}))
-    code = (
-        "import pydantic, numpy as np\n"
-        "from forde_serve.app.service import ExplainRow\n"
-        "row = np.zeros((1, 8, 8)).tolist()\n"
-        "assert ExplainRow(input=row).saliency_png is False\n"
-        "try:\n"
-        "    ExplainRow(input=row, saliency_png=True)\n"
-        "except pydantic.ValidationError as err:\n"
-        "    print(err)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ) | {"FORDE_MODEL": str(path)}
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "saliency_png" in result.stdout and "inputs are not images" in result.stdout
+    explain_row = api_models(EnsembleRuntime(path), max_inputs=8).explain_row
+    row = np.zeros((1, 8, 8)).tolist()
+    assert explain_row(input=row).saliency_png is False
+    with pytest.raises(pydantic.ValidationError, match="inputs are not images") as refused:
+        explain_row(input=row, saliency_png=True)
+    assert refused.value.errors()[0]["loc"] == ("saliency_png",)
 
 
 # What a fuzzer and a browser found: wrong answers, 5xx, a spec that lied.
@@ -434,15 +429,16 @@ def _count_batches(client, monkeypatch):
     if client.base_url.host != "testserver":
         rows, calls = _batch_counts(client)
         return lambda: tuple(after - before for after, before in zip(_batch_counts(client), (rows, calls), strict=True))
-    import forde_serve.app.service as service
+    from forde_serve.app.service import FordeEnsemble
 
-    sizes, predict = [], service.RUNTIME.predict
+    runtime = FordeEnsemble.inner.runtime
+    sizes, predict = [], runtime.predict
 
     def watched(x):
         sizes.append(len(x))
         return predict(x)
 
-    monkeypatch.setattr(service.RUNTIME, "predict", watched)
+    monkeypatch.setattr(runtime, "predict", watched)
     return lambda: (sum(sizes), len(sizes))
 
 

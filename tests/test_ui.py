@@ -119,12 +119,13 @@ def test_the_page_builds_with_its_fields_and_shows_coverage_only_when_the_file_h
     fields = {"forde-input", "forde-draw", "forde-submit", "forde-label", "forde-uncertainty", "forde-abstain"}
     fields |= {"forde-saliency", "forde-votes", "forde-probabilities", "forde-message"}
     without_sets = EnsembleRuntime(MODEL)
-    without_sets.card = replace(without_sets.card, conformal=None)
+    without_sets.card = replace(without_sets.card, choices=replace(without_sets.card.choices, conformal=None))
     fields_without = elem_ids(build_page(without_sets))
     assert fields <= fields_without and "forde-coverage" not in fields_without
     with_sets = EnsembleRuntime(MODEL)
     levels = ((0.8, 0.5), (0.9, 0.6), (0.95, 0.7), (0.99, 0.9))
-    with_sets.card = replace(with_sets.card, conformal=ConformalCalibration("lac", levels, 180, 10))
+    conformal = ConformalCalibration("lac", levels, 180, 10)
+    with_sets.card = replace(with_sets.card, choices=replace(with_sets.card.choices, conformal=conformal))
     assert {"forde-coverage", "forde-set"} <= elem_ids(build_page(with_sets))
 
 

@@ -3,7 +3,7 @@
 torchrun --nproc_per_node=4 -m training training/configs/cifar10_resnet18.toml --out runs/c10
 """
 
-from forde_serve.app.cli import train
+from training.cli import train_main
 
 if __name__ == "__main__":
-    train.main(prog_name="python -m training")
+    train_main()

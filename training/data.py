@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from forde_serve.contract import ImageSpec
 from forde_serve.errors import FordeError
 from training.config import DataConfig
 
@@ -68,9 +69,9 @@ class Split:
 # How an uploaded picture becomes a raw input: PIL mode, [height, width], multiply 0..255 by
 # scale, and invert first (digits are bright ink on black; photographed digits are dark on light).
 IMAGE_SPECS = {
-    "digits": {"mode": "L", "size": [8, 8], "scale": 16 / 255, "invert": True},
-    "cifar10": {"mode": "RGB", "size": [32, 32], "scale": 1 / 255, "invert": False},
-    "cifar100": {"mode": "RGB", "size": [32, 32], "scale": 1 / 255, "invert": False},
+    "digits": ImageSpec(mode="L", size=(8, 8), scale=16 / 255, invert=True),
+    "cifar10": ImageSpec(mode="RGB", size=(32, 32), scale=1 / 255, invert=False),
+    "cifar100": ImageSpec(mode="RGB", size=(32, 32), scale=1 / 255, invert=False),
 }
 
 # What one raw input is, in words (the exported file's `input_space`).
@@ -94,7 +95,7 @@ class Dataset:
     val: Split | PictureSplit
     test: Split | PictureSplit | None  # None: an image folder without test/
     augment: bool  # CIFAR: random crop (padding 4) + flip; imagefolder: random resized crop (+ flip)
-    image: dict | None  # how an uploaded picture becomes one raw input (None: the inputs are not pictures)
+    image: ImageSpec | None  # how an uploaded picture becomes one raw input (None: the inputs are not pictures)
     input_space: str  # what one raw input is, in words
 
     def train_batches(
@@ -516,15 +517,7 @@ def _image_folder(config: DataConfig, for_training: bool) -> Dataset:
         val,
         test,
         augment=config.augment,
-        image={
-            "mode": "RGB",
-            "size": [size, size],
-            "resize": resize,
-            "crop": [size, size],
-            "interpolation": "bilinear",
-            "scale": 1 / 255,
-            "invert": False,
-        },
+        image=ImageSpec(mode="RGB", size=(size, size), scale=1 / 255, invert=False, resize=resize),
         input_space=(
             f"RGB floats in [0, 1] as float32 [3, {size}, {size}] (channels first): a picture resized "
             f"(bilinear) so that its shorter side is {resize}, then centre-cropped to {size}x{size}"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from forde_serve.conformal import ConformalCalibration
+from forde_serve.contract import ImageSpec, ValidationChoices
 from forde_serve.corruptions import corrupted_versions
 from forde_serve.errors import FordeError
 from forde_serve.evaluation import Evaluation, RuntimePredictor, evaluate
@@ -125,7 +125,7 @@ class _Measured:
     split_seed: int
     # None: a run folder, whose temperature, conformal and abstention thresholds are chosen on its
     # validation split exactly as `forde export` chooses them.
-    choices: tuple[float, ConformalCalibration | None, float] | None
+    choices: ValidationChoices | None
     data_config: dict  # the trained data section (an export from elsewhere: what its image spec says)
 
 
@@ -153,17 +153,17 @@ def _measured(source: Path) -> _Measured:
         card.members,
         trained.get("dataset"),
         trained.get("split_seed", 0),
-        (card.temperature, card.conformal, card.abstain_threshold),
+        card.choices,
         trained or _data_config_from_image_spec(card.image),
     )
 
 
-def _data_config_from_image_spec(image: dict | None) -> dict:
+def _data_config_from_image_spec(image: ImageSpec | None) -> dict:
     """An export without a training config (made elsewhere): its image folder's evaluation transform,
     as its image spec records it."""
-    if not image or "crop" not in image:
+    if image is None or image.resize is None:
         return {}
-    return {"dataset": "imagefolder", "image_size": image["crop"][0], "resize": image["resize"]}
+    return {"dataset": "imagefolder", "image_size": image.size[0], "resize": image.resize}
 
 
 def _image_folder_config(job: EvaluationJob, measured: _Measured) -> DataConfig:
@@ -229,11 +229,9 @@ def evaluate_job(job: EvaluationJob, on_set: Callable[[str], None] | None = None
     x, y = chosen.x.numpy(), chosen.y.numpy()
     choices = measured.choices
     if choices is None:  # a run folder: chosen on its validation split, as `forde export` does
-        chosen = choose_on_validation(
+        choices = choose_on_validation(
             measured.predictor.member_logits(dataset.val.x.numpy()), dataset.val.y.numpy(), target_risk=job.target_risk
         )
-        choices = (chosen.temperature_value, chosen.conformal, chosen.abstention["threshold"])
-    temperature, conformal, threshold = choices
     if job.data == "digits":
         corrupted = ((name, severity, xc, y) for name, severity, xc in corrupted_versions(x, job.seed, 0.0, 16.0))
         suite = f"digits-C (seed {job.seed})"
@@ -254,9 +252,7 @@ def evaluate_job(job: EvaluationJob, on_set: Callable[[str], None] | None = None
         x,
         y,
         corrupted,
-        abstain_threshold=threshold,
-        temperature=temperature,
-        conformal=conformal,
+        choices=choices,
         ood_x=ood_x,
         gradient_rows=job.gradient_rows,
         on_set=on_set,

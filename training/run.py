@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from forde_serve._io import atomic_path, atomic_write_text
+from forde_serve.contract import ImageSpec
 from forde_serve.errors import FordeError
 from training.config import ConfigError, TrainConfig, load_config, with_overrides
 from training.data import IMAGE_SPECS, INPUT_SPACES, Dataset
@@ -49,14 +50,15 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     input_space: str  # what one raw input is, in words
-    image: dict | None  # how an uploaded picture becomes one raw input; None: inputs are not pictures
+    image: ImageSpec | None  # how an uploaded picture becomes one raw input; None: inputs are not pictures
 
     @classmethod
     def of(cls, data: Dataset) -> DatasetInfo:
         return cls(data.name, data.class_names, data.input_shape, data.mean, data.std, data.input_space, data.image)
 
     def write(self, run_dir: Path) -> None:
-        atomic_write_text(run_dir / DATASET, json.dumps(asdict(self), indent=2))
+        data = asdict(self) | {"image": None if self.image is None else self.image.to_metadata()}
+        atomic_write_text(run_dir / DATASET, json.dumps(data, indent=2))
 
     @classmethod
     def read(cls, run_dir: Path) -> DatasetInfo:
@@ -71,12 +73,16 @@ class DatasetInfo:
                 tuple(raw["std"]),
                 # run folders written before these keys existed: the dataset's own
                 raw.get("input_space") or INPUT_SPACES[raw["name"]],
-                raw["image"] if "image" in raw else IMAGE_SPECS.get(raw["name"]),
+                _image(raw["image"]) if "image" in raw else IMAGE_SPECS.get(raw["name"]),
             )
         except FileNotFoundError:
             raise RunError(f"{run_dir} is not a complete training run: {DATASET} is missing") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise RunError(f"{path} is broken ({err!r}); re-run training to regenerate it") from None
+
+
+def _image(value: dict | None) -> ImageSpec | None:
+    return None if value is None else ImageSpec.from_metadata(value)
 
 
 def new_ensemble(config: TrainConfig, info: DatasetInfo, load_init: bool = False) -> Ensemble:

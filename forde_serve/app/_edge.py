@@ -20,6 +20,7 @@ the size limit. `quiet_caller_errors` makes BentoML log a refused request on one
 from __future__ import annotations
 
 import copy
+import html
 import json
 import logging
 import re
@@ -39,6 +40,25 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
+_HTML = "text/html; charset=utf-8"
+# The Swagger page at /: BentoML's own, less its third-party tag manager; every file it loads is served
+# by this server (BentoML's static_content), so the page works offline and tells nobody it was opened.
+_SWAGGER_PAGE = """<!DOCTYPE html>
+<html lang="en">
+  <head>
+    <meta charset="UTF-8">
+    <title>{title}</title>
+    <link rel="stylesheet" type="text/css" href="./static_content/swagger-ui.css" />
+    <link rel="stylesheet" type="text/css" href="./static_content/index.css" />
+  </head>
+  <body>
+    <div id="swagger-ui"></div>
+    <script src="./static_content/swagger-ui-bundle.js" charset="UTF-8"> </script>
+    <script src="./static_content/swagger-ui-standalone-preset.js" charset="UTF-8"> </script>
+    <script src="./static_content/swagger-initializer.js" charset="UTF-8"> </script>
+  </body>
+</html>
+"""
 _REF = "#/components/schemas/{model}"
 
 
@@ -117,8 +137,8 @@ class _Refuse(Exception):
 class RequestEdge:
     """ASGI middleware around the service (BentoML's `add_asgi_middleware`): see the module docstring."""
 
-    def __init__(self, app, service, max_body_bytes: int):
-        self.app, self.service, self.max_body_bytes = app, service, max_body_bytes
+    def __init__(self, app, service, max_body_bytes: int, info: dict[str, str] | None = None):
+        self.app, self.service, self.max_body_bytes, self.info = app, service, max_body_bytes, info
         self._routes: dict[str, _Route] | None = None
 
     @property
@@ -132,6 +152,8 @@ class RequestEdge:
             return await self.app(scope, receive, send)
         if scope["method"] == "GET" and scope["path"] == "/docs.json":
             return await self.app(scope, receive, _Rewrite(send, self._spec, statuses=(200,)))
+        if scope["method"] == "GET" and scope["path"] == "/":
+            return await _send(send, 200, _SWAGGER_PAGE.format(title=html.escape(self.title)).encode(), _HTML)
         route = self.routes.get(scope["path"])
         post = route is not None and scope["method"] == "POST"
         try:
@@ -145,8 +167,12 @@ class RequestEdge:
             return await self.app(scope, receive, send)
         return await self.app(scope, receive, _Rewrite(send, _error_body, statuses=range(400, 600)))
 
+    @property
+    def title(self) -> str:
+        return (self.info or {}).get("title", "API")
+
     def _spec(self, status: int, body: bytes) -> bytes:
-        return json.dumps(truthful_spec(json.loads(body), self.routes)).encode()
+        return json.dumps(truthful_spec(json.loads(body), self.routes, self.info)).encode()
 
     async def _within_limit(self, scope, receive, buffer: bool):
         """`receive` for the app: refuses a body over the limit, by its content-length before reading it,
@@ -244,12 +270,16 @@ async def _answer(send, status: int, field: str, message: str) -> None:
 
 
 async def _send_json(send, status: int, body: bytes, headers: list | None = None) -> None:
+    await _send(send, status, body, JSON, headers)
+
+
+async def _send(send, status: int, body: bytes, media_type: str, headers: list | None = None) -> None:
     kept = [(k, v) for k, v in headers or [] if k.lower() not in (b"content-length", b"content-type")]
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [*kept, (b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())],
+            "headers": [*kept, (b"content-type", media_type.encode()), (b"content-length", str(len(body)).encode())],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -294,6 +324,8 @@ def _error_body(status: int, body: bytes) -> bytes:
         for item in data["detail"]:
             if isinstance(item, dict) and "msg" in item:  # a pydantic error
                 message = str(item["msg"]).removeprefix("Value error, ")
+                if item.get("type") == "extra_forbidden" or message == "Extra inputs are not permitted":
+                    message = "unknown field: the endpoint takes only the fields its schema in /docs.json lists"
                 problems.append(Problem(field=_path(item.get("loc") or ()), message=message))
             elif isinstance(item, dict) and {"field", "message"} <= set(item):  # ours already
                 problems.append(Problem(field=str(item["field"]), message=str(item["message"])))
@@ -319,11 +351,16 @@ def _path(loc) -> str:
     return path or "body"
 
 
-def truthful_spec(spec: dict[str, Any], routes: dict[str, _Route]) -> dict[str, Any]:
+def truthful_spec(
+    spec: dict[str, Any], routes: dict[str, _Route], info: dict[str, str] | None = None
+) -> dict[str, Any]:
     """BentoML's generated OpenAPI 3.0 spec, corrected to say what the service does: the errors each API
     route answers, all as ErrorBody; null where a field can be null (`nullable`, as 3.0 says it);
-    `Prediction` for /predict_image's answer rather than a copy of it."""
+    `Prediction` for /predict_image's answer rather than a copy of it; the service's own `info` (title,
+    version, description) rather than BentoML's placeholders."""
     spec = copy.deepcopy(spec)
+    if info is not None:
+        spec["info"] = dict(info)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     error_schema = ErrorBody.model_json_schema(ref_template=_REF)
     schemas.update(error_schema.pop("$defs", {}))

@@ -1,20 +1,20 @@
-"""The `forde` command line.
+"""The `forde` command line: one click group.
 
-Commands are thin: parse, validate into a typed job or config, call one library function.
-This is the only module that reaches both packages: torch-side code (`training`) is
-imported lazily inside the commands that need it (`with _training_extra():`), so the
-inference commands work where torch is not installed.
+Commands are thin: parse, validate into a typed job or config, call one library function. The
+inference commands (score, serve, compare) live here and work without torch; the torch-side ones
+(train, export, fuse, evaluate) are contributed by other installed packages through the
+`forde.commands` entry points (pyproject.toml), so this package never names them. A contributed
+command whose package cannot be imported is still listed, and says what to install when run.
 
 Every error a user can act on derives from `forde_serve.errors.FordeError`; `_Forde.invoke`
 turns it (and an unreadable or unwritable path) into one line on stderr and its exit code,
-in one place, for every command.
+in one place, for every command, contributed ones included.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import click
@@ -23,7 +23,10 @@ from rich.table import Table
 
 from forde_serve.errors import FordeError
 
-__all__ = ["main"]
+__all__ = ["COMMANDS_GROUP", "main"]
+
+COMMANDS_GROUP = "forde.commands"  # entry points: name = "package.module:click_command"
+_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class _UserError(click.ClickException):
@@ -34,30 +37,56 @@ class _UserError(click.ClickException):
         self.exit_code = exit_code
 
 
-class _Forde(click.Group):
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except FordeError as err:
-            raise _UserError(str(err), err.exit_code) from None
-        except OSError as err:  # an unwritable or unreadable path (e.g. --out under a file)
-            raise _UserError(f"{err.filename}: {err.strerror or err}") from None
-
-
-@contextmanager
-def _training_extra() -> Iterator[None]:
-    """Around a lazy `from training... import`: say which extra to install when torch is missing."""
+def _user_errors(invoke, ctx: click.Context):
     try:
-        yield
-    except ImportError as err:
-        if err.name and err.name.split(".")[0] in {"torch", "torchvision", "sklearn"}:
-            raise click.ClickException(
-                f"this command needs the training extra ({err.name} is not installed): pip install 'forde-serve[train]'"
-            ) from None
-        raise
+        return invoke(ctx)
+    except FordeError as err:
+        raise _UserError(str(err), err.exit_code) from None
+    except OSError as err:  # an unwritable or unreadable path (e.g. --out under a file)
+        raise _UserError(f"{err.filename}: {err.strerror or err}") from None
 
 
-@click.group(cls=_Forde, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _contributed() -> dict[str, EntryPoint]:
+    return {point.name: point for point in entry_points(group=COMMANDS_GROUP)}
+
+
+def _unavailable(name: str, point: EntryPoint, err: ImportError) -> click.Command:
+    """A stand-in for a contributed command whose package does not import here."""
+    missing = err.name or "a dependency"
+
+    def refuse() -> None:
+        raise _UserError(
+            f"`forde {name}` needs the training extra ({missing} is not installed): pip install 'forde-serve[train]'"
+        )
+
+    return click.Command(
+        name,
+        callback=refuse,
+        help=f"(needs the train extra: pip install 'forde-serve[train]'; {missing} is missing)",
+        context_settings=_SETTINGS | {"ignore_unknown_options": True, "allow_extra_args": True},
+        add_help_option=False,
+    )
+
+
+class _Forde(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(_contributed()))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        point = _contributed().get(name) if command is None else None
+        if point is None:
+            return command
+        try:
+            return point.load()
+        except ImportError as err:
+            return _unavailable(name, point, err)
+
+    def invoke(self, ctx: click.Context):
+        return _user_errors(super().invoke, ctx)
+
+
+@click.group(cls=_Forde, context_settings=_SETTINGS)
 @click.version_option(package_name="forde-serve")
 def main() -> None:
     """Train FoRDE ensembles, export them as one ONNX graph, serve them with honest uncertainty.
@@ -71,439 +100,10 @@ def main() -> None:
       forde compare reports/de reports/forde
       forde export runs/digits-forde --out runs/digits-forde.onnx
       forde score runs/digits-forde.onnx rows.npy --out scores.parquet
+      forde serve runs/digits-forde.onnx                        # http://127.0.0.1:3000/ui
+
+    train, export, fuse and evaluate need the train extra (pip install 'forde-serve[train]').
     """
-
-
-@main.command()
-@click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Run folder to create. Default: runs/<config name>-<method>-seed<seed>.",
-)
-@click.option(
-    "--resume",
-    type=click.Path(file_okay=False, path_type=Path),
-    metavar="RUN",
-    help="Continue a killed run from its last finished epoch (its own config is used; give no CONFIG).",
-)
-@click.option(
-    "--method",
-    type=click.Choice(["forde", "de"]),
-    help="Override ensemble.method: forde (input-gradient repulsion) or de (deep-ensemble baseline).",
-)
-@click.option("--members", type=click.IntRange(min=1), help="Override ensemble.members (M).")
-@click.option("--epochs", type=click.IntRange(min=1), help="Override optim.epochs.")
-@click.option("--seed", type=int, help="Override seed (model init, shuffling, augmentation).")
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    help="Override device; auto takes CUDA when torch sees a GPU.",
-)
-@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-@click.option(
-    "--nproc",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Processes on this machine (torchrun --standalone): one per GPU, or CPU processes with Gloo. "
-    "For several machines, run torchrun yourself (see the README).",
-)
-def train(
-    config: Path | None,
-    out: Path | None,
-    resume: Path | None,
-    method: str | None,
-    members: int | None,
-    epochs: int | None,
-    seed: int | None,
-    device: str | None,
-    quiet: bool,
-    nproc: int,
-) -> None:
-    """Train an ensemble from a TOML CONFIG (see training/configs/) into a run folder.
-
-    The run folder holds the resolved config, the PCA basis (FoRDE with pca/pca_centred/tuned lengthscales),
-    member weights (safetensors), train_log.jsonl and metrics.json (clean test accuracy, NLL,
-    ECE, Brier, gradient cosine distance). A checkpoint is written after every epoch.
-
-    Your own pictures: data.dataset = "imagefolder", data.root holding train/<class>/ (and
-    optionally val/ and test/), data.image_size S; see training/configs/imagefolder.toml.
-
-    With --nproc N (or `torchrun --nproc_per_node N -m training ...`) every process holds all
-    members and takes 1/N of each global batch; the repulsion still sees the whole global batch,
-    so the result does not depend on N. Only rank 0 writes the run folder.
-    """
-    with _training_extra():
-        from training import train as run_training
-        from training.run import check_run_dir, plan_run
-
-    plan = plan_run(config, out, resume, method=method, members=members, epochs=epochs, seed=seed, device=device)
-    if nproc > 1:  # checked here, so that a mistake is one line rather than N ranks' failures
-        check_run_dir(plan.config, plan.run_dir, plan.resume, processes=nproc)
-        _launch_torchrun(
-            nproc,
-            config,
-            out=None if plan.resume else plan.run_dir,
-            resume=resume,
-            method=method,
-            members=members,
-            epochs=epochs,
-            seed=seed,
-            device=device,
-            quiet=quiet,
-        )
-    metrics = run_training(plan.config, plan.run_dir, resume=plan.resume, progress=not quiet)
-
-    if metrics is None:  # a rank other than 0 under torchrun: rank 0 reports
-        return
-    console = Console()
-    if metrics:
-        table = Table(title=f"{plan.config.ensemble.method} x{plan.config.ensemble.members}: clean test metrics")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for name, value in metrics.items():
-            table.add_row(name, f"{value:.4f}")
-        console.print(table)
-    else:
-        console.print("no test split (the image folder has no test/): metrics.json is empty")
-    console.print(f"run folder: {plan.run_dir}")
-
-
-def _launch_torchrun(nproc: int, config: Path | None, **options) -> None:
-    """Re-run this `forde train` as `torchrun --standalone --nproc_per_node N -m training ...` and exit with it."""
-    import subprocess
-
-    args = [str(config)] if config is not None else []
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value not in (None, False):
-            args += [flag, str(value)]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "training",
-        *args,
-    ]
-    try:
-        sys.exit(subprocess.call(command))
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-def _held_out_options(command):
-    """The options of what held-out validation data decides (`forde export`, `forde fuse`)."""
-    options = [
-        click.option(
-            "--target-risk",
-            type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
-            default=0.01,
-            show_default=True,
-            help="Error rate the accepted predictions should reach on the validation split; sets the "
-            "abstention threshold on mutual information.",
-        ),
-        click.option(
-            "--no-calibrate",
-            is_flag=True,
-            help="Keep temperature 1 (by default a temperature is fitted on the validation split by NLL and "
-            "baked into both graphs).",
-        ),
-        click.option(
-            "--conformal-score",
-            type=click.Choice(["lac", "aps", "raps"]),
-            default="lac",
-            show_default=True,
-            help="Score of the conformal prediction sets: lac (1 - p_y, smallest sets), aps (adaptive), raps "
-            "(aps with a penalty on unlikely classes).",
-        ),
-        click.option(
-            "--alpha",
-            type=click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True),
-            multiple=True,
-            help="Also store thresholds for coverage 1 - ALPHA (repeatable); 0.8, 0.9, 0.95 and 0.99 always are.",
-        ),
-        click.option("--raps-k-reg", type=click.IntRange(min=0), help="RAPS k_reg (default: chosen on validation)."),
-        click.option(
-            "--raps-lambda", type=click.FloatRange(min=0.0), help="RAPS lambda (default: chosen on validation)."
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _held_out(target_risk, no_calibrate, conformal_score, alpha, raps_k_reg, raps_lambda):
-    from training.export import HeldOutOptions
-
-    if conformal_score != "raps" and (raps_k_reg is not None or raps_lambda is not None):
-        raise _UserError(f"--raps-k-reg / --raps-lambda: only for --conformal-score raps, got {conformal_score}")
-    return HeldOutOptions(
-        calibrate=not no_calibrate,
-        score=conformal_score,
-        coverages=tuple(round(1.0 - a, 12) for a in alpha),
-        k_reg=raps_k_reg,
-        lam=raps_lambda,
-        target_risk=target_risk,
-    )
-
-
-@main.command()
-@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="Predict graph to write, NAME.onnx; the explain graph goes beside it as NAME.explain.onnx.",
-)
-@_held_out_options
-@click.option(
-    "--validation-inputs",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-    help="Validation inputs on which both files are checked against the PyTorch ensemble.",
-)
-def export(run: Path, out: Path, validation_inputs: int, **held_out) -> None:
-    """Fuse a training RUN into one batched ONNX graph (NAME.onnx) and its explain twin.
-
-    \b
-    On the run's validation split, in this order:
-      temperature      fitted by NLL, baked into both graphs (--no-calibrate: T = 1)
-      prediction sets  split-conformal thresholds on the calibrated probabilities for coverage
-                       0.8, 0.9, 0.95, 0.99 (+ 1 - --alpha), served by `coverage` in requests
-      abstention       the mutual-information threshold reaching --target-risk
-
-    Both files carry everything a server needs in their metadata (classes, input shape, members,
-    method, kernel, training config, metrics, temperature, thresholds). After writing, both are run
-    in onnxruntime on real validation inputs and compared output by output with the PyTorch
-    ensemble; if any output is off, the files are removed and the command exits 1.
-    """
-    if not out.name.endswith(".onnx") or out.name.endswith(".explain.onnx"):
-        raise _UserError(f"--out: expected a NAME.onnx path for the predict graph, got {str(out)!r}")
-    with _training_extra():
-        from training.export import export_run
-
-        options = _held_out(**held_out)
-    export_run(run, out, options, validation_inputs=validation_inputs, echo=click.echo)
-
-
-@main.command()
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--arch",
-    help="The members' architecture: torchvision:NAME (e.g. torchvision:resnet18), or a built-in "
-    "(mlp, cnn, resnet18, preact_resnet18). Leave out with --factory.",
-)
-@click.option("--factory", metavar="MODULE:FUNCTION", help="Your own member: FUNCTION(num_classes, **kwargs).")
-@click.option("--kwargs", metavar="JSON", help="The builder's keyword arguments, e.g. '{\"width_mult\": 0.5}'.")
-@click.option("--width", type=click.IntRange(min=1), default=32, show_default=True, help="Built-ins: model.width.")
-@click.option("--depth", type=click.IntRange(min=1), default=2, show_default=True, help="Built-ins: model.depth.")
-@click.option("--input-shape", required=True, metavar="C,H,W", help="One raw input's shape, e.g. 3,32,32.")
-@click.option("--mean", metavar="A,B,C", help="Per-channel mean subtracted inside the graph (default 0).")
-@click.option("--std", metavar="A,B,C", help="Per-channel std divided by inside the graph (default 1).")
-@click.option("--classes", metavar="NAME,NAME,...", help="Class names (default 0, 1, ...).")
-@click.option("--classes-file", type=click.Path(dir_okay=False, path_type=Path), help="Class names, one per line.")
-@click.option(
-    "--validation",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="DATA.npz",
-    help="Held-out data: x (raw inputs) and y (labels). Chooses the abstention threshold and the check's "
-    "inputs; without it the file is not calibrated, gives no prediction sets, never abstains and is checked "
-    "on random inputs.",
-)
-@_held_out_options
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="Predict graph to write, NAME.onnx; the explain graph goes beside it as NAME.explain.onnx.",
-)
-def fuse(
-    checkpoints: tuple[Path, ...],
-    arch: str | None,
-    factory: str | None,
-    kwargs: str | None,
-    width: int,
-    depth: int,
-    input_shape: str,
-    mean: str | None,
-    std: str | None,
-    classes: str | None,
-    classes_file: Path | None,
-    validation: Path | None,
-    out: Path,
-    **held_out,
-) -> None:
-    """Fuse CHECKPOINTS, one member each, trained elsewhere, into one ONNX graph and its explain twin.
-
-    \b
-    Each CKPT is a state dict of the same architecture: .safetensors, or a .pt/.pth written by
-    torch.save(model.state_dict(), path) (read without running pickled code). The class count
-    comes from the classifier weights. With --validation, as `forde export` does on a run's
-    validation split: a temperature, conformal thresholds for prediction sets, the abstention
-    threshold. The files are the ones `forde export` writes (method "external"), checked against
-    the PyTorch ensemble before they are kept:
-      forde fuse a.pt b.pt c.pt --arch torchvision:resnet18 --input-shape 3,224,224 \\
-          --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --validation val.npz --out fused.onnx
-    """
-    with _training_extra():
-        from training.export.fuse import FuseJob, fuse_checkpoints
-
-        options = _held_out(**held_out)
-    job = FuseJob.parse(
-        checkpoints,
-        out,
-        arch,
-        factory,
-        kwargs,
-        input_shape,
-        mean=mean,
-        std=std,
-        classes=classes,
-        classes_file=classes_file,
-        validation=validation,
-        held_out=options,
-        width=width,
-        depth=depth,
-    )
-    fuse_checkpoints(job, echo=click.echo)
-
-
-@main.command()
-@click.argument("source", type=click.Path(path_type=Path))
-@click.option(
-    "--data",
-    type=click.Choice(["digits", "cifar10", "cifar100", "imagefolder"]),
-    default="digits",
-    show_default=True,
-    help="The dataset the model was trained on; its test split is evaluated clean and corrupted.",
-)
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False),
-    help="Folder holding CIFAR (torchvision's layout), or the image folder (train/, val/, test/ of class folders).",
-)
-@click.option(
-    "--corrupted-root",
-    type=click.Path(file_okay=False),
-    help="Folder holding CIFAR-10-C / CIFAR-100-C (default: --data-root).",
-)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder to write.")
-@click.option(
-    "--ood",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Out-of-distribution inputs (.npy, raw input space) for the MI detection AUROC.",
-)
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the digits-C and image-folder corruptions."
-)
-@click.option(
-    "--per-severity",
-    type=click.IntRange(min=1),
-    help="CIFAR-C and image folders: corrupt only the first N images of each severity (default: all).",
-)
-@click.option(
-    "--gradient-rows",
-    type=click.IntRange(min=0),
-    default=1000,
-    show_default=True,
-    help="Inputs per set whose member gradients are compared (cosine distance); 0 skips.",
-)
-@click.option(
-    "--split",
-    type=click.Choice(["test", "validation"]),
-    default="test",
-    show_default=True,
-    help="validation: measure the validation split (digits, image folders), to choose settings without the test split.",
-)
-@click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
-def evaluate(
-    source: Path,
-    data: str,
-    data_root: str | None,
-    corrupted_root: str | None,
-    out: Path,
-    ood: Path | None,
-    seed: int,
-    per_severity: int | None,
-    gradient_rows: int,
-    split: str,
-    quiet: bool,
-) -> None:
-    """Measure an ensemble's robustness: SOURCE is a training run folder or an exported NAME.onnx.
-
-    \b
-    Clean and corrupted test data (digits: the digits-C suite, 11 corruptions x 5 severities;
-    CIFAR: CIFAR-10-C / CIFAR-100-C from a local folder; an image folder: its test/ split through
-    an RGB suite in the spirit of CIFAR-10-C, 15 corruptions x 5 severities, seeded by --seed),
-    averaged over all corruption types and severities. Writes to REPORT_DIR (--out):
-      metrics.json    accuracy, NLL, ECE, Brier, uncertainty decomposition, gradient cosine
-                      distance, risk-coverage area, accuracy at the model's abstention threshold,
-                      OOD AUROC; `corrupted`, `per_severity`, `per_corruption` and `per_set`
-      report.md       the same as tables, with the figures
-      *.png           reliability diagram, accuracy/NLL per severity, risk-coverage, saliency grid
-
-    An exported file is measured through the serving runtime, a run folder through PyTorch; the
-    two agree on the same model. Compare reports with `forde compare`.
-    """
-    with _training_extra():
-        from training.evaluation import EvaluationJob, evaluate_job
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from forde_serve.corruptions import CORRUPTIONS, SEVERITIES
-    from forde_serve.report import write_report
-
-    job = EvaluationJob(
-        source=source,
-        data=data,
-        data_root=data_root,
-        corrupted_root=corrupted_root,
-        ood=ood,
-        seed=seed,
-        per_severity=per_severity,
-        gradient_rows=gradient_rows,
-        split=split,
-    )
-    with Progress(
-        TextColumn("evaluating {task.fields[current]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=quiet,
-        transient=True,
-    ) as bar:
-        if data == "imagefolder":
-            with _training_extra():
-                from training.corruptions import CORRUPTIONS as RGB_CORRUPTIONS
-            total = 1 + len(RGB_CORRUPTIONS) * len(SEVERITIES)
-        else:
-            total = 1 + len(CORRUPTIONS) * len(SEVERITIES) if data == "digits" else None  # CIFAR-C: as files found
-        task = bar.add_task("sets", total=total, current="clean")
-        evaluation = evaluate_job(job, on_set=lambda name: bar.update(task, advance=1, current=name))
-        paths = write_report(evaluation, out)
-    if quiet:
-        return
-    metrics = evaluation.metrics
-    table = Table(title=f"{source.name}: {metrics['source']['data']}")
-    table.add_column("metric")
-    table.add_column("clean", justify="right")
-    table.add_column("corrupted", justify="right")
-    for key in ("accuracy", "nll", "ece", "brier", "mutual_information", "gradient_cosine_distance", "aurc"):
-        clean, corrupted = metrics.get(key), (metrics.get("corrupted") or {}).get(key)
-        table.add_row(
-            key, "n/a" if clean is None else f"{clean:.4f}", "n/a" if corrupted is None else f"{corrupted:.4f}"
-        )
-    console = Console()
-    console.print(table)
-    if "ood" in metrics:
-        console.print(f"OOD AUROC (mutual information): {metrics['ood']['auroc_mutual_information']:.4f}")
-    console.print(f"report: {paths['report.md']}")
 
 
 @main.command()

@@ -179,12 +179,13 @@ def _uncertainty_md(out: dict[str, np.ndarray], classes: int, members: int) -> s
 
 
 def _abstain_md(information: float, abstain: bool, card) -> str:
-    threshold = card.abstain_threshold
+    rule = card.choices.abstention
+    threshold = rule.threshold
     chosen = ""
-    if card.abstain_target_risk is not None and card.abstain_coverage is not None:
+    if rule.target_risk is not None and rule.coverage is not None:
         chosen = (
             f" The threshold was chosen on validation data so that accepted answers are wrong at most "
-            f"{card.abstain_target_risk:.0%} of the time; it accepted {card.abstain_coverage:.1%} of them."
+            f"{rule.target_risk:.0%} of the time; it accepted {rule.coverage:.1%} of them."
         )
     if abstain:
         return (
@@ -276,12 +277,8 @@ def build_page(runtime: EnsembleRuntime, title: str | None = None):
 
     card = runtime.card
     name = title or runtime.path.name
-    drawable = card.image is not None and card.image.get("mode") == "L"
-    bundled_digits = (
-        card.image is not None
-        and list(card.image.get("size", [])) == [8, 8]
-        and card.class_names == tuple("0123456789")
-    )
+    drawable = card.image is not None and card.image.mode == "L"
+    bundled_digits = card.image is not None and card.image.size == (8, 8) and card.class_names == tuple("0123456789")
 
     with gr.Blocks(title=f"forde-serve: {name}", analytics_enabled=False) as page:
         gr.Markdown(
@@ -450,9 +447,9 @@ def _composite_path(payload) -> str | None:
 
 def _conversion_note(card) -> str:
     spec = card.image
-    height, width = spec["size"]
-    colour = "grayscale" if spec["mode"] == "L" else spec["mode"]
-    inverted = ", inverted (dark ink becomes high values)" if spec.get("invert") else ""
+    height, width = spec.size
+    colour = "grayscale" if spec.mode == "L" else spec.mode
+    inverted = ", inverted (dark ink becomes high values)" if spec.invert else ""
     return (
         f"Your picture is converted as `/predict_image` converts an upload: {colour}, resized to "
         f"{width}x{height}{inverted}. A drawing is first cropped to a square around the ink."

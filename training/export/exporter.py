@@ -6,14 +6,13 @@ A file that does not match the PyTorch ensemble is removed, never left half-righ
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from forde_serve.contract import FORMAT_VERSION, INPUT, METADATA_KEYS, TARGET, explain_path
+from forde_serve.contract import INPUT, TARGET, ModelCard, ValidationChoices, explain_path
 from forde_serve.metrics import uncertainty
 from forde_serve.validation import choose_on_validation
 from training.data import load_dataset
@@ -47,32 +46,29 @@ def _reference(ensemble: Ensemble, x: torch.Tensor, target: torch.Tensor, temper
 def export_ensemble(
     ensemble: Ensemble,
     path: str | Path,
-    metadata: dict[str, str],
+    card: ModelCard,
     validation_x: torch.Tensor,
     validation_target: torch.Tensor,
     contract: ExportContract | None = None,
     echo=print,
-    temperature: float = 1.0,
 ) -> dict[str, Path]:
     """Write `path` (predict) and its `.explain.onnx` twin, then validate them; returns both paths.
 
-    `metadata` maps METADATA_KEYS names (without the `forde.` prefix) to strings; the format
-    version and graph kind are added here. Both graphs divide the member logits by `temperature`.
-    On a failed validation both files are removed. The ensemble is switched to eval mode,
-    float32, on the CPU (in place).
+    Each file's metadata is `card.to_metadata(graph)`; both graphs divide the member logits by the
+    card's temperature. On a failed validation both files are removed. The ensemble is switched to
+    eval mode, float32, on the CPU (in place).
     """
     contract = contract or ExportContract()
+    temperature = card.temperature
     ensemble = ensemble.eval().cpu().float()
     path = Path(path)
     paths = {"predict": path, "explain": Path(explain_path(str(path)))}
     path.parent.mkdir(parents=True, exist_ok=True)
-    props = {METADATA_KEYS[k]: v for k, v in metadata.items()} | {METADATA_KEYS["format_version"]: FORMAT_VERSION}
     example = validation_x[:2].float()
     tmp = {graph: p.with_name(f".{p.name}.tmp") for graph, p in paths.items()}
     try:
-        predict_props, explain_props = (props | {METADATA_KEYS["graph"]: graph} for graph in ("predict", "explain"))
-        write_predict_graph(ensemble, tmp["predict"], predict_props, contract, temperature)
-        write_explain_graph(ensemble, example, tmp["explain"], explain_props, contract, temperature)
+        write_predict_graph(ensemble, tmp["predict"], card.to_metadata("predict"), contract, temperature)
+        write_explain_graph(ensemble, example, tmp["explain"], card.to_metadata("explain"), contract, temperature)
         x = validation_x.float()
         feeds = {"predict": {INPUT: x.numpy()}, "explain": {INPUT: x.numpy(), TARGET: validation_target.numpy()}}
         validate_files(tmp, feeds, _reference(ensemble, x, validation_target, temperature), contract, echo)
@@ -99,7 +95,7 @@ class HeldOutOptions:
 def export_validated(
     ensemble: Ensemble,
     path: str | Path,
-    metadata: dict[str, str],
+    card: ModelCard,
     validation: tuple[torch.Tensor, torch.Tensor] | None,
     options: HeldOutOptions | None = None,
     check_inputs: int = 64,
@@ -113,8 +109,8 @@ def export_validated(
     the conformal thresholds on the calibrated probabilities, and the abstention threshold on their
     mutual information. Its first `check_inputs` rows are the export check's inputs. Without it
     (None) the file is not calibrated (T = 1), gives no prediction sets and never abstains, and the
-    check runs on uniform random inputs in [0, 1]. `metadata` describes the model (class names,
-    input shape, members, method, ...); this adds what the validation split decides.
+    check runs on uniform random inputs in [0, 1]. `card` describes the model (class names, input
+    shape, members, method, ...); its `choices` are replaced by what the validation split decides.
     """
     options = options or HeldOutOptions()
     if validation is not None:
@@ -129,27 +125,17 @@ def export_validated(
             lam=options.lam,
             target_risk=options.target_risk,
         )
-        abstain = chosen.abstention
-        temperature = chosen.temperature_value
-        metadata = metadata | {
-            "abstain_threshold": repr(abstain["threshold"]),
-            "abstain_target_risk": repr(options.target_risk),
-            "abstain_coverage": repr(abstain["coverage"]),
-            "abstain_validation_risk": repr(abstain["risk"]),
-            "conformal": json.dumps(chosen.conformal.to_metadata()),
-        }
-        if chosen.temperature is not None:
-            metadata["calibration"] = json.dumps(chosen.temperature.to_metadata())
         count = min(check_inputs, len(x))
         # Half the rows ask for the true class, half for the ensemble's own prediction (-1).
         check_x = x[:count]
         check_target = torch.where(torch.arange(count) % 2 == 0, y[:count], torch.full((count,), -1))
     else:
-        chosen, abstain, temperature = None, {"threshold": float("inf")}, 1.0
-        metadata = metadata | {"abstain_threshold": repr(float("inf"))}
+        chosen = None
         check_x = torch.rand(check_inputs, *ensemble.input_shape, generator=torch.Generator().manual_seed(0))
         check_target = torch.full((check_inputs,), -1)
-    paths = export_ensemble(ensemble, path, metadata, check_x, check_target, contract, echo, temperature)
+    card = replace(card, choices=chosen or ValidationChoices())
+    paths = export_ensemble(ensemble, path, card, check_x, check_target, contract, echo)
+    abstain = card.choices.abstention
     if chosen is None:
         echo("no validation data: no calibration, no prediction sets, and the file never abstains")
     else:
@@ -165,14 +151,13 @@ def export_validated(
             "validation inputs"
         )
         echo(
-            f"abstain when mutual_information > {abstain['threshold']:.4g}: validation coverage "
-            f"{abstain['coverage']:.1%} at error rate {abstain['risk']:.2%} (target {options.target_risk:.0%})"
+            f"abstain when mutual_information > {abstain.threshold:.4g}: validation coverage "
+            f"{abstain.coverage:.1%} at error rate {abstain.validation_risk:.2%} (target {options.target_risk:.0%})"
         )
     return {
         "paths": paths,
         "sizes": {graph: p.stat().st_size for graph, p in paths.items()},
-        "abstain": abstain,
-        "temperature": temperature,
+        "card": card,
     }
 
 
@@ -188,28 +173,26 @@ def export_run(
     run = load_run(run_dir)
     data = load_dataset(run.config.data, for_training=False)  # only the validation split is read
     forde = run.config.forde
-    metadata = {
-        "class_names": json.dumps(list(run.dataset.class_names)),
-        "input_shape": json.dumps(list(run.dataset.input_shape)),
-        "input_space": run.dataset.input_space,
-        "image": json.dumps(run.dataset.image),
-        "members": str(run.ensemble.members),
-        "method": run.config.ensemble.method,
-        "kernel": json.dumps(
-            {
-                "lengthscale": forde.lengthscale,
-                "alpha": forde.alpha,
-                "every": forde.every,
-                "batch": forde.batch,
-                "strength": forde.strength,
-            }
-            if run.config.ensemble.method == "forde"
-            else None
-        ),
-        "training_config": run.config.to_json(),
-        "metrics": json.dumps(run.metrics),
-    }
+    card = ModelCard(
+        class_names=run.dataset.class_names,
+        input_shape=run.dataset.input_shape,
+        input_space=run.dataset.input_space,
+        image=run.dataset.image,
+        members=run.ensemble.members,
+        method=run.config.ensemble.method,
+        kernel={
+            "lengthscale": forde.lengthscale,
+            "alpha": forde.alpha,
+            "every": forde.every,
+            "batch": forde.batch,
+            "strength": forde.strength,
+        }
+        if run.config.ensemble.method == "forde"
+        else None,
+        training_config=run.config.model_dump(),
+        metrics=run.metrics,
+    )
     echo(f"exporting {run_dir} ({run.ensemble.members} members) -> {path}")
     return export_validated(
-        run.ensemble, path, metadata, (data.val.x, data.val.y), options, validation_inputs, contract, echo
+        run.ensemble, path, card, (data.val.x, data.val.y), options, validation_inputs, contract, echo
     )

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from forde_serve.contract import ModelCard
 from forde_serve.errors import FordeError
 from training.config import FACTORY, check_model
 from training.export.exporter import HeldOutOptions, export_validated
@@ -197,25 +198,21 @@ def fuse_checkpoints(job: FuseJob, echo: Callable[[str], None] = print) -> dict:
         if job.mean is None and job.std is None
         else f"the graph normalizes with mean {list(mean)} and std {list(std)}"
     )
-    metadata = {
-        "class_names": json.dumps(list(names)),
-        "input_shape": json.dumps(list(job.input_shape)),
-        "input_space": f"float32 {list(job.input_shape)} as the fused checkpoints were trained on ({normalization})",
-        "image": json.dumps(None),
-        "members": str(len(members)),
-        "method": "external",
-        "kernel": json.dumps(None),
-        "training_config": json.dumps(
-            {
-                "fused_from": [path.name for path in job.checkpoints],
-                "arch": job.arch,
-                "kwargs": job.kwargs,
-                "factory": job.factory,
-                "mean": list(mean),
-                "std": list(std),
-            }
-        ),
-        "metrics": json.dumps({}),
-    }
+    card = ModelCard(
+        class_names=names,
+        input_shape=job.input_shape,
+        input_space=f"float32 {list(job.input_shape)} as the fused checkpoints were trained on ({normalization})",
+        image=None,
+        members=len(members),
+        method="external",
+        training_config={
+            "fused_from": [path.name for path in job.checkpoints],
+            "arch": job.arch,
+            "kwargs": job.kwargs,
+            "factory": job.factory,
+            "mean": list(mean),
+            "std": list(std),
+        },
+    )
     echo(f"fusing {len(members)} checkpoints of {job.describe()} ({classes} classes) -> {job.out}")
-    return export_validated(ensemble, job.out, metadata, validation, job.held_out, echo=echo)
+    return export_validated(ensemble, job.out, card, validation, job.held_out, echo=echo)
