@@ -29,6 +29,7 @@ __all__ = [
     "INPUT",
     "PREDICTION_FIELDS",
     "PREDICT_OUTPUTS",
+    "STRUCTURES",
     "TARGET",
     "UNCERTAINTY",
     "Abstention",
@@ -43,6 +44,9 @@ __all__ = [
 
 FORMAT_VERSION = "1"
 GRAPHS = ("predict", "explain")  # NAME.onnx, NAME.explain.onnx
+# How the members are built (docs/design.md section 11): independent networks, or embedded ones that
+# share one set of weights (BatchEnsemble's rank-1 modulations, MC-dropout's fixed masks).
+STRUCTURES = ("independent", "batchensemble", "mc_dropout")
 
 INPUT = "input"  # float32 [batch, *input_shape], raw input space (normalization is in the graph)
 TARGET = "target"  # int64 [batch], class whose input gradient to return; -1 = the ensemble's prediction
@@ -83,6 +87,11 @@ _KEY = {
     "abstain_validation_risk": "forde.abstain_validation_risk",  # error rate among them
     "calibration": "forde.calibration",  # JSON (TemperatureFit) or absent: T = 1
     "conformal": "forde.conformal",  # JSON (ConformalCalibration) or absent: no prediction sets
+    "structure": "forde.structure",  # one of STRUCTURES; absent: independent
+    "parameters": "forde.parameters",  # distinct trained parameters (shared weights once); absent: not recorded
+    # JSON or absent (independent members: their grouped graph): the layout each graph of an embedded
+    # ensemble was written in (native | folded), the provider it was measured on and the measurements
+    "layout": "forde.layout",
 }
 _REQUIRED = ("format_version", "class_names", "input_shape", "members", "method", "abstain_threshold")
 
@@ -244,10 +253,17 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)  # the run's clean test metrics
     choices: ValidationChoices = field(default_factory=ValidationChoices)
     format_version: str = FORMAT_VERSION
+    structure: str = "independent"  # one of STRUCTURES
+    parameters: int | None = None  # distinct trained parameters; None: not recorded (files written before)
+    layout: dict | None = None  # embedded ensembles: {"predict": native | folded, "explain": ..., ...}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(self.class_names))
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure: expected one of {', '.join(STRUCTURES)}, got {self.structure!r}")
+        if self.parameters is not None and (isinstance(self.parameters, bool) or int(self.parameters) < 1):
+            raise ValueError(f"parameters: expected a positive count, got {self.parameters!r}")
 
     # The choices, as most readers want them.
     @property
@@ -287,6 +303,13 @@ class ModelCard:
             _KEY["training_config"]: json.dumps(self.training_config, indent=2),
             _KEY["metrics"]: json.dumps(self.metrics),
         }
+        # Written where they say something beyond their default, so a file read back writes back the same.
+        if self.structure != "independent":
+            meta[_KEY["structure"]] = self.structure
+        if self.parameters is not None:
+            meta[_KEY["parameters"]] = str(self.parameters)
+        if self.layout is not None:
+            meta[_KEY["layout"]] = json.dumps(self.layout)
         return meta | self.choices.to_metadata()
 
     @classmethod
@@ -318,6 +341,9 @@ class ModelCard:
                 metrics=json.loads(meta.get(_KEY["metrics"], "{}")),
                 choices=ValidationChoices.from_metadata(meta),
                 format_version=meta[_KEY["format_version"]],
+                structure=meta.get(_KEY["structure"], "independent"),
+                parameters=None if _KEY["parameters"] not in meta else int(meta[_KEY["parameters"]]),
+                layout=json.loads(meta[_KEY["layout"]]) if _KEY["layout"] in meta else None,
             )
         except (json.JSONDecodeError, TypeError, ValueError, KeyError) as err:
             raise ModelFileError(f"{source}: broken metadata ({err}); re-export the model") from None

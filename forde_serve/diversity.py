@@ -100,6 +100,6 @@ def diversity_block(
         "normalized_disagreement": normalized_disagreement(disagreement, accuracy),
         "accuracy_by_size": sizes["accuracy"],
         "nll_by_size": sizes["nll"],
-        "by_size": f"mean over member subsets of each size (at most {MAX_SUBSETS}, drawn with seed {seed})",
+        "by_size": f"the mean over member subsets of each size (at most {MAX_SUBSETS}, drawn with seed {seed})",
         "js_divergence": {"clean": mean_pairwise_js_divergence(member_probs), "corrupted": js_corrupted},
     }

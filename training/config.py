@@ -12,10 +12,11 @@ import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from forde_serve.contract import STRUCTURES
 from forde_serve.errors import FordeError
 
 __all__ = [
@@ -167,12 +168,12 @@ class DataConfig(_Section):
         return self.resize if self.resize is not None else round(self.image_size * 8 / 7)
 
 
-Structure = Literal["independent", "batchensemble", "mc_dropout"]
-# How the members are built (docs/design.md section 11), orthogonal to ensemble.method:
+# How the members are built (docs/design.md section 11; the names: forde_serve.contract.STRUCTURES),
+# orthogonal to ensemble.method:
 #   independent    M networks, each with its own weights (the fusion pass runs them as one module)
 #   batchensemble  one shared set of weights; member a's layer weight is W o (r_a s_a^T), r_a and s_a trained
 #   mc_dropout     one shared set of weights; member a has a fixed dropout mask on every layer's input channels
-STRUCTURES: tuple[str, ...] = get_args(Structure)
+Structure = Literal[STRUCTURES]
 
 
 class EnsembleConfig(_Section):

@@ -31,6 +31,7 @@ __all__ = [
     "probe_inputs",
     "probe_probabilities",
     "read_trajectory",
+    "run_diagnostics",
     "trajectory_tsne",
     "weight_cosine_similarity",
     "write_trajectory",
@@ -109,3 +110,16 @@ def trajectory_tsne(probs: np.ndarray, seed: int = 0) -> np.ndarray:
     perplexity = float(min(30.0, max(2.0, (len(points) - 1) / 3)))
     embedded = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
     return embedded.reshape(members, frames, 2)
+
+
+def run_diagnostics(run_dir: Path, ensemble: Ensemble) -> tuple[dict, np.ndarray | None]:
+    """What only a run folder can tell: the members' weight cosine similarity `[M, M]` and, where the
+    trainer kept them, their trajectories' t-SNE `[M, frames, 2]`; returns (the entries for the
+    evaluation's `diversity` block, the t-SNE or None)."""
+    entries: dict = {"weight_cosine_similarity": weight_cosine_similarity(ensemble).tolist()}
+    trajectory = read_trajectory(run_dir)
+    if trajectory is None or len(trajectory.probs) < 2:
+        return entries, None
+    frames, _, rows, _ = trajectory.probs.shape
+    entries["trajectory"] = {"frames": frames, "probe_rows": rows, "split": trajectory.split}
+    return entries, trajectory_tsne(trajectory.probs)

@@ -23,6 +23,7 @@ from forde_serve.validation import choose_on_validation
 from training import corruptions as rgb_corruptions
 from training.config import DataConfig
 from training.data import load_corrupted_cifar, load_dataset
+from training.diversity import run_diagnostics
 from training.forde import member_input_gradients
 from training.models import Ensemble, parameter_count
 from training.run import load_run
@@ -127,6 +128,8 @@ class _Measured:
     # validation split exactly as `forde export` chooses them.
     choices: ValidationChoices | None
     data_config: dict  # the trained data section (an export from elsewhere: what its image spec says)
+    structure: str = "independent"
+    parameters: int | None = None  # distinct trained parameters (None: an export that did not record them)
 
 
 def _measured(source: Path) -> _Measured:
@@ -143,6 +146,8 @@ def _measured(source: Path) -> _Measured:
             run.config.data.split_seed,
             None,
             run.config.data.model_dump(),
+            run.config.ensemble.structure,
+            parameter_count(run.ensemble),
         )
     card = (runtime := EnsembleRuntime(source)).card
     trained = card.training_config.get("data") or {}
@@ -155,6 +160,8 @@ def _measured(source: Path) -> _Measured:
         trained.get("split_seed", 0),
         card.choices,
         trained or _data_config_from_image_spec(card.image),
+        card.structure,
+        card.parameters,
     )
 
 
@@ -261,9 +268,14 @@ def evaluate_job(job: EvaluationJob, on_set: Callable[[str], None] | None = None
         "name": Path(job.source).name,
         "path": str(job.source),
         "method": measured.method,
+        "structure": measured.structure,
         "members": measured.members,
         "engine": measured.engine,
         "data": f"{job.data} {job.split} split + {suite}",
     }
     evaluation.metrics["inputs"] = int(len(x))
+    evaluation.metrics["parameters"] = measured.parameters
+    if isinstance(measured.predictor, TorchPredictor) and "diversity" in evaluation.metrics:
+        entries, evaluation.trajectory = run_diagnostics(Path(job.source), measured.predictor.ensemble)
+        evaluation.metrics["diversity"] |= entries
     return evaluation

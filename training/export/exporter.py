@@ -19,6 +19,7 @@ from training.data import load_dataset
 from training.evaluation import member_logits
 from training.export.checks import ExportContract, validate_files
 from training.export.graphs import write_explain_graph, write_predict_graph
+from training.export.layouts import complete_card, graph_modules
 from training.forde import member_input_gradients
 from training.models import Ensemble
 from training.run import load_run
@@ -51,12 +52,15 @@ def export_ensemble(
     validation_target: torch.Tensor,
     contract: ExportContract | None = None,
     echo=print,
+    layout: str = "auto",
 ) -> dict[str, Path]:
     """Write `path` (predict) and its `.explain.onnx` twin, then validate them; returns both paths.
 
-    Each file's metadata is `card.to_metadata(graph)`; both graphs divide the member logits by the
-    card's temperature. On a failed validation both files are removed. The ensemble is switched to
-    eval mode, float32, on the CPU (in place).
+    Each file's metadata is `card.to_metadata(graph)`, with the ensemble's structure, parameter count
+    and (embedded ensembles) layout filled in (`training.export.layouts.complete_card`: `layout`
+    auto | native | folded); both graphs divide the member logits by the card's temperature. On a
+    failed validation both files are removed. The ensemble is switched to eval mode, float32, on the
+    CPU (in place).
     """
     contract = contract or ExportContract()
     temperature = card.temperature
@@ -65,10 +69,14 @@ def export_ensemble(
     paths = {"predict": path, "explain": Path(explain_path(str(path)))}
     path.parent.mkdir(parents=True, exist_ok=True)
     example = validation_x[:2].float()
+    card = complete_card(ensemble, card, validation_x.float(), layout, contract, echo)
+    modules = graph_modules(ensemble, card)  # the PyTorch reference below stays the ensemble as trained
     tmp = {graph: p.with_name(f".{p.name}.tmp") for graph, p in paths.items()}
     try:
-        write_predict_graph(ensemble, tmp["predict"], card.to_metadata("predict"), contract, temperature)
-        write_explain_graph(ensemble, example, tmp["explain"], card.to_metadata("explain"), contract, temperature)
+        write_predict_graph(modules["predict"], tmp["predict"], card.to_metadata("predict"), contract, temperature)
+        write_explain_graph(
+            modules["explain"], example, tmp["explain"], card.to_metadata("explain"), contract, temperature
+        )
         x = validation_x.float()
         feeds = {"predict": {INPUT: x.numpy()}, "explain": {INPUT: x.numpy(), TARGET: validation_target.numpy()}}
         validate_files(tmp, feeds, _reference(ensemble, x, validation_target, temperature), contract, echo)
@@ -101,6 +109,7 @@ def export_validated(
     check_inputs: int = 64,
     contract: ExportContract | None = None,
     echo=print,
+    layout: str = "auto",
 ) -> dict:
     """Export `ensemble` with what its validation split decides, then check the files against PyTorch.
 
@@ -110,7 +119,8 @@ def export_validated(
     mutual information. Its first `check_inputs` rows are the export check's inputs. Without it
     (None) the file is not calibrated (T = 1), gives no prediction sets and never abstains, and the
     check runs on uniform random inputs in [0, 1]. `card` describes the model (class names, input
-    shape, members, method, ...); its `choices` are replaced by what the validation split decides.
+    shape, members, method, ...); its `choices` are replaced by what the validation split decides, its
+    structure, parameters and layout filled in from the ensemble (`layout`: see `export_ensemble`).
     """
     options = options or HeldOutOptions()
     if validation is not None:
@@ -134,6 +144,7 @@ def export_validated(
         check_x = torch.rand(check_inputs, *ensemble.input_shape, generator=torch.Generator().manual_seed(0))
         check_target = torch.full((check_inputs,), -1)
     card = replace(card, choices=chosen or ValidationChoices())
+    card = complete_card(ensemble.eval().cpu().float(), card, check_x.float(), layout, contract, echo)
     paths = export_ensemble(ensemble, path, card, check_x, check_target, contract, echo)
     abstain = card.choices.abstention
     if chosen is None:
@@ -168,8 +179,10 @@ def export_run(
     validation_inputs: int = 64,
     contract: ExportContract | None = None,
     echo=print,
+    layout: str = "auto",
 ) -> dict:
-    """Export a finished training run; what needs held-out data is chosen on its validation split."""
+    """Export a finished training run; what needs held-out data is chosen on its validation split
+    (`layout`, of an embedded ensemble's graphs: auto | native | folded, see `export_ensemble`)."""
     run = load_run(run_dir)
     data = load_dataset(run.config.data, for_training=False)  # only the validation split is read
     forde = run.config.forde
@@ -194,5 +207,5 @@ def export_run(
     )
     echo(f"exporting {run_dir} ({run.ensemble.members} members) -> {path}")
     return export_validated(
-        run.ensemble, path, card, (data.val.x, data.val.y), options, validation_inputs, contract, echo
+        run.ensemble, path, card, (data.val.x, data.val.y), options, validation_inputs, contract, echo, layout
     )

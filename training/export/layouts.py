@@ -22,28 +22,27 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from forde_serve.contract import INPUT, TARGET
+from forde_serve.contract import GRAPHS, INPUT, TARGET, ModelCard
 from training.export.checks import ExportContract, ExportError
 from training.export.graphs import write_explain_graph, write_predict_graph
-from training.models import Ensemble, folded_ensemble
+from training.models import Ensemble, folded_ensemble, parameter_count
 
-__all__ = ["LAYOUTS", "LayoutChoice", "choose_layouts", "layout_candidates"]
+__all__ = ["LAYOUTS", "LayoutChoice", "choose_layouts", "complete_card", "graph_modules", "layout_candidates"]
 
 LAYOUTS = ("native", "folded")
-GRAPHS = ("predict", "explain")
 
 
 @dataclass(frozen=True)
 class LayoutChoice:
     """Which layout each graph was written in, and the measurements behind it (None: asked for, not measured).
 
-    measured: graph -> layout -> {"batch_B_ms": median ms, ..., "bytes": file size}."""
+    measured: graph -> layout -> {"batch_B_ms": median ms, ..., "bytes": file size} (without metadata)."""
 
     predict: str
     explain: str
@@ -60,6 +59,9 @@ class LayoutChoice:
 
     @classmethod
     def fixed(cls, layout: str) -> LayoutChoice:
+        """Both graphs in `layout`, as asked (nothing measured)."""
+        if layout not in LAYOUTS:
+            raise ExportError(f"--layout: expected auto or one of {', '.join(LAYOUTS)}, got {layout!r}")
         return cls(layout, layout)
 
 
@@ -127,3 +129,36 @@ def choose_layouts(
             f"over batches {', '.join(map(str, batches))}: {ratio:.2f})"
         )
     return LayoutChoice(chosen["predict"], chosen["explain"], provider, measured)
+
+
+def complete_card(
+    ensemble: Ensemble,
+    card: ModelCard,
+    example: torch.Tensor,
+    layout: str = "auto",
+    contract: ExportContract | None = None,
+    echo: Callable[[str], None] = print,
+) -> ModelCard:
+    """`card` with what the ensemble itself says: its structure, its parameter count and, for an
+    embedded ensemble, each graph's layout (`layout` "auto": measured by `choose_layouts` unless the
+    card already holds a choice; "native" / "folded": both graphs so, unmeasured)."""
+    card = replace(card, structure=ensemble.structure, parameters=parameter_count(ensemble))
+    if ensemble.structure == "independent":
+        if layout != "auto":
+            raise ExportError(
+                f"--layout {layout}: native and folded are layouts of embedded ensembles (batchensemble, "
+                "mc_dropout); independent members are written as one grouped graph"
+            )
+        return replace(card, layout=None)
+    if layout == "auto" and card.layout is not None:
+        return card
+    choice = choose_layouts(ensemble, example, contract, echo=echo) if layout == "auto" else LayoutChoice.fixed(layout)
+    return replace(card, layout=choice.to_metadata())
+
+
+def graph_modules(ensemble: Ensemble, card: ModelCard) -> dict[str, Ensemble]:
+    """graph (predict, explain) -> the module it is written from, in the layout `card.layout` names."""
+    if card.layout is None:
+        return {graph: ensemble for graph in GRAPHS}
+    candidates = layout_candidates(ensemble)
+    return {graph: candidates[card.layout[graph]] for graph in GRAPHS}
