@@ -162,18 +162,22 @@ def _timings(files: dict[str, Path], rounds: int) -> dict:
 
 
 def _sweeps(out: Path, epochs: int) -> dict:
-    points = {}
+    points, diverged = {}, []
     for name in ("de", "be_independent"):
         for width in WIDTHS:
             run = out / "sweeps" / f"{name}-w{width}"
             if _train(run, _config(VARIANTS[name], 0, epochs, 4, width)):
                 points[f"{name}-w{width}"] = {"width": width, "members": 4, **_trained(run)}
+            else:
+                diverged.append(run.name)
         for members in MEMBERS:
             run = out / "sweeps" / f"{name}-m{members}"
             if _train(run, _config(VARIANTS[name], 0, epochs, members)):
                 points[f"{name}-m{members}"] = {"width": 16, "members": members, **_trained(run)}
+            else:
+                diverged.append(run.name)
     _draw_sweeps(out, points)
-    return points
+    return {"points": points, "diverged": diverged}
 
 
 def _trained(run: Path) -> dict:
@@ -197,12 +201,15 @@ def _draw_sweeps(out: Path, points: dict) -> None:
         every = widths + members
         axes[2].scatter([p["parameters"] for p in every], [p["accuracy"] for p in every], label=label)
     axes[0].set(xscale="log", xlabel="width (first conv's channels; 4 members)", ylabel="clean test accuracy")
+    axes[0].set_xticks(WIDTHS, [str(w) for w in WIDTHS])
+    axes[0].minorticks_off()
     axes[1].set(xlabel="members (width 16)", ylabel="clean test accuracy")
+    axes[1].set_xticks(MEMBERS)
     axes[2].set(xscale="log", xlabel="distinct trained parameters", ylabel="clean test accuracy")
     for axis in axes:
         axis.grid(alpha=0.3)
     axes[2].legend(fontsize="small")
-    figure.suptitle("digits, seed 0: accuracy against width, members and parameters")
+    figure.suptitle("digits, seed 0: accuracy against width, members and parameters (runs that diverged: not drawn)")
     figure.savefig(out / "embedded_sweeps.png", dpi=110)
     plt.close(figure)
 
