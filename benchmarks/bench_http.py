@@ -1,6 +1,7 @@
 """HTTP throughput and latency of `/predict`, against a no-op BentoML service with the same schema.
 
     python benchmarks/bench_http.py [--model exported/digits.onnx] [--seconds 10] [--rounds 2]
+    python benchmarks/bench_http.py --suite serving   # monitoring off vs on, 1 vs 2 workers
 
 The load comes from `wrk` (C, one thread: little CPU; `apt-get install wrk`) at 1, 16 and 64
 connections, one input per request. Four servers, each started with `bentoml serve` on loopback,
@@ -9,6 +10,11 @@ one at a time, in rounds: forde-serve with adaptive batching on and off, and
 which is BentoML's own per-request ceiling here. Prints one JSON object: requests/s, p50 and p99
 per configuration and connection count (median over rounds) and the ratios the goals are stated
 in (at the most connections). The server and wrk share the machine's cores: ratios, not absolutes.
+
+`--suite serving` times forde-serve (batching on) in three settings instead, interleaved in each
+round: monitoring on (the default: every request records its rows in the shared SQLite state) with
+1 worker, the same with monitoring off (FORDE_MONITOR=0), and monitoring on with 2 workers; it
+reports the monitoring overhead (1 - on/off requests/s) and the 2-worker/1-worker ratio.
 """
 
 from __future__ import annotations
@@ -44,9 +50,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(service: str, model: Path, batching: bool) -> tuple[subprocess.Popen, str]:
+def _start(service: str, model: Path, settings: dict[str, str]) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    env = dict(os.environ) | {"FORDE_MODEL": str(model), "FORDE_BATCHING": "1" if batching else "0"}
+    state = tempfile.mkdtemp(prefix="forde-bench-state-")  # each server starts with an empty state
+    env = dict(os.environ) | {"FORDE_MODEL": str(model), "FORDE_STATE_DIR": state} | settings
     command = [sys.executable, "-m", "bentoml", "serve", *SERVICES[service], "--port", str(port), "--host", "127.0.0.1"]
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -72,6 +79,20 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+# suite -> configuration name -> (service, FORDE_* settings)
+SUITES = {
+    "noop": {
+        "noop batched": ("noop", {"FORDE_BATCHING": "1"}),
+        "forde batched": ("forde", {"FORDE_BATCHING": "1"}),
+        "noop unbatched": ("noop", {"FORDE_BATCHING": "0"}),
+        "forde unbatched": ("forde", {"FORDE_BATCHING": "0"}),
+    },
+    "serving": {
+        "monitoring on": ("forde", {"FORDE_MONITOR": "1", "FORDE_WORKERS": "1"}),
+        "monitoring off": ("forde", {"FORDE_MONITOR": "0", "FORDE_WORKERS": "1"}),
+        "monitoring on, 2 workers": ("forde", {"FORDE_MONITOR": "1", "FORDE_WORKERS": "2"}),
+    },
+}
 
 
 def _wrk(url: str, body: str, connections: int, seconds: int, threads: int) -> dict:
@@ -120,6 +141,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds over the four configurations")
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (one keeps a core for the server)")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="noop", help="which servers to time (above)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
@@ -131,39 +153,51 @@ def main() -> None:
     row = np.random.default_rng(0).uniform(0, high, runtime.card.input_shape).round(3)
     body = json.dumps({"inputs": [{"input": row.tolist()}]})
 
-    configs = [(service, batching) for batching in (True, False) for service in ("noop", "forde")]
-    samples: dict[tuple[str, bool, int], list[dict]] = {(*c, n): [] for c in configs for n in args.connections}
+    configs = SUITES[args.suite]
+    samples: dict[tuple[str, int], list[dict]] = {(name, n): [] for name in configs for n in args.connections}
     for _ in range(args.rounds):
-        for service, batching in configs:
-            process, url = _start(service, args.model.resolve(), batching)
+        for name, (service, settings) in configs.items():
+            process, url = _start(service, args.model.resolve(), settings)
             try:
                 _wrk(url, body, max(args.connections), 2, args.threads)  # warm-up: connections, caches
                 for connections in args.connections:
                     result = _wrk(url, body, connections, args.seconds, args.threads)
-                    samples[(service, batching, connections)].append(result)
-                    mode = "batching" if batching else "no batching"
-                    print(service, mode, connections, result, file=sys.stderr)
+                    samples[(name, connections)].append(result)
+                    print(name, connections, result, file=sys.stderr)
             finally:
                 _stop(process)
     summary: dict[str, dict[str, dict]] = {}
-    for (service, batching, connections), runs in samples.items():
-        name = f"{service} {'batched' if batching else 'unbatched'}"
+    for (name, connections), runs in samples.items():
         summary.setdefault(name, {})[str(connections)] = {
             key: round(statistics.median(s[key] for s in runs), 2) for key in runs[0]
         }
     top = str(max(args.connections))
+    common = {
+        "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores; server and wrk share them)",
+        "model": str(args.model),
+        "suite": args.suite,
+        "connections": args.connections,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "results": summary,
+        "goal_connections": int(top),
+    }
+    if args.suite == "serving":
+        on, off, two = (summary[name][top] for name in ("monitoring on", "monitoring off", "monitoring on, 2 workers"))
+        ratios = {
+            "monitoring_on_over_off_rps": round(on["rps"] / off["rps"], 3),
+            "monitoring_overhead": round(1 - on["rps"] / off["rps"], 3),
+            "two_workers_over_one_rps": round(two["rps"] / on["rps"], 3),
+            "non_2xx": sum(r["non_2xx"] for runs in summary.values() for r in runs.values()),
+        }
+        print(json.dumps(common | ratios, indent=2))
+        return
     noop_best = max((summary["noop batched"][top], summary["noop unbatched"][top]), key=lambda r: r["rps"])
     forde = summary["forde batched"][top]
     print(
         json.dumps(
-            {
-                "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores; server and wrk share them)",
-                "model": str(args.model),
-                "connections": args.connections,
-                "seconds": args.seconds,
-                "rounds": args.rounds,
-                "results": summary,
-                "goal_connections": int(top),
+            common
+            | {
                 "forde_batched_over_best_noop_rps": round(forde["rps"] / noop_best["rps"], 3),
                 "forde_batched_over_unbatched_rps": round(forde["rps"] / summary["forde unbatched"][top]["rps"], 3),
                 "forde_batched_p99_over_best_noop_p99": round(forde["p99_ms"] / noop_best["p99_ms"], 3),

@@ -21,6 +21,7 @@ import numpy as np
 from forde_serve.calibration import TemperatureFit
 from forde_serve.conformal import ConformalCalibration
 from forde_serve.errors import FordeError
+from forde_serve.reference import MonitorReference
 
 __all__ = [
     "EXPLAIN_OUTPUTS",
@@ -92,6 +93,8 @@ _KEY = {
     # JSON or absent (independent members: their grouped graph): the layout each graph of an embedded
     # ensemble was written in (native | folded), the provider it was measured on and the measurements
     "layout": "forde.layout",
+    "shift_reference": "forde.shift_reference",  # JSON (MonitorReference) or absent: no label-free shift test
+    "precision": "forde.precision",  # float32 (absent), int8 or fp16: the arithmetic of this file's graph
 }
 _REQUIRED = ("format_version", "class_names", "input_shape", "members", "method", "abstain_threshold")
 
@@ -207,6 +210,11 @@ class ValidationChoices:
     temperature: TemperatureFit | None = None
     conformal: ConformalCalibration | None = None
     abstention: Abstention = field(default_factory=Abstention)
+    # the validation split's uncertainty scores: what the served traffic's shift test compares with
+    reference: MonitorReference | None = None
+    # What the person exporting should know about these choices (a temperature refused, an abstention rule
+    # that accepts almost nothing); said at export time, not stored in the file.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def temperature_value(self) -> float:
@@ -224,6 +232,8 @@ class ValidationChoices:
             meta[_KEY["calibration"]] = json.dumps(self.temperature.to_metadata())
         if self.conformal is not None:
             meta[_KEY["conformal"]] = json.dumps(self.conformal.to_metadata())
+        if self.reference is not None:
+            meta[_KEY["shift_reference"]] = json.dumps(self.reference.to_metadata())
         return meta
 
     @classmethod
@@ -235,6 +245,7 @@ class ValidationChoices:
             temperature=parsed("calibration", TemperatureFit),
             conformal=parsed("conformal", ConformalCalibration),
             abstention=Abstention.from_metadata(meta),
+            reference=parsed("shift_reference", MonitorReference),
         )
 
 
@@ -256,6 +267,7 @@ class ModelCard:
     structure: str = "independent"  # one of STRUCTURES
     parameters: int | None = None  # distinct trained parameters; None: not recorded (files written before)
     layout: dict | None = None  # embedded ensembles: {"predict": native | folded, "explain": ..., ...}
+    precision: str = "float32"  # this file's graph: float32, int8 (quantized) or fp16 (for the CUDA provider)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(self.class_names))
@@ -310,6 +322,8 @@ class ModelCard:
             meta[_KEY["parameters"]] = str(self.parameters)
         if self.layout is not None:
             meta[_KEY["layout"]] = json.dumps(self.layout)
+        if self.precision != "float32":  # absent means float32, so files written before read the same
+            meta[_KEY["precision"]] = self.precision
         return meta | self.choices.to_metadata()
 
     @classmethod
@@ -344,6 +358,7 @@ class ModelCard:
                 structure=meta.get(_KEY["structure"], "independent"),
                 parameters=None if _KEY["parameters"] not in meta else int(meta[_KEY["parameters"]]),
                 layout=json.loads(meta[_KEY["layout"]]) if _KEY["layout"] in meta else None,
+                precision=meta.get(_KEY["precision"], "float32"),
             )
         except (json.JSONDecodeError, TypeError, ValueError, KeyError) as err:
             raise ModelFileError(f"{source}: broken metadata ({err}); re-export the model") from None

@@ -4,6 +4,10 @@ Eleven corruption types at severities 1 (mild) to 5 (strong), in the spirit of C
 (Hendrycks & Dietterich, 2019) but sized for 8x8 digits. Deterministic: the same inputs, seed,
 type and severity give the same corrupted array. Every function takes `x` `[N, C, H, W]` in the
 range `[low, high]` (digits: 0 to 16) and returns float32 in that range.
+
+`HELD_OUT_SHIFTS` is a second, separate registry: four shifts that are not in digits-C, each at one
+fixed strength, chosen before any serving-under-shift method was measured on them (shear, zoom-out,
+stroke thickening, gamma). Methods are tuned on digits-C and judged on these; never tune on them.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "corrupt", "corrupted_versions"]
+__all__ = ["CORRUPTIONS", "HELD_OUT_SHIFTS", "SEVERITIES", "corrupt", "corrupted_versions", "shift"]
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -193,3 +197,55 @@ def corrupted_versions(
     for name in CORRUPTIONS:
         for severity in SEVERITIES:
             yield name, severity, corrupt(x, name, severity, seed, low, high)
+
+
+def _shear(x, rng, low, high):
+    """Horizontal shear about the centre, factor 0.3 (a row 1 pixel below the centre moves 0.3
+    pixel sideways), sign drawn per image (bilinear)."""
+    n, _, height, width = x.shape
+    factor = 0.3 * rng.choice([-1.0, 1.0], n)[:, None, None]
+    grid_r, grid_c = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
+    cols = grid_c[None] + factor * (grid_r[None] - (height - 1) / 2)
+    return _sample(x, np.broadcast_to(grid_r, cols.shape), cols, low)
+
+
+def _zoom_out(x, rng, low, high):
+    """The picture shrunk to 0.7 of its size about the centre (bilinear), background around it."""
+    _, _, height, width = x.shape
+    grid_r, grid_c = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
+    rows = (grid_r - (height - 1) / 2) / 0.7 + (height - 1) / 2
+    cols = (grid_c - (width - 1) / 2) / 0.7 + (width - 1) / 2
+    shape = (len(x), height, width)
+    return _sample(x, np.broadcast_to(rows, shape), np.broadcast_to(cols, shape), low)
+
+
+def _thicken(x, rng, low, high):
+    """Strokes one pixel thicker (they grow up and to the left): grey-level dilation with a 2x2 square,
+    the maximum of each pixel and its right, lower and lower-right neighbours (edge pixels repeat)."""
+    padded = np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1)), mode="edge")
+    return np.maximum.reduce(
+        [padded[:, :, :-1, :-1], padded[:, :, 1:, :-1], padded[:, :, :-1, 1:], padded[:, :, 1:, 1:]]
+    )
+
+
+def _gamma(x, rng, low, high):
+    """Intensity curve u -> u ** 2 on u = (x - low) / (high - low): full ink stays, faint ink fades."""
+    unit = np.clip((x - low) / (high - low), 0.0, 1.0)
+    return low + unit**2.0 * (high - low)
+
+
+HELD_OUT_SHIFTS: dict[str, Callable] = {
+    "shear": _shear,
+    "zoom_out": _zoom_out,
+    "thicken": _thicken,
+    "gamma": _gamma,
+}
+
+
+def shift(x: np.ndarray, name: str, seed: int = 0, low: float = 0.0, high: float = 16.0) -> np.ndarray:
+    """`x` `[N, C, H, W]` (raw values in [low, high]) under held-out shift `name` (`HELD_OUT_SHIFTS`)."""
+    if name not in HELD_OUT_SHIFTS:
+        raise ValueError(f"shift: expected one of {', '.join(HELD_OUT_SHIFTS)}, got {name!r}")
+    rng = np.random.default_rng([seed, 1000 + list(HELD_OUT_SHIFTS).index(name)])
+    out = HELD_OUT_SHIFTS[name](np.asarray(x, dtype=np.float64), rng, low, high)
+    return np.clip(out, low, high).astype(np.float32)

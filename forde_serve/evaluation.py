@@ -46,6 +46,7 @@ BASE_KEYS = (
     "aurc",
     "abstain_coverage",
     "accuracy_when_accepted",
+    "accuracy_uncalibrated",
     "nll_uncalibrated",
     "ece_uncalibrated",
 )
@@ -139,23 +140,22 @@ def _set_metrics(
     y: np.ndarray,
     gradient_rows: int,
     pooled: dict[str, _Pooled],
-    keep_rows: int = 0,
-) -> tuple[dict, np.ndarray | None]:
-    """Metrics of one set; gradients of its first max(gradient_rows, keep_rows) inputs are returned."""
+) -> dict:
+    """Metrics of one set."""
     logits = predictor.member_logits(x)
     member_probs = member_softmax(logits, model.temperature_value)
     probs = member_probs.mean(1)
     metrics = classification_metrics(member_probs, y)
     uncalibrated_members = member_softmax(logits)
     at_one = classification_metrics(uncalibrated_members, y)
-    metrics["nll_uncalibrated"], metrics["ece_uncalibrated"] = at_one["nll"], at_one["ece"]
+    for key in ("accuracy", "nll", "ece"):
+        metrics[f"{key}_uncalibrated"] = at_one[key]
     spread = uncertainty(member_probs)
     metrics["predictive_entropy"] = float(spread["predictive_entropy"].mean())
     metrics["expected_entropy"] = float(spread["expected_entropy"].mean())
-    rows = max(gradient_rows, keep_rows) if predictor.members > 1 else 0
-    gradients = predictor.input_gradients(x[:rows]) if rows else None
+    rows = gradient_rows if predictor.members > 1 else 0
     metrics["gradient_cosine_distance"] = (
-        gradient_cosine_distance(gradients[:gradient_rows]) if gradients is not None and gradient_rows else None
+        gradient_cosine_distance(predictor.input_gradients(x[:rows])) if rows else None
     )
     correct = probs.argmax(1) == y
     mi = spread["mutual_information"]
@@ -165,14 +165,16 @@ def _set_metrics(
     metrics["accuracy_when_accepted"] = float(correct[accepted].mean()) if accepted.any() else None
     if model.conformal is not None:
         for level in model.conformal.coverages:
-            covered, size = set_coverage_and_size(prediction_sets(probs, model.conformal, level), y)
+            conformal = model.conformal
+            groups = spread[conformal.group_score] if conformal.groups else None
+            covered, size = set_coverage_and_size(prediction_sets(probs, conformal, level, groups), y)
             metrics[f"set_coverage@{level:g}"], metrics[f"set_size@{level:g}"] = covered, size
     pooled["served"].add(probs, y, mi)
     pooled["uncalibrated"].add(uncalibrated_members.mean(1), y)
     if predictor.members > 1:
         pooled["served"].js.append(mean_pairwise_js_divergence(member_probs))
         pooled["served"].member_probs = member_probs
-    return metrics, gradients
+    return metrics
 
 
 def _mean(rows: Iterable[dict], keys: tuple[str, ...]) -> dict:
@@ -213,14 +215,12 @@ def evaluate(
     model, temperature, conformal = choices, choices.temperature_value, choices.conformal
     keys = BASE_KEYS + (set_keys(conformal.coverages) if conformal is not None else ())
     pooled = {name: {"served": _Pooled(), "uncalibrated": _Pooled()} for name in ("clean", "corrupted")}
-    clean, clean_gradients = _set_metrics(
-        predictor, model, x, y, gradient_rows, pooled["clean"], keep_rows=saliency_rows if gradient_rows else 0
-    )
+    clean = _set_metrics(predictor, model, x, y, gradient_rows, pooled["clean"])
     if on_set:
         on_set("clean")
     per_set = []
     for name, severity, xc, yc in corrupted:
-        scores, _ = _set_metrics(predictor, model, xc, yc, gradient_rows, pooled["corrupted"])
+        scores = _set_metrics(predictor, model, xc, yc, gradient_rows, pooled["corrupted"])
         per_set.append({"corruption": name, "severity": severity, **scores})
         if on_set:
             on_set(f"{name} {severity}")
@@ -251,7 +251,9 @@ def evaluate(
         metrics["diversity"] = diversity_block(
             pooled["clean"]["served"].member_probs, y, float(np.mean(corrupted_js)) if corrupted_js else None
         )
-    gradients = clean_gradients if clean_gradients is not None else np.zeros((0,))
+    # The saliency grid shows inputs of different classes: the first test input of each, in class order.
+    picks = np.unique(y, return_index=True)[1][:saliency_rows] if gradient_rows else np.zeros(0, dtype=int)
+    gradients = predictor.input_gradients(x[picks]) if len(picks) else np.zeros((0,))
     reliability, curves = {}, {}
     for name, both in pooled.items():
         if both["served"].scores:
@@ -262,6 +264,6 @@ def evaluate(
         metrics=metrics,
         reliability=reliability,
         risk_coverage=curves,
-        saliency_inputs=x[:saliency_rows],
-        saliency_gradients=gradients[:saliency_rows],
+        saliency_inputs=x[picks],
+        saliency_gradients=gradients,
     )

@@ -64,7 +64,7 @@ def _figure(path: Path, draw) -> None:
 
 def _reliability(evaluation: Evaluation):
     def draw(plt):
-        figure, axis = plt.subplots(figsize=(4.5, 4.2))
+        figure, axis = plt.subplots(figsize=(4.5, 5.4))
         axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
         temperature = evaluation.metrics.get("temperature", 1.0)
         for name, bins in evaluation.reliability.items():
@@ -81,7 +81,8 @@ def _reliability(evaluation: Evaluation):
         axis.set(
             xlabel="confidence (15 bins)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability diagram"
         )
-        axis.legend(loc="upper left", fontsize="small")
+        # below the axes: inside, the legend covered the curves it names
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="small", frameon=False)
         return figure
 
     return draw
@@ -151,7 +152,8 @@ def _risk_coverage(evaluation: Evaluation):
             ylabel="error rate among accepted",
             title="Risk-coverage",
         )
-        axis.legend(loc="upper left", fontsize="small")
+        # below the axes: inside, the legend covered the curves it names
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="small", frameon=False)
         return figure
 
     return draw

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -314,11 +314,14 @@ class EnsembleRuntime:
             raise NonFiniteOutput(f"input: {NOT_FINITE_OUTPUTS} in row(s) {listed}", rows, out)
         return out
 
-    def prediction_sets(self, probs: np.ndarray, coverage: float) -> np.ndarray:
-        """Conformal prediction sets `[batch, classes]` (bool) of ensemble probabilities `[batch, classes]`
-        at a stored `coverage` level (`card.coverage_levels`)."""
+    def prediction_sets(self, out: Mapping[str, np.ndarray], coverage: float) -> np.ndarray:
+        """Conformal prediction sets `[batch, classes]` (bool) of outputs `out` (`probs` `[batch, classes]`
+        and, for a file whose sets are group-conditional, the uncertainty output that picks each row's
+        group, `[batch]`) at a stored `coverage` level (`card.coverage_levels`)."""
         self.check_coverage(coverage)
-        return prediction_sets(probs, self.card.conformal, coverage)
+        conformal = self.card.conformal
+        groups = out[conformal.group_score] if conformal.groups else None
+        return prediction_sets(out["probs"], conformal, coverage, groups)
 
     def check_coverage(self, coverage: float) -> None:
         """Raise InvalidInput unless this file has conformal thresholds for `coverage`."""
@@ -334,7 +337,7 @@ class EnsembleRuntime:
 
     def _with_sets(self, out: dict[str, np.ndarray], coverage: float | None) -> dict[str, np.ndarray]:
         if coverage is not None:
-            out["prediction_set"] = self.prediction_sets(out["probs"], coverage)
+            out["prediction_set"] = self.prediction_sets(out, coverage)
             out["set_size"] = out["prediction_set"].sum(axis=1)
         return out
 

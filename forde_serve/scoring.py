@@ -22,14 +22,17 @@ from pathlib import Path
 import numpy as np
 
 from forde_serve._io import atomic_path, atomic_write_text
+from forde_serve._ray_engine import import_ray, score_parts_on_ray
 from forde_serve._sources import InputFileError, open_source
 from forde_serve.contract import PREDICTION_FIELDS, UNCERTAINTY
 from forde_serve.errors import FordeError
 from forde_serve.runtime import NOT_FINITE, NOT_FINITE_OUTPUTS, EnsembleRuntime, NonFiniteOutput, finite_float32_rows
 
-__all__ = ["InputFileError", "ScoreJob", "ScoreSummary", "ScoringError", "score"]
+__all__ = ["ENGINES", "InputFileError", "ScoreJob", "ScoreSummary", "ScoringError", "score"]
 
 OUTPUT_SUFFIXES = (".parquet", ".csv")
+# Where the parts are scored: this process, or Ray Data actors (forde_serve._ray_engine).
+ENGINES = ("local", "ray")
 # The contract's answer row, as columns (each member's probabilities stay an HTTP option).
 SCORED_FIELDS = tuple(f.name for f in PREDICTION_FIELDS if f.name != "member_probs")
 
@@ -103,10 +106,10 @@ def score(
     InputFileError or ScoringError before anything is written when the job cannot run.
     """
     started = time.perf_counter()
-    if engine not in ("local", "ray"):
-        raise ScoringError(f"--engine: expected local or ray, got {engine!r}")
+    if engine not in ENGINES:
+        raise ScoringError(f"--engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "ray":
-        _import_ray()  # before anything is written
+        import_ray()  # before anything is written
     runtime = EnsembleRuntime(job.model, max_batch=job.batch_size)
     if job.explain:
         runtime.require_explain()
@@ -131,7 +134,12 @@ def score(
         for k in pending:
             manifest.record(k, scorer.score_part(k, progress.advance))
     else:
-        _score_on_ray(job, pending, address, workers, manifest, progress)
+
+        def finished(part: int, rows: int, failed: int) -> None:
+            manifest.record(part, {"rows": rows, "failed": failed})
+            progress.advance(rows)
+
+        score_parts_on_ray(_PartScorer, {"job": job, "threads": 1}, pending, address, workers, finished)
     summary = _finish(job, manifest, runtime.card.class_names, source)
     summary.rows_this_run = progress.done - already
     summary.seconds = time.perf_counter() - started
@@ -268,7 +276,7 @@ class _PartScorer:
                 ok[list(bad)] = False
                 out = self._run(x, ok, bad) if ok.any() else None
                 if out is not None and job.coverage is not None:
-                    out["prediction_set"] = self.runtime.prediction_sets(out["probs"], job.coverage)
+                    out["prediction_set"] = self.runtime.prediction_sets(out, job.coverage)
                 ids = self.source.row_ids(first, last)
                 errors += [{"row": first + r, "row_id": _plain(ids[r]), "reason": bad[r]} for r in sorted(bad)]
                 table = _table(
@@ -355,77 +363,6 @@ def _table(
             continue
         columns[name] = column[name]()
     return pa.table(columns)
-
-
-def _import_ray():
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise ScoringError("--engine ray needs Ray, which is not installed: pip install 'forde-serve[ray]'") from None
-    return ray
-
-
-def _score_on_ray(
-    job: ScoreJob,
-    pending: list[int],
-    address: str | None,
-    workers: int | None,
-    manifest: _Manifest,
-    progress: _Progress,
-) -> None:
-    """Parts as Ray Data items; a pool of actors, each with one onnxruntime session, scores them.
-
-    Actors write the part files (OUTPUT must be on storage every node sees); this driver records
-    each finished part in the manifest as results stream back, so a killed job resumes the same way.
-    """
-    import logging
-
-    ray = _import_ray()
-
-    # Ray Data's INFO lines (and its note that we drew our own progress bar) would bury ours.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(
-            address=address,
-            num_cpus=workers if address is None else None,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            configure_logging=False,
-        )
-    try:
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        actors = workers or gpus or max(1, int(resources.get("CPU", 1)))
-        if not pending:
-            return
-        parts = ray.data.from_items([{"part": k} for k in pending], override_num_blocks=len(pending))
-        scored = parts.map_batches(
-            _PartScorer,
-            fn_constructor_kwargs={"job": job, "threads": 1},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=0 if gpus else 1,
-            num_gpus=1 if gpus else 0,
-            batch_format="numpy",
-        )
-        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-            for k, rows, failed, problem in zip(
-                batch["part"], batch["rows"], batch["failed"], batch["problem"], strict=True
-            ):
-                if problem:  # the input broke under an actor: stop as the local engine does
-                    raise InputFileError(str(problem))
-                manifest.record(int(k), {"rows": int(rows), "failed": int(failed)})
-                progress.advance(int(rows))
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def _finish(job: ScoreJob, manifest: _Manifest, class_names, source) -> ScoreSummary:

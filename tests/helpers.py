@@ -79,7 +79,10 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
     # Its own BENTOML_HOME: every `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it
     # starts, which would wipe the /metrics of any other server on the machine (another test's, too).
     home = tempfile.mkdtemp(prefix="forde-bentoml-home-")
-    env = dict(os.environ) | {"FORDE_MODEL": str(MODEL), "BENTOML_HOME": home} | (env_extra or {})
+    # Its own state too (labels, the shift alarm), unless the test shares one on purpose.
+    state = str(Path(home) / "state")
+    env = dict(os.environ) | {"FORDE_MODEL": str(MODEL), "BENTOML_HOME": home, "FORDE_STATE_DIR": state}
+    env |= env_extra or {}
     command = command or [
         sys.executable,
         "-m",
@@ -155,6 +158,41 @@ def bare_card(input_shape, members, classes=10, abstain_threshold=1.0):
         method="de",
         choices=ValidationChoices(abstention=Abstention(abstain_threshold)),
     )
+
+
+def postgres_bindir() -> Path | None:
+    """Debian's PostgreSQL server binaries (the newest version installed), or None."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+def new_postgres_database(server: str) -> str:
+    """A new, empty database on the `postgres_server` fixture's server; its SQLAlchemy URL."""
+    import sqlalchemy as sa
+
+    name = f"forde_{os.getpid()}_{time.monotonic_ns()}"
+    admin = sa.create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    admin.dispose()
+    return f"{server}/{name}"
+
+
+def without_ids(answer):
+    """An answer (one row or a list of rows) without the `id` every served row carries: two answers to the
+    same input differ only there."""
+    if isinstance(answer, list):
+        return [without_ids(row) for row in answer]
+    return {k: v for k, v in answer.items() if k != "id"}
+
+
+def in_process_app(service):
+    """BentoML's ASGI app of `service` (a `make_service` class) for starlette's TestClient, without BentoML's
+    own request metrics: those register once per process, so a second service's app would clash."""
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    service.inject_config()
+    return ServiceAppFactory(service, is_main=True, enable_metrics=False)()
 
 
 def copy_with_metadata(src, dst_dir, change):

@@ -102,7 +102,7 @@ def test_every_answer_row_is_the_contract_s_row():
     assert rows[1]["class_name"] == runtime.card.class_names[int(out["predicted_class"][1])]
     # the HTTP answer model is built from the same fields, with the same descriptions
     model = FordeEnsemble.inner.models.prediction
-    assert list(model.model_fields) == names
+    assert list(model.model_fields) == ["id", *names]  # the service adds the id a label comes back with
     assert [model.model_fields[f.name].description for f in PREDICTION_FIELDS] == [
         f.description for f in PREDICTION_FIELDS
     ]

@@ -9,34 +9,46 @@ import pytest
 from PIL import Image
 
 from forde_serve.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupted_versions
+from forde_serve.runtime import EnsembleRuntime
 
 from helpers import run_forde, write_cifar
 
 
 @pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-
-    return load_digits().images.astype(np.float32)[:200, None]
+def images(digits):
+    return digits[0][:200]
 
 
-def test_digits_c_has_eleven_corruptions_at_five_severities_deterministically(digits):
-    sets = list(corrupted_versions(digits, seed=3))
-    assert len(CORRUPTIONS) >= 10 and len(sets) == len(CORRUPTIONS) * 5
+def test_digits_c_has_eleven_corruptions_at_five_severities_deterministically(images):
+    sets = list(corrupted_versions(images, seed=3))
+    assert tuple(CORRUPTIONS) == (
+        "gaussian_noise",
+        "shot_noise",
+        "impulse_noise",
+        "gaussian_blur",
+        "motion_blur",
+        "contrast",
+        "brightness",
+        "pixelate",
+        "translate",
+        "rotate",
+        "occlusion",
+    )
+    assert len(sets) == 11 * 5
     for name, severity, x in sets:
-        assert x.shape == digits.shape and x.dtype == np.float32
+        assert x.shape == images.shape and x.dtype == np.float32
         assert 0.0 <= x.min() and x.max() <= 16.0, name
-        assert np.array_equal(x, corrupt(digits, name, severity, seed=3)), f"{name} {severity} not deterministic"
+        assert np.array_equal(x, corrupt(images, name, severity, seed=3)), f"{name} {severity} not deterministic"
     for name in CORRUPTIONS:
-        change = [np.abs(corrupt(digits, name, s, seed=3) - digits).mean() for s in SEVERITIES]
+        change = [np.abs(corrupt(images, name, s, seed=3) - images).mean() for s in SEVERITIES]
         assert change[0] > 0 and change[4] > change[0], f"{name}: severity 5 should change more than 1: {change}"
     assert not np.array_equal(
-        corrupt(digits, "gaussian_noise", 3, seed=0), corrupt(digits, "gaussian_noise", 3, seed=1)
+        corrupt(images, "gaussian_noise", 3, seed=0), corrupt(images, "gaussian_noise", 3, seed=1)
     )
     with pytest.raises(ValueError, match="expected one of"):
-        corrupt(digits, "fog", 1)
+        corrupt(images, "fog", 1)
     with pytest.raises(ValueError, match="severity: expected 1 to 5, got 6"):
-        corrupt(digits, "contrast", 6)
+        corrupt(images, "contrast", 6)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +85,6 @@ def test_report_folder_holds_metrics_markdown_and_figures(reports, quickstart_ru
     assert metrics["ece_uncalibrated"] == pytest.approx(trained["ece"], rel=1e-6)
     assert metrics["temperature"] > 0 and metrics["coverage_levels"] == [0.8, 0.9, 0.95, 0.99]
     for level in metrics["coverage_levels"]:
-        assert 0 <= metrics[f"set_coverage@{level:g}"] <= 1 and metrics[f"set_size@{level:g}"] >= 0
         assert (
             f"set_coverage@{level:g}" in metrics["corrupted"] and f"set_size@{level:g}" in metrics["per_severity"]["5"]
         )
@@ -90,6 +101,18 @@ def test_report_folder_holds_metrics_markdown_and_figures(reports, quickstart_ru
     assert "| gaussian_noise |" in report and "epistemic (mutual information)" in report
     assert "## Calibration (temperature" in report and "## Conformal prediction sets (lac score)" in report
     assert "corrupted" in results["forde-run"].stdout and "report:" in results["forde-run"].stdout
+
+
+@pytest.mark.slow
+def test_the_export_s_set_coverage_is_what_its_runtime_serves(reports, digits_export, digits_split):
+    out, _ = reports
+    onnx = json.loads((out / "forde-onnx" / "metrics.json").read_text())
+    runtime = EnsembleRuntime(digits_export[0])
+    x, y = digits_split["test"]
+    for level in runtime.card.coverage_levels:
+        sets = runtime.predict(x, coverage=level)["prediction_set"]
+        assert onnx[f"set_coverage@{level:g}"] == pytest.approx(sets[np.arange(len(y)), y].mean(), abs=1e-12)
+        assert onnx[f"set_size@{level:g}"] == pytest.approx(sets.sum(1).mean(), abs=1e-12)
 
 
 @pytest.mark.slow
@@ -267,3 +290,15 @@ def test_validation_split_for_choosing_settings_without_the_test_split(tmp_path)
     metrics = json.loads((tmp_path / "val" / "metrics.json").read_text())
     assert metrics["inputs"] == 180 and "validation split" in metrics["source"]["data"]
     assert metrics["gradient_cosine_distance"] is None and len(metrics["per_set"]) == 55
+
+
+def test_the_saliency_grid_shows_one_input_of_each_class(runtime, digits):
+    from forde_serve.evaluation import RuntimePredictor, evaluate
+
+    x, y = digits[0][:120], digits[1][:120]
+    evaluation = evaluate(RuntimePredictor(runtime), x, y, choices=runtime.card.choices, gradient_rows=8)
+    first = [int(np.flatnonzero(y == c)[0]) for c in range(6)]  # classes 0..5, each one's first input
+    np.testing.assert_array_equal(evaluation.saliency_inputs, x[first])
+    assert evaluation.saliency_gradients.shape == (6, runtime.card.members, 1, 8, 8)
+    np.testing.assert_allclose(evaluation.saliency_gradients, runtime.explain(x[first])["input_gradients"], rtol=1e-6)
+    assert evaluation.metrics["accuracy_uncalibrated"] is not None

@@ -22,14 +22,6 @@ def committed_runtime():
     return EnsembleRuntime(MODEL)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    from training.config import DataConfig
-    from training.data import load_dataset
-
-    return load_dataset(DataConfig(dataset="digits"))
-
-
 def test_choices_are_made_in_order_on_the_same_inputs():
     # Three-member ensemble on synthetic data whose labels follow softmax(logits / 2): the fitted
     # temperature is near 2, the conformal thresholds are those of the probabilities at that
@@ -46,22 +38,61 @@ def test_choices_are_made_in_order_on_the_same_inputs():
     assert covered >= 0.9  # on the calibration inputs themselves, by construction of the quantile
     uncalibrated = choose_on_validation(logits, labels, calibrate_temperature=False)
     assert uncalibrated.temperature is None and uncalibrated.temperature_value == 1.0
+    assert not [w for w in chosen.warnings + uncalibrated.warnings if "temperature" in w]
+
+
+def test_a_temperature_at_the_search_bound_is_refused_with_a_warning():
+    # Labels that follow the members' argmax exactly: the NLL keeps falling as T -> 0, to the search's bound.
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 1, (200, 1, 4))  # one member: the ensemble's argmax is its argmax
+    labels = ensemble_probs(logits).argmax(1)
+    chosen = choose_on_validation(logits, labels)
+    assert chosen.temperature is None and chosen.temperature_value == 1.0
+    assert chosen.warnings[0].startswith("the temperature search ended at its bound (0.05, searched 0.05 to 20)")
+
+
+def test_a_temperature_that_worsens_ece_is_kept_and_said():
+    # One overconfident member over two classes, labels its argmax 60% of the time: the NLL-optimal T
+    # (about 3.8) lowers the NLL and raises the 15-bin ECE (found by a scan of such setups; seed 3's draw).
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 4.1, (167, 1, 2))
+    labels = np.where(rng.uniform(size=167) < 0.6, ensemble_probs(logits).argmax(1), rng.integers(0, 2, 167))
+    chosen = choose_on_validation(logits, labels, target_risk=0.5)
+    fit = chosen.temperature
+    assert fit is not None and fit.nll_after < fit.nll_before and fit.ece_after > fit.ece_before
+    assert [w for w in chosen.warnings if "temperature" in w] == [
+        f"the temperature {fit.temperature:.3g} lowers the validation NLL ({fit.nll_before:.4f} -> "
+        f"{fit.nll_after:.4f}) but raises its ECE ({fit.ece_before:.4f} -> {fit.ece_after:.4f}); it is kept "
+        "(NLL is the criterion), export with --no-calibrate to keep temperature 1"
+    ]
+
+
+def test_an_abstention_rule_that_accepts_almost_nothing_is_said():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 3, (180, 4, 10))
+    labels = rng.integers(0, 10, 180)  # labels unrelated to the members: no threshold reaches 1% error
+    chosen = choose_on_validation(logits, labels, calibrate_temperature=False)
+    assert chosen.abstention.coverage < 0.05
+    assert any(w.startswith("the abstention threshold accepts 0.0% of the validation inputs") for w in chosen.warnings)
 
 
 @pytest.mark.slow
-def test_export_bakes_the_temperature_and_stores_thresholds(digits_export, digits):
+def test_export_bakes_the_temperature_and_stores_thresholds(digits_export, digits_split, quickstart_runs):
     path, stdout = digits_export
+    # the run's metrics.json said which temperature the export would fit, and at what test accuracy
+    trained = json.loads((quickstart_runs["forde"] / "metrics.json").read_text())["calibrated"]
+    assert EnsembleRuntime(path).card.temperature == pytest.approx(trained["temperature"], rel=1e-9)
     assert "temperature" in stdout and "prediction sets (lac) for coverage 0.8, 0.9, 0.95, 0.99" in stdout
     runtime = EnsembleRuntime(path)
     card = runtime.card
     assert card.calibration is not None and card.temperature != 1.0
     assert card.coverage_levels == (0.8, 0.9, 0.95, 0.99)
     # The graph's member logits are the raw ones divided by T: its probabilities are ensemble_probs at T.
-    out = runtime.predict(digits.val.x.numpy())
+    out = runtime.predict(digits_split["val"][0])
     raw = out["member_logits"].astype(np.float64) * card.temperature
     np.testing.assert_allclose(out["probs"], ensemble_probs(raw, card.temperature), atol=1e-5)
     # What the file stores is what choose_on_validation decides on the same validation split.
-    again = choose_on_validation(raw, digits.val.y.numpy())
+    again = choose_on_validation(raw, digits_split["val"][1])
     assert again.temperature.temperature == pytest.approx(card.temperature, rel=1e-4)
     assert again.conformal.score == card.conformal.score
     for level in card.coverage_levels:

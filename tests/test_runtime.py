@@ -6,51 +6,40 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from forde_serve.metrics import uncertainty
 from forde_serve.runtime import EnsembleRuntime, InvalidInput, ModelFileError, NonFiniteOutput, array_from_json
-from training.data import load_dataset
-from training.run import load_run
 
 from helpers import MODEL, copy_with_metadata
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    return EnsembleRuntime(MODEL)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    from training.config import DataConfig
-
-    return load_dataset(DataConfig(dataset="digits"))
-
-
 @pytest.mark.slow
-def test_predictions_equal_the_torch_ensemble(digits_export, quickstart_runs, digits):
+def test_predictions_equal_the_torch_ensemble(digits_export, quickstart_runs, digits_split):
+    import torch
+
+    from training.run import load_run
+
     runtime = EnsembleRuntime(digits_export[0])
     run = load_run(quickstart_runs["forde"])
-    x = digits.test.x
-    got = runtime.predict(x.numpy())
+    x, y = digits_split["test"]
+    got = runtime.predict(x)
     with torch.no_grad():
         # the export bakes the temperature fitted on validation data into the graph
-        member_probs = (run.ensemble(x) / runtime.card.temperature).softmax(-1).double().numpy()
+        member_probs = (run.ensemble(torch.from_numpy(x)) / runtime.card.temperature).softmax(-1).double().numpy()
     assert runtime.card.temperature != 1.0
     np.testing.assert_allclose(got["member_probs"], member_probs, atol=1e-5)
     np.testing.assert_allclose(got["probs"], member_probs.mean(1), atol=1e-5)
     for name, value in uncertainty(member_probs).items():
         np.testing.assert_allclose(got[name], value, atol=1e-4, err_msg=name)
-    accuracy = np.mean(got["predicted_class"] == digits.test.y.numpy())
-    assert accuracy == pytest.approx(np.mean(member_probs.mean(1).argmax(1) == digits.test.y.numpy()), abs=1e-9)
+    accuracy = np.mean(got["predicted_class"] == y)
+    assert accuracy == pytest.approx(np.mean(member_probs.mean(1).argmax(1) == y), abs=1e-9)
     assert accuracy == pytest.approx(run.metrics["accuracy"], abs=0.02)  # temperature scaling rarely flips an argmax
     np.testing.assert_array_equal(got["abstain"], got["mutual_information"] > runtime.card.abstain_threshold)
     np.testing.assert_allclose(got["confidence"], got["probs"].max(1))
 
 
-def test_explain_targets(runtime, digits):
-    x = digits.test.x[:5].numpy()
+def test_explain_targets(runtime, digits_split):
+    x = digits_split["test"][0][:5]
     default = runtime.explain(x)
     predicted = runtime.explain(x, target=[-1] * 5)
     np.testing.assert_array_equal(default["input_gradients"], predicted["input_gradients"])
@@ -98,8 +87,8 @@ def test_bad_targets_are_named(runtime, target, message):
     assert message in str(err.value)
 
 
-def test_integer_inputs_are_accepted_as_numbers(runtime, digits):
-    x = digits.test.x[:3].numpy()
+def test_integer_inputs_are_accepted_as_numbers(runtime, digits_split):
+    x = digits_split["test"][0][:3]
     np.testing.assert_array_equal(runtime.predict(x.astype(np.int64))["probs"], runtime.predict(x)["probs"])
 
 
@@ -136,12 +125,13 @@ def test_providers_are_checked():
     assert EnsembleRuntime(MODEL, providers=["CPUExecutionProvider"]).providers == ["CPUExecutionProvider"]
 
 
-def test_the_committed_default_model_serves(digits):
+def test_the_committed_default_model_serves(digits_split):
     runtime = EnsembleRuntime(MODEL)
     assert (runtime.card.method, runtime.card.members) == ("forde", 8)
-    got = runtime.predict(digits.test.x.numpy())
-    assert np.mean(got["predicted_class"] == digits.test.y.numpy()) >= 0.95
-    assert runtime.explain(digits.test.x[:2].numpy())["input_gradients"].shape == (2, 8, 1, 8, 8)
+    x, y = digits_split["test"]
+    got = runtime.predict(x)
+    assert np.mean(got["predicted_class"] == y) >= 0.95
+    assert runtime.explain(x[:2])["input_gradients"].shape == (2, 8, 1, 8, 8)
 
 
 def test_cuda_that_cannot_start_falls_back_with_one_warning(monkeypatch, caplog):

@@ -26,11 +26,6 @@ NOT_FINITE = "expected finite float32 values"
 
 
 @pytest.fixture(scope="module")
-def runtime():
-    return EnsembleRuntime(MODEL)
-
-
-@pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     """All digits as raw inputs, three rows broken (NaN, infinity, float32 overflow), saved as .npy."""
     from sklearn.datasets import load_digits

@@ -19,7 +19,16 @@ from helpers import FORDE, ROOT, epochs_checkpointed, read_metrics, run_forde, w
 
 pytestmark = pytest.mark.slow  # trains, exports or runs several processes
 
-METRIC_KEYS = {"accuracy", "nll", "ece", "brier", "gradient_cosine_distance", "mutual_information", "parameters"}
+METRIC_KEYS = {
+    "accuracy",
+    "nll",
+    "ece",
+    "brier",
+    "gradient_cosine_distance",
+    "mutual_information",
+    "calibrated",
+    "parameters",
+}
 
 
 def test_quickstart_reaches_the_targets(quickstart_runs):
@@ -42,7 +51,8 @@ def test_run_folder_holds_everything(quickstart_runs):
         "trajectory.safetensors",
     } <= names
     assert not any(n.endswith(".tmp") for n in names)
-    assert set(read_metrics(run)) == METRIC_KEYS
+    metrics = read_metrics(run)
+    assert set(metrics) == METRIC_KEYS and set(metrics["calibrated"]) == {"temperature", "accuracy", "nll", "ece"}
     config = load_config(run / "config.json")
     assert config.ensemble.method == "forde" and config.ensemble.members == 8
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]

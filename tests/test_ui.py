@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from forde_serve.app.ui import EXAMPLES, EmptyDrawing, answer, build_page, drawing_to_input, upload_to_input
+from forde_serve.app._page_answer import EmptyDrawing, answer, drawing_to_input, prediction_set_md, upload_to_input
+from forde_serve.app.ui import EXAMPLES, build_page
 from forde_serve.conformal import ConformalCalibration
 from forde_serve.images import image_to_input
 from forde_serve.runtime import EnsembleRuntime, InvalidInput
@@ -31,11 +32,6 @@ from helpers import (
 )
 
 LABEL = re.compile(r"^(\S+) \((\d\.\d\d)\)$")  # "7 (0.93)"
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    return EnsembleRuntime(MODEL)
 
 
 def _expected_label(runtime, x) -> str:
@@ -74,9 +70,31 @@ def test_the_page_answer_is_the_runtimes(runtime, name):
     votes = out["member_probs"][0].argmax(1)
     assert page.votes_html.count('class="forde-vote"') == runtime.card.members
     assert f"<b>{int((votes == page.predicted_class).sum())} of {runtime.card.members}</b>" in page.votes_html
-    assert page.prediction_set_md == ""  # the committed file has no conformal thresholds
+    assert page.prediction_set_md == ""  # no coverage asked for
     for png in (page.probabilities_png, page.saliency_png):
         assert png.startswith(b"\x89PNG")
+
+
+def test_a_predict_press_runs_one_graph_and_the_slider_none(runtime, monkeypatch):
+    """The press runs the explain graph once (predict's outputs and the gradients together); the
+    prediction set, at the press and at every slider move, comes from the probabilities it gave."""
+    calls = []
+    for name in ("predict", "explain"):
+        method = getattr(runtime, name)
+        monkeypatch.setattr(runtime, name, lambda *a, _m=method, _n=name, **k: calls.append(_n) or _m(*a, **k))
+    x = upload_to_input(runtime.card, EXAMPLES / "split-4.png")
+    page = answer(runtime, x, coverage=0.9)
+    assert calls == ["explain"]
+    for level in (0.8, 0.9, 0.95, 0.99):
+        expected = runtime.prediction_sets({k: v[None] for k, v in page.set_outputs.items()}, level)[0]
+        names = [runtime.card.class_names[k] for k in np.flatnonzero(expected)]
+        shown = prediction_set_md(runtime, page.set_outputs, level)
+        assert f"coverage: {{{', '.join(names) if names else 'empty'}}}**" in shown, shown
+    assert prediction_set_md(runtime, page.set_outputs, 0.9) in page.prediction_set_md
+    assert calls == ["explain"]
+    monkeypatch.undo()
+    served = runtime.predict(x[None], coverage=0.9)["prediction_set"][0]
+    assert np.array_equal(runtime.prediction_sets({k: v[None] for k, v in page.set_outputs.items()}, 0.9)[0], served)
 
 
 def _pad(stroke_columns: slice, transparent: bool) -> Image.Image:

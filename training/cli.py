@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import click
@@ -162,10 +162,17 @@ def train(
     structure = "" if ensemble.structure == "independent" else f" {ensemble.structure}"
     if set(metrics) - {"parameters"}:
         table = Table(title=f"{ensemble.method}{structure} x{ensemble.members}: clean test metrics")
+        calibrated = metrics.get("calibrated", {})
         table.add_column("metric")
-        table.add_column("value", justify="right")
+        table.add_column("T = 1", justify="right")
+        if calibrated:  # what `forde export` will serve: the temperature it fits on the validation split
+            table.add_column(f"T = {calibrated['temperature']:.3g} (as exported)", justify="right")
         for name, value in metrics.items():
-            table.add_row(name, f"{value:,}" if name == "parameters" else f"{value:.4f}")
+            if name == "parameters":
+                table.add_row(name, f"{value:,}", *([""] if calibrated else []))
+            elif name != "calibrated":
+                served = [f"{calibrated[name]:.4f}" if name in calibrated else ""] if calibrated else []
+                table.add_row(name, f"{value:.4f}", *served)
         console.print(table)
     else:
         console.print(
@@ -243,6 +250,18 @@ def _held_out_options(command):
     return command
 
 
+def _quantize_option(command):
+    """`--quantize` of `forde export` / `forde fuse`: the predict graph's precision."""
+    return click.option(
+        "--quantize",
+        metavar="int8|fp16",
+        help="Lower the predict graph's precision: int8 (onnxruntime static quantization for the CPU, "
+        "calibrated on the validation split) or fp16 (float16, for the CUDA provider). Temperature, "
+        "prediction-set and abstention thresholds are fitted on the lowered graph's own outputs; the explain "
+        "graph stays float32. Default: float32.",
+    )(command)
+
+
 def _held_out(target_risk, no_calibrate, conformal_score, alpha, raps_k_reg, raps_lambda):
     from training.export import HeldOutOptions
 
@@ -274,6 +293,7 @@ def _held_out(target_risk, no_calibrate, conformal_score, alpha, raps_k_reg, rap
     show_default=True,
     help="Validation inputs on which both files are checked against the PyTorch ensemble.",
 )
+@_quantize_option
 @click.option(
     "--layout",
     type=click.Choice(["auto", "native", "folded"]),
@@ -282,7 +302,7 @@ def _held_out(target_risk, no_calibrate, conformal_score, alpha, raps_k_reg, rap
     help="Embedded ensembles: native (one shared network, the batch repeated per member: a file near one "
     "network's size) or folded (per-member weights, one grouped graph); auto times both on this CPU.",
 )
-def export(run: Path, out: Path, validation_inputs: int, layout: str, **held_out) -> None:
+def export(run: Path, out: Path, validation_inputs: int, quantize: str | None, layout: str, **held_out) -> None:
     """Fuse a training RUN into one batched ONNX graph (NAME.onnx) and its explain twin.
 
     \b
@@ -295,15 +315,21 @@ def export(run: Path, out: Path, validation_inputs: int, layout: str, **held_out
     Both files carry everything a server needs in their metadata (classes, input shape, members,
     method, kernel, training config, metrics, temperature, thresholds). After writing, both are run
     in onnxruntime on real validation inputs and compared output by output with the PyTorch
-    ensemble; if any output is off, the files are removed and the command exits 1.
+    ensemble; if any output is off, the files are removed and the command exits 1. With --quantize
+    the predict file is checked with its precision's looser tolerances (printed with each line).
     """
     if not out.name.endswith(".onnx") or out.name.endswith(".explain.onnx"):
         raise CommandError(f"--out: expected a NAME.onnx path for the predict graph, got {str(out)!r}")
     with _training_extra():
         from training.export import export_run
+        from training.export.quantize import check_precision
 
         options = _held_out(**held_out)
-    export_run(run, out, options, validation_inputs=validation_inputs, echo=click.echo, layout=layout)
+    precision = quantize or "float32"
+    check_precision(precision, has_validation=True)
+    export_run(
+        run, out, options, validation_inputs=validation_inputs, echo=click.echo, precision=precision, layout=layout
+    )
 
 
 @click.command(**_COMMAND)
@@ -331,6 +357,7 @@ def export(run: Path, out: Path, validation_inputs: int, layout: str, **held_out
     "on random inputs.",
 )
 @_held_out_options
+@_quantize_option
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -350,6 +377,7 @@ def fuse(
     classes: str | None,
     classes_file: Path | None,
     validation: Path | None,
+    quantize: str | None,
     out: Path,
     **held_out,
 ) -> None:
@@ -384,6 +412,7 @@ def fuse(
         held_out=options,
         width=width,
         depth=depth,
+        precision=quantize or "float32",
     )
     fuse_checkpoints(job, echo=click.echo)
 
@@ -435,6 +464,27 @@ def fuse(
     show_default=True,
     help="validation: measure the validation split (digits, image folders), to choose settings without the test split.",
 )
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Replay streams of rows through the server's monitor instead (SOURCE: an exported NAME.onnx, digits): "
+    "false alarms, detection delays per digits-C corruption and held-out shift, coverage over time of static, "
+    "label-free and adaptive sets; stream.json, stream.md and figures.",
+)
+@click.option(
+    "--orders",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="--stream: shuffled orders of each shifted stream (detection delays).",
+)
+@click.option(
+    "--permutations",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="--stream: shuffled orders of the clean rows (false alarms).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar or summary table.")
 def evaluate(
     source: Path,
@@ -447,6 +497,9 @@ def evaluate(
     per_severity: int | None,
     gradient_rows: int,
     split: str,
+    stream: bool,
+    orders: int,
+    permutations: int,
     quiet: bool,
 ) -> None:
     """Measure an ensemble's robustness: SOURCE is a training run folder or an exported NAME.onnx.
@@ -460,11 +513,37 @@ def evaluate(
                       distance, risk-coverage area, accuracy at the model's abstention threshold,
                       OOD AUROC; `corrupted`, `per_severity`, `per_corruption` and `per_set`
       report.md       the same as tables, with the figures
-      *.png           reliability diagram, accuracy/NLL per severity, risk-coverage, saliency grid
+      reliability.png    reliability diagram, clean and corrupted, before and after the temperature
+      severity.png       accuracy and NLL per corruption severity
+      coverage.png       prediction-set coverage and size per severity, at each stored level
+      risk_coverage.png  error rate of the accepted inputs against the share accepted
+      saliency.png       members' input gradients on clean test inputs of different classes
 
     An exported file is measured through the serving runtime, a run folder through PyTorch; the
     two agree on the same model. Compare reports with `forde compare`.
+
+    \b
+    With --stream (an exported file; no torch needed), the file's rows are replayed instead, one
+    per request, through the same monitor the server runs (each replay on its own SQLite store):
+      stream.json, stream.md   false alarms over --permutations clean orders; rows until the alarm
+                               over --orders orders of each digits-C set and held-out shift; 90%
+                               coverage of static, label-free (Mondrian) and adaptive sets
+      martingale*.png          the shift statistic over rows, with the alarm threshold
+      coverage-*.png           running coverage of the three kinds of sets, clean and per shift
     """
+    if stream:
+        from training.streams import StreamJob, stream_report
+
+        with Console().status("replaying streams through the monitor", spinner="dots") if not quiet else nullcontext():
+            report = stream_report(
+                StreamJob(model=source, out=out, seed=seed, orders=orders, permutations=permutations)
+            )
+        if not quiet:
+            alarms = report["false_alarms"]
+            click.echo(
+                f"false alarms: {alarms['fired']} of {alarms['permutations']} clean orders; report: {out / 'stream.md'}"
+            )
+        return
     with _training_extra():
         from training.evaluation import EvaluationJob, evaluate_job
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -505,12 +584,20 @@ def evaluate(
     metrics = evaluation.metrics
     table = Table(title=f"{source.name}: {metrics['source']['data']}")
     table.add_column("metric")
-    table.add_column("clean", justify="right")
+    table.add_column(f"clean (T = {metrics['temperature']:.3g})", justify="right")
+    table.add_column("clean, T = 1", justify="right")
     table.add_column("corrupted", justify="right")
+    corrupted = metrics.get("corrupted") or {}
+
+    def shown(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
     for key in ("accuracy", "nll", "ece", "brier", "mutual_information", "gradient_cosine_distance", "aurc"):
-        clean, corrupted = metrics.get(key), (metrics.get("corrupted") or {}).get(key)
         table.add_row(
-            key, "n/a" if clean is None else f"{clean:.4f}", "n/a" if corrupted is None else f"{corrupted:.4f}"
+            key,
+            shown(metrics.get(key)),
+            shown(metrics.get(f"{key}_uncalibrated")) if key in ("accuracy", "nll", "ece") else "",
+            shown(corrupted.get(key)),
         )
     console = Console()
     console.print(table)

@@ -21,6 +21,7 @@ from forde_serve.errors import FordeError
 
 __all__ = [
     "BUILTIN_ARCHITECTURES",
+    "DATASET_NAMES",
     "FACTORY",
     "STRUCTURES",
     "TORCHVISION",
@@ -37,6 +38,8 @@ class ConfigError(FordeError, ValueError):
 
 
 BUILTIN_ARCHITECTURES = ("mlp", "cnn", "resnet18", "preact_resnet18")
+# The datasets `data.dataset` may name; `training.data.DATASETS` maps each to its loader.
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder")
 TORCHVISION = "torchvision:"  # model.arch = "torchvision:NAME": a torchvision classification builder
 FACTORY = "factory"  # model.arch = "factory": model.factory = "package.module:function"
 
@@ -112,7 +115,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
+    dataset: Literal[DATASET_NAMES] = "digits"
     # CIFAR: the folder holding it in torchvision's layout; imagefolder: the folder holding
     # train/<class>/ pictures (and optionally val/ and test/); unused for digits
     root: str | None = None

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from forde_serve.calibration import member_probs as member_softmax
 from forde_serve.contract import ImageSpec, ValidationChoices
 from forde_serve.corruptions import corrupted_versions
 from forde_serve.errors import FordeError
@@ -66,15 +67,29 @@ def predicted_class_input_gradients(ensemble: Ensemble, x: torch.Tensor, batch_s
     return torch.cat(chunks).double().numpy()
 
 
-def clean_metrics(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """accuracy, nll, ece, brier, mutual_information and gradient_cosine_distance on one split, and the
-    ensemble's `parameters` (distinct trained parameters: a weight shared by the members counts once)."""
+def clean_metrics(
+    ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, validation: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> dict:
+    """accuracy, nll, ece, brier, mutual_information and gradient_cosine_distance on one split, at T = 1,
+    and the ensemble's `parameters` (distinct trained parameters: a weight shared by the members counts once).
+
+    With `validation` (inputs, labels), also `calibrated`: accuracy, nll and ece at the temperature
+    `forde export` will fit on that split (`choose_on_validation`, the same fit), and that temperature:
+    an average of tempered softmaxes can rank classes differently, so the served accuracy may differ.
+    """
     was_training = ensemble.training
     ensemble.eval()
-    metrics = classification_metrics(member_probabilities(ensemble, x), y.numpy())
+    logits = member_logits(ensemble, x)
+    metrics = classification_metrics(member_softmax(logits), y.numpy())
     if ensemble.members > 1:
         metrics["gradient_cosine_distance"] = gradient_cosine_distance(predicted_class_input_gradients(ensemble, x))
     metrics["parameters"] = parameter_count(ensemble)
+    if validation is not None:
+        temperature = choose_on_validation(
+            member_logits(ensemble, validation[0]), validation[1].numpy()
+        ).temperature_value
+        at_t = classification_metrics(member_softmax(logits, temperature), y.numpy())
+        metrics["calibrated"] = {"temperature": temperature} | {k: at_t[k] for k in ("accuracy", "nll", "ece")}
     ensemble.train(was_training)
     return metrics
 

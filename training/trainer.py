@@ -393,10 +393,11 @@ def _train(
         return None
     ensemble.eval()
     # An image folder without test/ has only the parameter count (shared weights counted once).
+    validation = (data.val.x.to(device), data.val.y)
     if data.test is None:
         metrics = {"parameters": parameter_count(ensemble)}
     else:
-        metrics = clean_metrics(ensemble, data.test.x.to(device), data.test.y)
+        metrics = clean_metrics(ensemble, data.test.x.to(device), data.test.y, validation)
     run_files.write_weights(run_dir, ensemble)
     atomic_write_text(run_dir / run_files.METRICS, json.dumps(metrics, indent=2))
     return metrics

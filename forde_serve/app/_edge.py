@@ -11,7 +11,8 @@ middleware, fixes all of it in one place for the service's own API routes:
 - a multipart body must parse, and hold exactly the endpoint's fields, files as file parts and the
   rest as text parts, before BentoML sees it (so it never fetches a URL given by a client);
 - every error answer from those routes is rewritten into one shape, `ErrorBody`;
-- GET /docs.json is answered with `truthful_spec` of BentoML's spec.
+- GET /docs.json is answered with `truthful_spec` of BentoML's spec, GET /schema.json (what BentoML's
+  clients read) with `truthful_schema`, and GET / with a Swagger page that loads nothing from elsewhere.
 
 Other paths (BentoML's /readyz, /metrics, the Swagger page, any mounted app) pass untouched but for
 the size limit. `quiet_caller_errors` makes BentoML log a refused request on one line, not a traceback.
@@ -19,66 +20,27 @@ the size limit. `quiet_caller_errors` makes BentoML log a refused request on one
 
 from __future__ import annotations
 
-import copy
+import hmac
 import html
 import json
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
 
 from bentoml.exceptions import BentoMLException, InvalidArgument
-from pydantic import BaseModel, Field
 
+from forde_serve.app._spec import SWAGGER_PAGE, truthful_schema, truthful_spec
+from forde_serve.app._wire import JSON, MULTIPART, ErrorBody, Problem, Route, api_routes
 from forde_serve.images import ImageTooLarge
 from forde_serve.runtime import InvalidInput
 
-__all__ = ["ErrorBody", "Problem", "RequestEdge", "quiet_caller_errors", "refusal", "truthful_spec"]
+__all__ = ["RequestEdge", "quiet_caller_errors", "refusal"]
 
 log = logging.getLogger(__name__)
 
-JSON = "application/json"
-MULTIPART = "multipart/form-data"
 _HTML = "text/html; charset=utf-8"
-# The Swagger page at /: BentoML's own, less its third-party tag manager; every file it loads is served
-# by this server (BentoML's static_content), so the page works offline and tells nobody it was opened.
-_SWAGGER_PAGE = """<!DOCTYPE html>
-<html lang="en">
-  <head>
-    <meta charset="UTF-8">
-    <title>{title}</title>
-    <link rel="stylesheet" type="text/css" href="./static_content/swagger-ui.css" />
-    <link rel="stylesheet" type="text/css" href="./static_content/index.css" />
-  </head>
-  <body>
-    <div id="swagger-ui"></div>
-    <script src="./static_content/swagger-ui-bundle.js" charset="UTF-8"> </script>
-    <script src="./static_content/swagger-ui-standalone-preset.js" charset="UTF-8"> </script>
-    <script src="./static_content/swagger-initializer.js" charset="UTF-8"> </script>
-  </body>
-</html>
-"""
-_REF = "#/components/schemas/{model}"
-
-
-class Problem(BaseModel):
-    field: str = Field(
-        description="where: a path into the JSON body (inputs[0].input), a form field (image), a header "
-        "(content-type), or body / request / server for the whole"
-    )
-    message: str = Field(description="what was expected and what came")
-
-
-class ErrorBody(BaseModel):
-    """The body of every error answer of the service's endpoints."""
-
-    error: str = Field(description="one sentence: the field, what was expected and what came")
-    detail: list[Problem] = Field(
-        default_factory=list,
-        description="every problem found, one per field (absent only from BentoML's own 429 and 504 answers, "
-        "which its traffic limits send before this service sees the request)",
-    )
+READABLE = ("/monitor",)  # API routes that also answer GET (as a POST of {})
 
 
 def refusal(err: InvalidInput) -> BentoMLException:
@@ -90,44 +52,6 @@ def refusal(err: InvalidInput) -> BentoMLException:
     return InvalidArgument(message)
 
 
-@dataclass(frozen=True)
-class _Route:
-    name: str
-    media_type: str  # what the endpoint takes
-    fields: dict[str, bool]  # form fields -> required (multipart endpoints)
-    files: frozenset[str]  # form fields that are files
-    statuses: tuple[int, ...]  # error statuses the route can answer
-
-    def takes(self) -> str:
-        if self.media_type != MULTIPART:
-            return f"/{self.name} takes a JSON body (content-type: {JSON})"
-        fields = ", ".join(f"{f} ({'a file' if f in self.files else 'text'})" for f in self.fields)
-        return f"/{self.name} takes a {MULTIPART} body with the fields {fields}"
-
-
-# Every route: bad body, body too large, wrong media type, over BentoML's concurrency limit, a bug, a timeout.
-_ERRORS = {
-    400: "The request is not what the endpoint takes; `error` says which field, what was expected and what came.",
-    413: "The body is over the size limit (FORDE_MAX_BODY_BYTES), or an uploaded picture has too many pixels.",
-    415: "The body's content-type is not the one the endpoint takes.",
-    429: "More requests at once than the server takes (BentoML's traffic.max_concurrency); retry later.",
-    500: "A bug in the server; its log has the traceback.",
-    503: "Adaptive batching could not answer within its latency limit; retry later.",
-    504: "The request took longer than the server's timeout.",
-}
-
-
-def _routes(service) -> dict[str, _Route]:
-    routes = {}
-    for name, api in service.apis.items():
-        spec = api.input_spec
-        statuses = tuple(s for s in _ERRORS if s != 503 or api.batchable)
-        fields = {f: info.is_required() for f, info in spec.model_fields.items()}
-        path = "/" + "/".join(p for p in ((service.path_prefix or "").strip("/"), api.route.strip("/")) if p)
-        routes[path] = _Route(name, spec.mime_type(), fields, frozenset(spec.multipart_fields), statuses)
-    return routes
-
-
 class _Refuse(Exception):
     def __init__(self, status: int, field: str, message: str):
         super().__init__(message)
@@ -137,14 +61,27 @@ class _Refuse(Exception):
 class RequestEdge:
     """ASGI middleware around the service (BentoML's `add_asgi_middleware`): see the module docstring."""
 
-    def __init__(self, app, service, max_body_bytes: int, info: dict[str, str] | None = None):
+    def __init__(
+        self,
+        app,
+        service,
+        max_body_bytes: int,
+        info: dict[str, str] | None = None,
+        models: dict[str, type] | None = None,
+        guarded: dict[str, Callable[[bytes], bool]] | None = None,
+        token: str | None = None,
+    ):
+        """`info`: the spec's title, version, description; `models`: the response and request models by
+        title (for /schema.json's nulls); `guarded`: API name -> whether a request body (bytes) is a write
+        that needs the admin `token` (401 in the spec; no token: nothing is guarded)."""
         self.app, self.service, self.max_body_bytes, self.info = app, service, max_body_bytes, info
-        self._routes: dict[str, _Route] | None = None
+        self.models, self.guarded, self.token = models or {}, guarded or {}, token
+        self._routes: dict[str, Route] | None = None
 
     @property
-    def routes(self) -> dict[str, _Route]:
+    def routes(self) -> dict[str, Route]:
         if self._routes is None:  # the service's APIs are all registered once requests arrive
-            self._routes = _routes(self.service)
+            self._routes = api_routes(self.service, frozenset(self.guarded))
         return self._routes
 
     async def __call__(self, scope, receive, send):
@@ -152,14 +89,22 @@ class RequestEdge:
             return await self.app(scope, receive, send)
         if scope["method"] == "GET" and scope["path"] == "/docs.json":
             return await self.app(scope, receive, _Rewrite(send, self._spec, statuses=(200,)))
+        if scope["method"] == "GET" and scope["path"] == "/schema.json":
+            return await self.app(scope, receive, _Rewrite(send, self._schema, statuses=(200,)))
+        if scope["method"] == "GET" and scope["path"] in READABLE:
+            # a read with GET, as monitoring tools expect: the API's POST of an empty JSON body
+            scope, receive = _as_empty_post(scope)
         if scope["method"] == "GET" and scope["path"] == "/":
-            return await _send(send, 200, _SWAGGER_PAGE.format(title=html.escape(self.title)).encode(), _HTML)
+            return await _send(send, 200, SWAGGER_PAGE.format(title=html.escape(self.title)).encode(), _HTML)
         route = self.routes.get(scope["path"])
         post = route is not None and scope["method"] == "POST"
+        guard = self.guarded.get(route.name) if post and self.token is not None else None
         try:
-            receive = await self._within_limit(scope, receive, buffer=post and bool(route.files))
+            receive = await self._within_limit(scope, receive, buffer=post and (bool(route.files) or guard is not None))
             if post:
                 await self._check(route, scope, receive)
+            if guard is not None and guard(receive.body):
+                self._authorize(route, scope)
         except _Refuse as refused:
             log.warning("Refused %s [%s]: %s: %s", scope["path"], scope["method"], refused.field, refused.message)
             return await _answer(send, refused.status, refused.field, refused.message)
@@ -171,8 +116,11 @@ class RequestEdge:
     def title(self) -> str:
         return (self.info or {}).get("title", "API")
 
+    def _schema(self, status: int, body: bytes) -> bytes:
+        return json.dumps(truthful_schema(json.loads(body), self.models)).encode()
+
     def _spec(self, status: int, body: bytes) -> bytes:
-        return json.dumps(truthful_spec(json.loads(body), self.routes, self.info)).encode()
+        return json.dumps(truthful_spec(json.loads(body), self.routes, self.info, READABLE)).encode()
 
     async def _within_limit(self, scope, receive, buffer: bool):
         """`receive` for the app: refuses a body over the limit, by its content-length before reading it,
@@ -198,7 +146,22 @@ class RequestEdge:
         replay.body = b"".join(m.get("body", b"") for m in messages)
         return replay
 
-    async def _check(self, route: _Route, scope, receive) -> None:
+    def _authorize(self, route: Route, scope) -> None:
+        """Refuse (401) a write without `Authorization: Bearer <token>`. Here, not in the API: BentoML
+        answers a 401 raised there with a bare "Authorization error". Compared in constant time, so the
+        answer's timing does not say how much of a guess was right."""
+        header = dict(scope.get("headers") or {}).get(b"authorization", b"").decode("latin-1")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            what = "re-arming the shift alarm" if route.name == "monitor" else f"/{route.name}"
+            raise _Refuse(
+                401,
+                "authorization",
+                f"{what} changes what every caller is served, so it needs the header `Authorization: Bearer "
+                "<FORDE_ADMIN_TOKEN>`; got none or another token",
+            )
+
+    async def _check(self, route: Route, scope, receive) -> None:
         """Refuse a body of the wrong media type, and a form BentoML would choke on, before BentoML parses it."""
         header = dict(scope.get("headers") or {}).get(b"content-type", b"").decode("latin-1")
         media_type, _, parameters = header.partition(";")
@@ -216,7 +179,22 @@ class RequestEdge:
         await _check_form(route, scope, receive.body)
 
 
-async def _check_form(route: _Route, scope, body: bytes) -> None:
+def _as_empty_post(scope):
+    headers = [(k, v) for k, v in scope.get("headers") or [] if k not in (b"content-type", b"content-length")]
+    scope = dict(scope, method="POST", headers=[*headers, (b"content-type", JSON.encode()), (b"content-length", b"2")])
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    return scope, receive
+
+
+async def _check_form(route: Route, scope, body: bytes) -> None:
     """Parse the form as BentoML will and refuse what it would answer with a 500 (or a URL fetch)."""
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
@@ -349,91 +327,6 @@ def _path(loc) -> str:
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path or "body"
-
-
-def truthful_spec(
-    spec: dict[str, Any], routes: dict[str, _Route], info: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """BentoML's generated OpenAPI 3.0 spec, corrected to say what the service does: the errors each API
-    route answers, all as ErrorBody; null where a field can be null (`nullable`, as 3.0 says it);
-    `Prediction` for /predict_image's answer rather than a copy of it; the service's own `info` (title,
-    version, description) rather than BentoML's placeholders."""
-    spec = copy.deepcopy(spec)
-    if info is not None:
-        spec["info"] = dict(info)
-    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    error_schema = ErrorBody.model_json_schema(ref_template=_REF)
-    schemas.update(error_schema.pop("$defs", {}))
-    schemas["ErrorBody"] = error_schema
-    # BentoML's own, which no route of this service answers (it has no task endpoints)
-    for name in ("InvalidArgument", "NotFound", "InternalServerError", "TaskStatusResponse"):
-        schemas.pop(name, None)
-    for path, route in routes.items():
-        operation = spec.get("paths", {}).get(path, {}).get("post")
-        if operation is None:
-            continue
-        responses = {"200": operation["responses"]["200"]}
-        for status in route.statuses:
-            responses[str(status)] = {
-                "description": f"{HTTPStatus(status).phrase}. {_ERRORS[status]}",
-                "content": {JSON: {"schema": {"$ref": _REF.format(model="ErrorBody")}}},
-            }
-        operation["responses"] = responses
-        if route.media_type == MULTIPART:  # the edge refuses any other part
-            for media in operation.get("requestBody", {}).get("content", {}).values():
-                media.get("schema", {})["additionalProperties"] = False
-    _use_originals(spec, schemas)
-    _nullable(schemas)
-    return spec
-
-
-def _use_originals(spec: dict, schemas: dict) -> None:
-    """BentoML copies a model an endpoint returns whole into `<Name>IODescriptor` (inlined in the answer,
-    its nullable fields lost): answer with `$ref <Name>` instead, keeping the copy under that name where
-    the model is not there otherwise."""
-    copies = {name.removesuffix("IODescriptor") for name in schemas if name.endswith("IODescriptor")}
-    for name in copies:
-        original = schemas.pop(f"{name}IODescriptor")
-        schemas.setdefault(name, original | {"title": name})
-
-    def visit(node):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if isinstance(value, dict) and value.get("title", "").removesuffix("IODescriptor") in copies:
-                    if value["title"].endswith("IODescriptor"):
-                        node[key] = {"$ref": _REF.format(model=value["title"].removesuffix("IODescriptor"))}
-                        continue
-                if isinstance(value, dict) and value.get("$ref", "").endswith("IODescriptor"):
-                    node[key] = {"$ref": value["$ref"].removesuffix("IODescriptor")}
-                    continue
-                visit(value)
-        elif isinstance(node, list):
-            for value in node:
-                visit(value)
-
-    visit(spec["paths"])
-
-
-def _nullable(node) -> None:
-    """pydantic writes `X | None` as anyOf [X, {type: null}], which OpenAPI 3.0 does not know: write it as
-    X with `nullable: true`."""
-    if isinstance(node, list):
-        for value in node:
-            _nullable(value)
-        return
-    if not isinstance(node, dict):
-        return
-    options = node.get("anyOf")
-    if isinstance(options, list) and {"type": "null"} in options:
-        rest = [o for o in options if o != {"type": "null"}]
-        node.pop("anyOf")
-        if len(rest) == 1:
-            node.update(rest[0])
-        else:
-            node["anyOf"] = rest
-        node["nullable"] = True
-    for value in node.values():
-        _nullable(value)
 
 
 class _CallerMistakesOnOneLine(logging.Filter):

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forde_serve.errors import FordeError
+from forde_serve.scoring import ENGINES
 
 __all__ = ["COMMANDS_GROUP", "main"]
 
@@ -176,7 +177,7 @@ SOME_ROWS_FAILED = 3  # `forde score` finished, but rows listed in the errors fi
 @click.option("--key", help="Array name in a .npz, or column of a .parquet (default: the only one, or 'input').")
 @click.option(
     "--engine",
-    type=click.Choice(["local", "ray"]),
+    type=click.Choice(ENGINES),
     default="local",
     show_default=True,
     help="local: this process. ray: Ray Data actors, one onnxruntime session each (pip install 'forde-serve[ray]').",
@@ -289,24 +290,60 @@ def score(
     show_default=True,
     help="Interface to listen on: 127.0.0.1 is this machine only; 0.0.0.0 is every interface.",
 )
-def serve(model: Path | None, port: int, host: str) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Worker processes behind the one port (FORDE_WORKERS; default 1). onnxruntime's threads are "
+    "shared out among them: cores / workers each, unless FORDE_THREADS says otherwise.",
+)
+def serve(model: Path | None, port: int, host: str, workers: int | None) -> None:
     """Serve an exported MODEL (NAME.onnx; default: exported/digits.onnx) over HTTP with BentoML.
 
     The same as `FORDE_MODEL=MODEL bentoml serve forde_serve.app.service:FordeEnsemble --host HOST
     --port PORT`, which this command becomes (it replaces itself with it), so SIGTERM or Ctrl+C stops
-    the server and its worker processes. Endpoints: /predict, /explain, /predict_image, /metadata (POST);
-    /readyz, /livez, /metrics; the Swagger page at /, the OpenAPI
-    spec at /docs.json, and /ui, a page to try the model in a browser.
+    the server and its worker processes. The model and every FORDE_* setting are checked first, so a
+    mistake is one line here rather than a traceback from each worker.
+
+    \b
+    Endpoints: /predict, /explain, /predict_image, /metadata (POST); /feedback (POST: true labels
+    by answer id); /monitor (GET: the shift alarm, window estimates, realized coverage; POST
+    {"reset": true} re-arms the alarm); /readyz, /livez, /metrics (Prometheus, every worker);
+    the Swagger page at /, the OpenAPI spec at /docs.json, and /ui, a page to try the model in a
+    browser.
+
+    \b
+    State (labels, the alarm, adaptive thresholds) is shared by every worker: an SQLite file under
+    FORDE_STATE_DIR (default ~/.local/state/forde-serve), or FORDE_STATE_URL (any SQLAlchemy URL,
+    e.g. postgresql://... for several replicas). FORDE_ADMIN_TOKEN guards /feedback and the reset;
+    FORDE_MONITOR=0 keeps no state at all.
     """
     import os
 
+    from forde_serve.app.settings import ServeSettings
+
+    overrides = {} if model is None else {"model": model.resolve()}
+    if workers is not None:
+        overrides["workers"] = workers
+    settings = ServeSettings.load(arguments=overrides)
     from forde_serve.runtime import EnsembleRuntime
 
-    env = dict(os.environ)
-    if model is not None:
-        EnsembleRuntime(model, providers=["CPUExecutionProvider"])  # a bad file is one line here, not in the server
-        env["FORDE_MODEL"] = str(model.resolve())
+    # a bad file or state store is one line here, not a traceback in each worker
+    runtime = EnsembleRuntime(settings.model, providers=["CPUExecutionProvider"])
+    runtime.warm_up()
+    if settings.monitor:
+        from forde_serve.app._watch import model_key
+        from forde_serve.monitoring.store import StateStore
+
+        StateStore.from_environment(model_key(runtime.path)).dispose()
+        if settings.token() is None and not _loopback(host):
+            click.echo(
+                f"warning: serving on {host} without FORDE_ADMIN_TOKEN: anyone who reaches it can send labels to "
+                "/feedback (which move the adaptive sets every caller is served) and re-arm the shift alarm; set "
+                "FORDE_ADMIN_TOKEN to require `Authorization: Bearer <token>` there",
+                err=True,
+            )
     _check_can_listen(host, port)
+    env = dict(os.environ) | settings.environment()
     command = [
         sys.executable,
         "-m",
@@ -323,6 +360,16 @@ def serve(model: Path | None, port: int, host: str) -> None:
     # exec, not a child: a supervisor's SIGTERM then reaches BentoML's own process, which stops its workers
     # and frees the port; a child left behind by a killed parent would keep serving.
     os.execve(sys.executable, command, env)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (socket.gaierror, ValueError):
+        return False
 
 
 def _check_can_listen(host: str, port: int) -> None:

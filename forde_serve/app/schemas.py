@@ -9,6 +9,7 @@ schemas say those rules, so `/docs.json` and BentoML's clients know them. The an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -21,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationInfo,
     WithJsonSchema,
     create_model,
     field_validator,
@@ -30,7 +32,18 @@ from pydantic import (
 from forde_serve.contract import PREDICTION_FIELDS
 from forde_serve.runtime import NOT_FINITE_OUTPUTS, EnsembleRuntime, InvalidInput, array_from_json
 
-__all__ = ["ApiModels", "api_models", "json_safe", "unscorable"]
+__all__ = [
+    "ApiModels",
+    "FeedbackAnswer",
+    "FeedbackStatus",
+    "MonitorDocument",
+    "MonitorInput",
+    "ShiftStatus",
+    "WindowEstimates",
+    "api_models",
+    "json_safe",
+    "unscorable",
+]
 
 
 def json_safe(value: Any) -> Any:
@@ -96,6 +109,77 @@ class _PredictionBase(BaseModel):
         return data
 
 
+class ShiftStatus(BaseModel):
+    """The label-free shift alarm: a conformal test martingale on the served rows' uncertainty."""
+
+    score: str = Field(description="the uncertainty output the test watches (larger = stranger)")
+    betting: str = Field(description="how the martingale bets: mixture, power or jumper")
+    alarm: bool = Field(description="the statistic has reached the threshold since the test was armed")
+    statistic: float = Field(description="the martingale now (1 when armed; on exchangeable traffic it rarely grows)")
+    max_statistic: float = Field(description="its largest value since arming")
+    log_statistic: float = Field(description="the natural log of statistic, unclipped")
+    threshold: float = Field(description="1/delta: P(the statistic ever reaches it on unshifted traffic) <= delta")
+    rows: int = Field(description="rows tested since the test was armed")
+    fired_at: int | None = Field(description="the row (counted from arming) at which the alarm fired; null: not yet")
+
+
+class WindowEstimates(BaseModel):
+    """Label-free estimates over the newest stored rows."""
+
+    rows: int = Field(description="rows the estimates average over")
+    estimated_accuracy: float | None = Field(
+        description="mean calibrated confidence (as NannyML's CBPE): right while the calibration holds, too high "
+        "under shift, so read it beside the alarm"
+    )
+    mean_mutual_information: float | None = Field(description="nats")
+    abstain_rate: float | None
+    mean_set_size: dict[str, float | None] = Field(description="coverage level -> mean size of the static sets")
+
+
+class FeedbackStatus(BaseModel):
+    """What the labels sent back say."""
+
+    labels: int = Field(description="labels stored")
+    accuracy: float | None = Field(description="share of labelled rows whose prediction was right")
+    coverage: dict[str, dict[str, float | None]] = Field(
+        description="coverage level -> {static, adaptive}: share of labelled rows whose true class was in the set"
+    )
+    adaptive: dict[str, dict] | None = Field(
+        description="coverage level -> the adaptive sets' alpha_t, thresholds (one per group), labels judged, coverage"
+    )
+
+
+class MonitorDocument(BaseModel):
+    """GET /monitor: the shift alarm, the window estimates, the labels."""
+
+    monitoring: bool = Field(description="false: the server runs with FORDE_MONITOR=0 and keeps no state")
+    shift: ShiftStatus | None = Field(description="null: the model file has no validation reference to test against")
+    window: WindowEstimates | None
+    feedback: FeedbackStatus | None
+    stored: dict[str, int] | None = Field(description="rows in the state store: predictions, labels")
+
+
+class MonitorInput(IODescriptor):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reset: bool = Field(
+        False,
+        description="re-arm the shift alarm against the exported reference (needs the admin token when one is set)",
+    )
+
+
+class FeedbackAnswer(BaseModel):
+    stored: int = Field(description="labels stored by this request")
+    duplicates: list[str] = Field(
+        description="ids already labelled (earlier, or earlier in this request): their first label stands, "
+        "these were ignored"
+    )
+    labels: int = Field(description="labels stored in all")
+    coverage: dict[str, dict[str, float | None]] = Field(
+        description="coverage level -> {static, adaptive}: realized coverage over the labels so far"
+    )
+
+
 @dataclass(frozen=True)
 class ApiModels:
     """The pydantic models of one service (one exported file)."""
@@ -105,14 +189,18 @@ class ApiModels:
     predict_input: type[IODescriptor]  # {"inputs": [predict_row, ...]}
     explain_input: type[IODescriptor]
     metadata_input: type[IODescriptor]  # {}
+    feedback_input: type[IODescriptor]  # {"items": [{"id": ..., "label": ...}, ...]}
     prediction: type[BaseModel]
     explanation: type[BaseModel]
     model_info: type[BaseModel]
     coverage_description: str
+    adaptive_description: str
+    check_options: Callable[[float | None, bool], None]  # coverage, adaptive of a form request
 
 
-def api_models(runtime: EnsembleRuntime, max_inputs: int) -> ApiModels:
-    """The request/response models checking rows against `runtime`'s card, at most `max_inputs` per request."""
+def api_models(runtime: EnsembleRuntime, max_inputs: int, adaptive_refused: str | None = None) -> ApiModels:
+    """The request/response models checking rows against `runtime`'s card, at most `max_inputs` per request;
+    `adaptive_refused` says why rows may not ask for adaptive sets (None: they may)."""
     card = runtime.card
     shape = list(card.input_shape)
     classes = len(card.class_names)
@@ -132,6 +220,24 @@ def api_models(runtime: EnsembleRuntime, max_inputs: int) -> ApiModels:
                 raise ValueError(str(err).removeprefix("coverage: ")) from None
         return value
 
+    def check_adaptive(value: bool, coverage: float | None) -> bool:
+        if value and adaptive_refused:
+            raise ValueError(f"expected false: {adaptive_refused}")
+        if value and coverage is None:
+            raise ValueError("expected false without coverage: an adaptive set is at a coverage level; give one")
+        return value
+
+    def check_options(coverage: float | None, adaptive: bool) -> None:
+        """The row options of a request that is not a JSON row (a form): InvalidArgument naming the field."""
+        for field, check in (
+            ("coverage", lambda: check_coverage(coverage)),
+            ("adaptive", lambda: check_adaptive(adaptive, coverage)),
+        ):
+            try:
+                check()
+            except ValueError as err:
+                raise InvalidArgument(f"{field}: {err}") from None
+
     def class_index(value: Any) -> int | None:
         if value is None or value == -1 and type(value) is int:
             return None
@@ -145,6 +251,11 @@ def api_models(runtime: EnsembleRuntime, max_inputs: int) -> ApiModels:
             raise ValueError(f"expected a class index in [0, {classes - 1}], got {value}")
         return value
 
+    adaptive_description = (
+        "with coverage: the adaptive set, whose threshold the labels sent to /feedback keep at the asked coverage "
+        "under shift (adaptive conformal inference), instead of the exported set"
+        + ("" if adaptive_refused is None else f"; refused here: {adaptive_refused}")
+    )
     coverage_description = (
         "also return the conformal prediction set at this coverage: the classes that hold the true one with "
         "this probability on data like the validation split; one of "
@@ -160,6 +271,7 @@ def api_models(runtime: EnsembleRuntime, max_inputs: int) -> ApiModels:
         input: Annotated[list, _nested_numbers(shape, f"one raw input shaped {shape}: {card.input_space}")]
         members: bool = Field(False, description="also return every member's probabilities")
         coverage: float | None = Field(None, description=coverage_description)
+        adaptive: bool = Field(False, description=adaptive_description)
         _position: int = PrivateAttr(0)
         _request: _Request | None = PrivateAttr(None)
 
@@ -172,6 +284,11 @@ def api_models(runtime: EnsembleRuntime, max_inputs: int) -> ApiModels:
         @classmethod
         def _check_coverage(cls, value: float | None) -> float | None:
             return check_coverage(value)
+
+        @field_validator("adaptive")
+        @classmethod
+        def _check_adaptive(cls, value: bool, info: ValidationInfo) -> bool:
+            return check_adaptive(value, info.data.get("coverage"))
 
     target_schema = {
         "anyOf": [
@@ -209,10 +326,43 @@ def api_models(runtime: EnsembleRuntime, max_inputs: int) -> ApiModels:
     class MetadataInput(_Strict):
         pass
 
+    label_schema = {
+        "anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": classes - 1},
+            {"type": "string", "enum": list(card.class_names)},
+        ],
+        "description": "the true class: its index or its name",
+    }
+
+    class FeedbackItem(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+
+        id: str = Field(min_length=1, max_length=64, description="the id of a served row")
+        label: Annotated[int, WithJsonSchema(label_schema)]
+
+        @field_validator("label", mode="before")
+        @classmethod
+        def _check_label(cls, value: Any) -> int:
+            index = class_index(value)
+            if index is None:
+                raise ValueError(f"expected a class index in [0, {classes - 1}] or a class name, got {value!r}")
+            return index
+
+    class FeedbackInput(_Strict):
+        items: Annotated[list[FeedbackItem], rows]
+
     prediction = create_model(
         "Prediction",
         __base__=_PredictionBase,
         __module__=__name__,
+        id=(
+            str | None,
+            Field(
+                None,
+                description="this answer's id: send it back with the true label (POST /feedback); null when "
+                "the server keeps no state",
+            ),
+        ),
         **{
             f.name: (f.annotation | None, Field(None, description=f.description))
             if f.on_request
@@ -259,8 +409,11 @@ def api_models(runtime: EnsembleRuntime, max_inputs: int) -> ApiModels:
         predict_input=PredictInput,
         explain_input=ExplainInput,
         metadata_input=MetadataInput,
+        feedback_input=FeedbackInput,
         prediction=prediction,
         explanation=Explanation,
         model_info=ModelInfo,
         coverage_description=coverage_description,
+        adaptive_description=adaptive_description,
+        check_options=check_options,
     )

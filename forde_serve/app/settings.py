@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from forde_serve.errors import FordeError
 
@@ -39,6 +39,16 @@ class ServeSettings(BaseModel):
     )
     # Spinning onnxruntime threads compete with the event loop that parses and answers requests.
     spin: bool = Field(False, description="let idle onnxruntime threads spin-wait (pays only on dedicated cores)")
+    # Watching the traffic: the shift test, ids and labels, adaptive sets. Its state is in the store that
+    # FORDE_STATE_URL / FORDE_STATE_DIR name (forde_serve.monitoring.store), shared by every worker.
+    monitor: bool = Field(True, description="watch the traffic: shift alarm, prediction ids, labels, adaptive sets")
+    admin_token: SecretStr | None = Field(
+        None, description="when set, /feedback and the alarm reset need `Authorization: Bearer <token>`"
+    )
+    delta: float = Field(0.01, gt=0.0, lt=1.0, description="the shift alarm's false-alarm bound (alarm at 1/delta)")
+    gamma: float = Field(0.01, gt=0.0, le=1.0, description="adaptive conformal inference's step per label")
+    window: int = Field(200, ge=1, le=100_000, description="newest rows the /monitor window estimates average over")
+    keep_inputs: bool = Field(False, description="store each row's raw input with its prediction (off: never)")
 
     @classmethod
     def load(cls, arguments: dict | None = None, environ: dict | None = None) -> ServeSettings:
@@ -70,6 +80,10 @@ class ServeSettings(BaseModel):
                 f"{origin.get(name, name)}: {first['msg'].lower()}, got {first.get('input')!r}"
             ) from None
 
+    def token(self) -> str | None:
+        """The admin token (None: write endpoints are open)."""
+        return None if self.admin_token is None else self.admin_token.get_secret_value()
+
     def onnx_threads(self) -> int:
         """Intra-op threads per worker: `threads`, or the cores shared evenly among the workers."""
         return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
@@ -80,5 +94,7 @@ class ServeSettings(BaseModel):
         for name, value in self.model_dump().items():
             if value is None:
                 continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
             out[_PREFIX + name.upper()] = ("1" if value else "0") if isinstance(value, bool) else str(value)
         return out

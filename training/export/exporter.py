@@ -20,6 +20,7 @@ from training.evaluation import member_logits
 from training.export.checks import ExportContract, validate_files
 from training.export.graphs import write_explain_graph, write_predict_graph
 from training.export.layouts import complete_card, graph_modules
+from training.export.quantize import LoweredGraph, check_precision, lower_ensemble, lowered_contract
 from training.forde import member_input_gradients
 from training.models import Ensemble
 from training.run import load_run
@@ -52,6 +53,7 @@ def export_ensemble(
     validation_target: torch.Tensor,
     contract: ExportContract | None = None,
     echo=print,
+    lowered: LoweredGraph | None = None,
     layout: str = "auto",
 ) -> dict[str, Path]:
     """Write `path` (predict) and its `.explain.onnx` twin, then validate them; returns both paths.
@@ -60,7 +62,9 @@ def export_ensemble(
     and (embedded ensembles) layout filled in (`training.export.layouts.complete_card`: `layout`
     auto | native | folded); both graphs divide the member logits by the card's temperature. On a
     failed validation both files are removed. The ensemble is switched to eval mode, float32, on the
-    CPU (in place).
+    CPU (in place). With `lowered` (an int8 or fp16 predict graph at T = 1) that graph is the predict
+    file, checked with its precision's tolerances (`lowered_contract`); the explain file stays float32
+    and says so in its metadata.
     """
     contract = contract or ExportContract()
     temperature = card.temperature
@@ -73,13 +77,23 @@ def export_ensemble(
     modules = graph_modules(ensemble, card)  # the PyTorch reference below stays the ensemble as trained
     tmp = {graph: p.with_name(f".{p.name}.tmp") for graph, p in paths.items()}
     try:
-        write_predict_graph(modules["predict"], tmp["predict"], card.to_metadata("predict"), contract, temperature)
+        if lowered is None:
+            write_predict_graph(modules["predict"], tmp["predict"], card.to_metadata("predict"), contract, temperature)
+        else:
+            lowered.write(tmp["predict"], card.to_metadata("predict"), temperature)
+        explain_card = replace(card, precision="float32")
         write_explain_graph(
-            modules["explain"], example, tmp["explain"], card.to_metadata("explain"), contract, temperature
+            modules["explain"], example, tmp["explain"], explain_card.to_metadata("explain"), contract, temperature
         )
         x = validation_x.float()
         feeds = {"predict": {INPUT: x.numpy()}, "explain": {INPUT: x.numpy(), TARGET: validation_target.numpy()}}
-        validate_files(tmp, feeds, _reference(ensemble, x, validation_target, temperature), contract, echo)
+        reference = _reference(ensemble, x, validation_target, temperature)
+        if lowered is None:
+            validate_files(tmp, feeds, reference, contract, echo)
+        else:
+            predict_contract = lowered_contract(lowered.precision, ensemble.members, contract)
+            validate_files({"predict": tmp["predict"]}, feeds, reference, predict_contract, echo)
+            validate_files({"explain": tmp["explain"]}, feeds, reference, contract, echo)
         for graph in paths:
             tmp[graph].replace(paths[graph])
     finally:
@@ -109,6 +123,7 @@ def export_validated(
     check_inputs: int = 64,
     contract: ExportContract | None = None,
     echo=print,
+    precision: str = "float32",
     layout: str = "auto",
 ) -> dict:
     """Export `ensemble` with what its validation split decides, then check the files against PyTorch.
@@ -121,12 +136,30 @@ def export_validated(
     check runs on uniform random inputs in [0, 1]. `card` describes the model (class names, input
     shape, members, method, ...); its `choices` are replaced by what the validation split decides, its
     structure, parameters and layout filled in from the ensemble (`layout`: see `export_ensemble`).
+
+    `precision` int8 or fp16 lowers the predict graph (`training.export.quantize`; int8 calibrates on
+    the validation inputs, so it needs them), and every choice above is fitted on the lowered graph's
+    own member logits; the explain graph stays float32. An embedded ensemble's predict graph is
+    lowered from the layout chosen for it (measured in float32).
     """
     options = options or HeldOutOptions()
+    check_precision(precision, validation is not None)
+    ensemble = ensemble.eval().cpu().float()
+    # Structure, parameters and (embedded ensembles) layout first: a lowered graph is made in that layout.
+    example = torch.rand(check_inputs, *ensemble.input_shape, generator=torch.Generator().manual_seed(0))
+    card = complete_card(
+        ensemble, card, example if validation is None else validation[0][:check_inputs].float(), layout, contract, echo
+    )
+    lowered = None
+    if precision != "float32":
+        calibration = None if validation is None else validation[0].float().numpy()
+        lowered = lower_ensemble(graph_modules(ensemble, card)["predict"], precision, calibration, contract)
+        notes = ", ".join(f"{k} {v}" for k, v in lowered.notes.items())
+        echo(f"{precision} predict graph: {notes}; the explain graph stays float32")
     if validation is not None:
         x, y = validation
         chosen = choose_on_validation(
-            member_logits(ensemble, x),
+            member_logits(ensemble, x) if lowered is None else lowered.member_logits(x.float().numpy()),
             y.numpy(),
             calibrate_temperature=options.calibrate,
             score=options.score,
@@ -143,10 +176,11 @@ def export_validated(
         chosen = None
         check_x = torch.rand(check_inputs, *ensemble.input_shape, generator=torch.Generator().manual_seed(0))
         check_target = torch.full((check_inputs,), -1)
-    card = replace(card, choices=chosen or ValidationChoices())
-    card = complete_card(ensemble.eval().cpu().float(), card, check_x.float(), layout, contract, echo)
-    paths = export_ensemble(ensemble, path, card, check_x, check_target, contract, echo)
+    card = replace(card, choices=chosen or ValidationChoices(), precision=precision)
+    paths = export_ensemble(ensemble, path, card, check_x, check_target, contract, echo, lowered)
     abstain = card.choices.abstention
+    for warning in card.choices.warnings:
+        echo(f"warning: {warning}")
     if chosen is None:
         echo("no validation data: no calibration, no prediction sets, and the file never abstains")
     else:
@@ -157,10 +191,18 @@ def export_validated(
                 f"ECE {fit.ece_before:.4f} -> {fit.ece_after:.4f}"
             )
         levels = ", ".join(f"{c:g}" for c in chosen.conformal.coverages)
-        echo(
-            f"prediction sets ({chosen.conformal.score}) for coverage {levels}, on {chosen.conformal.n_calibration} "
-            "validation inputs"
+        conformal = chosen.conformal
+        grouped = (
+            f", in {conformal.groups} groups of {conformal.group_score.replace('_', ' ')} (Mondrian)"
+            if conformal.groups
+            else ""
         )
+        echo(
+            f"prediction sets ({conformal.score}) for coverage {levels}, on {conformal.n_calibration} validation "
+            f"inputs{grouped}"
+        )
+        if chosen.reference is not None:
+            echo(f"shift alarm: the validation split's {chosen.reference.score.replace('_', ' ')} as its reference")
         echo(
             f"abstain when mutual_information > {abstain.threshold:.4g}: validation coverage "
             f"{abstain.coverage:.1%} at error rate {abstain.validation_risk:.2%} (target {options.target_risk:.0%})"
@@ -179,10 +221,12 @@ def export_run(
     validation_inputs: int = 64,
     contract: ExportContract | None = None,
     echo=print,
+    precision: str = "float32",
     layout: str = "auto",
 ) -> dict:
     """Export a finished training run; what needs held-out data is chosen on its validation split
-    (`layout`, of an embedded ensemble's graphs: auto | native | folded, see `export_ensemble`)."""
+    (on the lowered graph's outputs with `precision` int8 or fp16, see `export_validated`; `layout`,
+    of an embedded ensemble's graphs: auto | native | folded, see `export_ensemble`)."""
     run = load_run(run_dir)
     data = load_dataset(run.config.data, for_training=False)  # only the validation split is read
     forde = run.config.forde
@@ -207,5 +251,14 @@ def export_run(
     )
     echo(f"exporting {run_dir} ({run.ensemble.members} members) -> {path}")
     return export_validated(
-        run.ensemble, path, card, (data.val.x, data.val.y), options, validation_inputs, contract, echo, layout
+        run.ensemble,
+        path,
+        card,
+        (data.val.x, data.val.y),
+        options,
+        validation_inputs,
+        contract,
+        echo,
+        precision,
+        layout,
     )

@@ -22,6 +22,7 @@ from forde_serve.contract import ModelCard
 from forde_serve.errors import FordeError
 from training.config import FACTORY, check_model
 from training.export.exporter import HeldOutOptions, export_validated
+from training.export.quantize import check_precision
 from training.models import build_member, ensemble_of
 from training.models.members import classes_in, classifier_keys, match_state, read_state_dict
 
@@ -59,6 +60,7 @@ class FuseJob:
     width: int = 32  # built-ins only
     depth: int = 2  # built-ins only
     held_out: HeldOutOptions = field(default_factory=HeldOutOptions)  # what --validation decides, and how
+    precision: str = "float32"  # --quantize: int8 (needs --validation to calibrate on) or fp16
 
     def __post_init__(self):
         if not self.checkpoints:
@@ -81,6 +83,7 @@ class FuseJob:
         ):
             raise FuseError(f"--classes: expected distinct non-empty names, got {list(self.class_names)}")
         check_model(self.arch, self.kwargs, self.factory)
+        check_precision(self.precision, self.validation is not None)
 
     @classmethod
     def parse(
@@ -99,6 +102,7 @@ class FuseJob:
         held_out: HeldOutOptions | None = None,
         width: int = 32,
         depth: int = 2,
+        precision: str = "float32",
     ) -> FuseJob:
         """The job from the command line's strings (comma-separated lists, a JSON object of kwargs)."""
         if arch is None:
@@ -134,6 +138,7 @@ class FuseJob:
             width=width,
             depth=depth,
             held_out=held_out or HeldOutOptions(),
+            precision=precision,
         )
 
     def describe(self) -> str:
@@ -215,4 +220,4 @@ def fuse_checkpoints(job: FuseJob, echo: Callable[[str], None] = print) -> dict:
         },
     )
     echo(f"fusing {len(members)} checkpoints of {job.describe()} ({classes} classes) -> {job.out}")
-    return export_validated(ensemble, job.out, card, validation, job.held_out, echo=echo)
+    return export_validated(ensemble, job.out, card, validation, job.held_out, echo=echo, precision=job.precision)
