@@ -77,7 +77,7 @@ def test_loaded_run_reproduces_its_metrics(quickstart_runs):
 
     loaded = load_run(quickstart_runs["de"])
     data = load_dataset(loaded.config.data)
-    again = clean_metrics(loaded.ensemble, data.test.x, data.test.y)
+    again = clean_metrics(loaded.ensemble, data.test.x, data.test.y, (data.val.x, data.val.y))
     for key in METRIC_KEYS:
         assert again[key] == pytest.approx(loaded.metrics[key], rel=1e-5, abs=1e-7)
 
