@@ -30,6 +30,7 @@ __all__ = [
     "INPUT",
     "PREDICTION_FIELDS",
     "PREDICT_OUTPUTS",
+    "STRUCTURES",
     "TARGET",
     "UNCERTAINTY",
     "Abstention",
@@ -44,6 +45,9 @@ __all__ = [
 
 FORMAT_VERSION = "1"
 GRAPHS = ("predict", "explain")  # NAME.onnx, NAME.explain.onnx
+# How the members are built (docs/design.md section 11): independent networks, or embedded ones that
+# share one set of weights (BatchEnsemble's rank-1 modulations, MC-dropout's fixed masks).
+STRUCTURES = ("independent", "batchensemble", "mc_dropout")
 
 INPUT = "input"  # float32 [batch, *input_shape], raw input space (normalization is in the graph)
 TARGET = "target"  # int64 [batch], class whose input gradient to return; -1 = the ensemble's prediction
@@ -84,6 +88,11 @@ _KEY = {
     "abstain_validation_risk": "forde.abstain_validation_risk",  # error rate among them
     "calibration": "forde.calibration",  # JSON (TemperatureFit) or absent: T = 1
     "conformal": "forde.conformal",  # JSON (ConformalCalibration) or absent: no prediction sets
+    "structure": "forde.structure",  # one of STRUCTURES; absent: independent
+    "parameters": "forde.parameters",  # distinct trained parameters (shared weights once); absent: not recorded
+    # JSON or absent (independent members: their grouped graph): the layout each graph of an embedded
+    # ensemble was written in (native | folded), the provider it was measured on and the measurements
+    "layout": "forde.layout",
     "shift_reference": "forde.shift_reference",  # JSON (MonitorReference) or absent: no label-free shift test
     "precision": "forde.precision",  # float32 (absent), int8 or fp16: the arithmetic of this file's graph
 }
@@ -255,11 +264,18 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)  # the run's clean test metrics
     choices: ValidationChoices = field(default_factory=ValidationChoices)
     format_version: str = FORMAT_VERSION
+    structure: str = "independent"  # one of STRUCTURES
+    parameters: int | None = None  # distinct trained parameters; None: not recorded (files written before)
+    layout: dict | None = None  # embedded ensembles: {"predict": native | folded, "explain": ..., ...}
     precision: str = "float32"  # this file's graph: float32, int8 (quantized) or fp16 (for the CUDA provider)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(self.class_names))
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure: expected one of {', '.join(STRUCTURES)}, got {self.structure!r}")
+        if self.parameters is not None and (isinstance(self.parameters, bool) or int(self.parameters) < 1):
+            raise ValueError(f"parameters: expected a positive count, got {self.parameters!r}")
 
     # The choices, as most readers want them.
     @property
@@ -299,6 +315,13 @@ class ModelCard:
             _KEY["training_config"]: json.dumps(self.training_config, indent=2),
             _KEY["metrics"]: json.dumps(self.metrics),
         }
+        # Written where they say something beyond their default, so a file read back writes back the same.
+        if self.structure != "independent":
+            meta[_KEY["structure"]] = self.structure
+        if self.parameters is not None:
+            meta[_KEY["parameters"]] = str(self.parameters)
+        if self.layout is not None:
+            meta[_KEY["layout"]] = json.dumps(self.layout)
         if self.precision != "float32":  # absent means float32, so files written before read the same
             meta[_KEY["precision"]] = self.precision
         return meta | self.choices.to_metadata()
@@ -332,6 +355,9 @@ class ModelCard:
                 metrics=json.loads(meta.get(_KEY["metrics"], "{}")),
                 choices=ValidationChoices.from_metadata(meta),
                 format_version=meta[_KEY["format_version"]],
+                structure=meta.get(_KEY["structure"], "independent"),
+                parameters=None if _KEY["parameters"] not in meta else int(meta[_KEY["parameters"]]),
+                layout=json.loads(meta[_KEY["layout"]]) if _KEY["layout"] in meta else None,
                 precision=meta.get(_KEY["precision"], "float32"),
             )
         except (json.JSONDecodeError, TypeError, ValueError, KeyError) as err:

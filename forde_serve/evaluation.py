@@ -18,6 +18,7 @@ import numpy as np
 from forde_serve.calibration import member_probs as member_softmax
 from forde_serve.conformal import prediction_sets, set_coverage_and_size
 from forde_serve.contract import ValidationChoices
+from forde_serve.diversity import diversity_block, mean_pairwise_js_divergence
 from forde_serve.metrics import (
     ECE_BINS,
     auroc,
@@ -95,6 +96,8 @@ class _Pooled:
     confidence: np.ndarray = field(default_factory=lambda: np.zeros(ECE_BINS))
     correct: np.ndarray = field(default_factory=lambda: np.zeros(ECE_BINS))
     scores: list = field(default_factory=list)
+    js: list = field(default_factory=list)  # per set: the members' mean pairwise JS divergence (as served)
+    member_probs: np.ndarray | None = None  # the last set's [N, M, C] as served (the clean pool holds one set)
 
     def add(self, probs: np.ndarray, labels: np.ndarray, mi: np.ndarray | None = None) -> None:
         bins = reliability_bins(probs, labels)
@@ -126,6 +129,8 @@ class Evaluation:
     risk_coverage: dict[str, dict]  # "clean" / "corrupted" -> coverage, risk, aurc
     saliency_inputs: np.ndarray  # [K, *input_shape]
     saliency_gradients: np.ndarray  # [K, M, *input_shape]
+    # [M, frames, 2]: t-SNE of the members' probe-set predictions along training (run folders that kept them)
+    trajectory: np.ndarray | None = None
 
 
 def _set_metrics(
@@ -166,6 +171,9 @@ def _set_metrics(
             metrics[f"set_coverage@{level:g}"], metrics[f"set_size@{level:g}"] = covered, size
     pooled["served"].add(probs, y, mi)
     pooled["uncalibrated"].add(uncalibrated_members.mean(1), y)
+    if predictor.members > 1:
+        pooled["served"].js.append(mean_pairwise_js_divergence(member_probs))
+        pooled["served"].member_probs = member_probs
     return metrics
 
 
@@ -197,6 +205,7 @@ def evaluate(
     logits divided by the temperature, abstaining by the abstention rule, with prediction sets from
     the conformal thresholds (None: no set metrics). NLL and ECE are also reported at T = 1
     (`*_uncalibrated`). `ood_x`, if given, is scored against the clean set by mutual information (AUROC).
+    With several members, `diversity` holds how differently they predict (`forde_serve.diversity`).
     Input gradients are computed on the
     first `gradient_rows` inputs of each set (cosine distance; 0 skips them and the saliency grid).
 
@@ -237,6 +246,11 @@ def evaluate(
     metrics["coverage_levels"] = list(conformal.coverages) if conformal is not None else []
     if conformal is not None:
         metrics["conformal_score"] = conformal.score
+    if predictor.members > 1:  # how differently the members predict (forde_serve.diversity), as served
+        corrupted_js = pooled["corrupted"]["served"].js
+        metrics["diversity"] = diversity_block(
+            pooled["clean"]["served"].member_probs, y, float(np.mean(corrupted_js)) if corrupted_js else None
+        )
     # The saliency grid shows inputs of different classes: the first test input of each, in class order.
     picks = np.unique(y, return_index=True)[1][:saliency_rows] if gradient_rows else np.zeros(0, dtype=int)
     gradients = predictor.input_gradients(x[picks]) if len(picks) else np.zeros((0,))

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from forde_serve import diversity_report
 from forde_serve._io import atomic_path, atomic_write_text
 from forde_serve.errors import FordeError
 from forde_serve.evaluation import Evaluation
 
-__all__ = ["COMPARED", "ReportError", "compare_reports", "write_report"]
+__all__ = ["COMPARED", "ReportError", "compare_reports", "write_diversity_plane", "write_report"]
 
 # (label, path into metrics.json) of the rows `forde compare` shows.
 COMPARED = (
@@ -37,6 +38,11 @@ COMPARED = (
     ("corrupted coverage of the 90% sets", ("corrupted", "set_coverage@0.9")),
     ("corrupted size of the 90% sets", ("corrupted", "set_size@0.9")),
     ("OOD AUROC (mutual information)", ("ood", "auroc_mutual_information")),
+    ("distinct trained parameters", ("parameters",)),
+    ("mean pairwise disagreement", ("diversity", "mean_disagreement")),
+    ("disagreement / (1 - accuracy)", ("diversity", "normalized_disagreement")),
+    ("members' JS divergence, clean", ("diversity", "js_divergence", "clean")),
+    ("members' JS divergence, corrupted", ("diversity", "js_divergence", "corrupted")),
 )
 
 
@@ -186,7 +192,8 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
     lines = [
         f"# Evaluation: {source.get('name', 'ensemble')}",
         "",
-        f"{source.get('method', '?')} ensemble, {source.get('members', '?')} members, evaluated on "
+        f"{source.get('method', '?')} ensemble ({source.get('structure', 'independent')} members), "
+        f"{source.get('members', '?')} members, evaluated on "
         f"{source.get('data', '?')} ({metrics.get('inputs', '?')} test inputs) through "
         f"{source.get('engine', '?')}.",
         "",
@@ -208,7 +215,7 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
     ):
         lines.append(f"| {label} | {_fmt(metrics.get(key))} | {_fmt(corrupted.get(key)) if corrupted else 'n/a'} |")
     lines += ["", f"Abstention: the model abstains when mutual information > {metrics['abstain_threshold']:.4g}."]
-    lines += _calibration_section(metrics) + _coverage_section(metrics)
+    lines += _calibration_section(metrics) + _coverage_section(metrics) + diversity_report.diversity_section(metrics)
     if "ood" in metrics:
         lines += [
             "",
@@ -311,6 +318,11 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
         drawings["coverage.png"] = _coverage(metrics)
     if len(evaluation.saliency_gradients) and len(evaluation.saliency_inputs[0].shape) == 3:
         drawings["saliency.png"] = _saliency(evaluation)
+    if "diversity" in metrics:
+        drawings["diversity_disagreement.png"] = diversity_report.disagreement_figure(metrics["diversity"])
+        drawings["diversity_by_size.png"] = diversity_report.by_size_figure(metrics["diversity"])
+    if evaluation.trajectory is not None:
+        drawings["trajectories_tsne.png"] = diversity_report.trajectory_figure(evaluation.trajectory)
     paths = {}
     for name, draw in drawings.items():
         _figure(out_dir / name, draw)
@@ -329,8 +341,7 @@ def _lookup(metrics: dict, path: tuple[str, ...]) -> float | None:
     return float(metrics) if isinstance(metrics, (int, float)) and not isinstance(metrics, bool) else None
 
 
-def compare_reports(report_dirs: list[Path]) -> tuple[list[str], list[tuple[str, list, list]], str]:
-    """(names, rows, markdown): each row is (label, values per report, differences to the first)."""
+def _read_reports(report_dirs: list[Path]) -> list[dict]:
     metrics = []
     for folder in report_dirs:
         path = Path(folder) / "metrics.json"
@@ -342,6 +353,30 @@ def compare_reports(report_dirs: list[Path]) -> tuple[list[str], list[tuple[str,
             ) from None
         except json.JSONDecodeError as err:
             raise ReportError(f"{path}: not valid JSON ({err})") from None
+    return metrics
+
+
+def write_diversity_plane(report_dirs: list[Path], path: str | Path) -> Path | None:
+    """Draw the reports on the diversity-accuracy plane (clean accuracy against mean disagreement /
+    (1 - accuracy)) into the PNG `path`; None (nothing written) when no report has the measure."""
+    points = []
+    for folder, metrics in zip(report_dirs, _read_reports(report_dirs), strict=True):
+        accuracy, normalized = (
+            _lookup(metrics, ("accuracy",)),
+            _lookup(metrics, ("diversity", "normalized_disagreement")),
+        )
+        if accuracy is not None and normalized is not None:
+            points.append((Path(folder).name, accuracy, normalized))
+    if not points:
+        return None
+    names, accuracy, normalized = zip(*points, strict=True)
+    _figure(Path(path), diversity_report.plane_figure(names, accuracy, normalized))
+    return Path(path)
+
+
+def compare_reports(report_dirs: list[Path]) -> tuple[list[str], list[tuple[str, list, list]], str]:
+    """(names, rows, markdown): each row is (label, values per report, differences to the first)."""
+    metrics = _read_reports(report_dirs)
     names = [Path(folder).name for folder in report_dirs]
     rows = []
     for label, path in COMPARED:

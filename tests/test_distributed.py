@@ -86,6 +86,7 @@ def test_nproc_2_trains_like_one_process_writes_once_and_resumes_after_sigkill(t
             "train_log.jsonl",
             "members.safetensors",
             "metrics.json",
+            "trajectory.safetensors",
         ]
     )
     # The same training: each step agrees to float rounding (test above), and so do the first epochs.

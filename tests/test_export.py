@@ -96,6 +96,8 @@ def test_metadata_holds_what_a_server_needs(digits_export, quickstart_runs):
     assert card.kernel["lengthscale"] == "identity"
     assert card.training_config == json.loads((run / "config.json").read_text())
     assert card.metrics == json.loads((run / "metrics.json").read_text())
+    # distinct trained parameters, as training counted them; independent members have no layout to record
+    assert card.structure == "independent" and card.parameters == card.metrics["parameters"] and card.layout is None
     rule = card.choices.abstention
     assert rule.target_risk == 0.01 and 0 < rule.coverage <= 1 and 0 <= rule.validation_risk <= 0.01
     assert card.calibration is not None and card.conformal is not None

@@ -295,6 +295,43 @@ def test_fused_family_exports_and_validates(name, tmp_path):
     assert len(lines) == 15 and all("✓" in line for line in lines), lines
 
 
+@pytest.mark.parametrize(
+    ("name", "structure", "layout"),
+    [
+        ("resnet18", "batchensemble", "native"),
+        ("resnet18", "batchensemble", "folded"),
+        ("mobilenet_v3_small", "batchensemble", "native"),
+        ("mobilenet_v3_small", "batchensemble", "folded"),
+        ("resnet18", "mc_dropout", "native"),
+    ],
+)
+def test_embedded_family_exports_and_validates(name, structure, layout, tmp_path):
+    """The embedded ensembles' two layouts of the same families: one shared network (native) or the
+    folded per-member weights, each checked against the PyTorch embedded ensemble by the exporter."""
+    from forde_serve.contract import ModelCard
+    from training.models import Ensemble
+    from training.models.embedded import embed_member
+
+    torch.manual_seed(0)
+    body = embed_member(FAMILIES[name].shallow(CLASSES), MEMBERS, structure, "normal", 0.7, torch.rand(2, *SHAPE))
+    ensemble = Ensemble(body, MEMBERS, SHAPE, CLASSES, MEAN, STD, structure=structure)
+    with torch.no_grad():  # settle batch-norm statistics, as a trained model has them
+        ensemble.train()
+        for _ in range(3):
+            ensemble(torch.rand(8, *SHAPE))
+    x, target = torch.rand(3, *SHAPE), torch.tensor([-1, 2, -1])
+    lines = []
+    paths = export_ensemble(
+        ensemble, tmp_path / "m.onnx", bare_card(SHAPE, MEMBERS, CLASSES), x, target, echo=lines.append, layout=layout
+    )
+    assert len(lines) == 15 and all("✓" in line for line in lines), lines
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(paths["predict"])).metadata_props}
+    card = ModelCard.from_metadata(props)
+    assert card.structure == structure and card.layout["predict"] == layout and card.parameters > 0
+
+
 def test_a_config_builds_the_factory_model(tmp_path):
     """`model.factory` in a config file, as `forde train` reads it, down to the fused ensemble."""
     from training.config import load_config

@@ -19,7 +19,16 @@ from helpers import FORDE, ROOT, epochs_checkpointed, read_metrics, run_forde, w
 
 pytestmark = pytest.mark.slow  # trains, exports or runs several processes
 
-METRIC_KEYS = {"accuracy", "nll", "ece", "brier", "gradient_cosine_distance", "mutual_information", "calibrated"}
+METRIC_KEYS = {
+    "accuracy",
+    "nll",
+    "ece",
+    "brier",
+    "gradient_cosine_distance",
+    "mutual_information",
+    "calibrated",
+    "parameters",
+}
 
 
 def test_quickstart_reaches_the_targets(quickstart_runs):
@@ -39,6 +48,7 @@ def test_run_folder_holds_everything(quickstart_runs):
         "checkpoint.safetensors",
         "train_log.jsonl",
         "metrics.json",
+        "trajectory.safetensors",
     } <= names
     assert not any(n.endswith(".tmp") for n in names)
     metrics = read_metrics(run)
@@ -53,6 +63,12 @@ def test_run_folder_holds_everything(quickstart_runs):
     assert de_log[0]["repulsion"] is None
     weights = load_file(str(run / "members.safetensors"))
     assert weights["body.1.weight"].shape[0] == 8  # stacked [M, ...]
+    trained = {key: w for key, w in weights.items() if key not in ("mean", "std")}  # the CNN's other tensors
+    assert read_metrics(run)["parameters"] == sum(w.numel() for w in trained.values())
+    # every member's probabilities on the first 64 test inputs, before training and after each epoch
+    probs = load_file(str(run / "trajectory.safetensors"))["probs"]
+    assert probs.shape == (config.optim.epochs + 1, 8, 64, 10)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
 
 
 def test_loaded_run_reproduces_its_metrics(quickstart_runs):
@@ -61,7 +77,7 @@ def test_loaded_run_reproduces_its_metrics(quickstart_runs):
 
     loaded = load_run(quickstart_runs["de"])
     data = load_dataset(loaded.config.data)
-    again = clean_metrics(loaded.ensemble, data.test.x, data.test.y)
+    again = clean_metrics(loaded.ensemble, data.test.x, data.test.y, (data.val.x, data.val.y))
     for key in METRIC_KEYS:
         assert again[key] == pytest.approx(loaded.metrics[key], rel=1e-5, abs=1e-7)
 
@@ -104,6 +120,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, tiny_config):
     for name in straight:
         assert torch.equal(straight[name], again[name]), name
     assert read_metrics(killed) == read_metrics(tmp_path / "straight")
+    trajectories = [load_file(str(run / "trajectory.safetensors"))["probs"] for run in (killed, tmp_path / "straight")]
+    assert trajectories[0].shape[0] == 11 and torch.equal(*trajectories)  # one frame per epoch, none redone twice
     epochs = [json.loads(line)["epoch"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 11))  # nothing lost, nothing duplicated
 

@@ -56,7 +56,7 @@ _COMMAND = {"context_settings": {"help_option_names": ["-h", "--help"], "max_con
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Run folder to create. Default: runs/<config name>-<method>-seed<seed>.",
+    help="Run folder to create. Default: runs/<config name>-<method>[-<structure>]-seed<seed>.",
 )
 @click.option(
     "--resume",
@@ -70,6 +70,12 @@ _COMMAND = {"context_settings": {"help_option_names": ["-h", "--help"], "max_con
     help="Override ensemble.method: forde (input-gradient repulsion) or de (deep-ensemble baseline).",
 )
 @click.option("--members", type=click.IntRange(min=1), help="Override ensemble.members (M).")
+@click.option(
+    "--structure",
+    type=click.Choice(["independent", "batchensemble", "mc_dropout"]),
+    help="Override ensemble.structure: independent networks, or members sharing one set of weights "
+    "(batchensemble: rank-1 modulations; mc_dropout: a fixed dropout mask each); options in [embedded].",
+)
 @click.option("--epochs", type=click.IntRange(min=1), help="Override optim.epochs.")
 @click.option("--seed", type=int, help="Override seed (model init, shuffling, augmentation).")
 @click.option(
@@ -92,6 +98,7 @@ def train(
     resume: Path | None,
     method: str | None,
     members: int | None,
+    structure: str | None,
     epochs: int | None,
     seed: int | None,
     device: str | None,
@@ -101,8 +108,13 @@ def train(
     """Train an ensemble from a TOML CONFIG (see training/configs/) into a run folder.
 
     The run folder holds the resolved config, the PCA basis (FoRDE with pca/pca_centred/tuned lengthscales),
-    member weights (safetensors), train_log.jsonl and metrics.json (clean test accuracy, NLL,
-    ECE, Brier, gradient cosine distance). A checkpoint is written after every epoch.
+    member weights (safetensors), train_log.jsonl, metrics.json (clean test accuracy, NLL, ECE,
+    Brier, gradient cosine distance, parameters) and trajectory.safetensors (every member's
+    probabilities on 64 test inputs after each epoch). A checkpoint is written after every epoch.
+
+    --structure batchensemble / mc_dropout (FoRDE or DE alike): the members share one network's
+    weights; the [embedded] section sets the modulations' init (random_sign | normal), the shared
+    weights' step gamma(M) (shared_grad_scale 1 | "M"), modulation_lr_ratio and keep_prob.
 
     Your own pictures: data.dataset = "imagefolder", data.root holding train/<class>/ (and
     optionally val/ and test/), data.image_size S; see training/configs/imagefolder.toml.
@@ -115,7 +127,17 @@ def train(
         from training.run import check_run_dir, plan_run
         from training.trainer import train as run_training
 
-    plan = plan_run(config, out, resume, method=method, members=members, epochs=epochs, seed=seed, device=device)
+    plan = plan_run(
+        config,
+        out,
+        resume,
+        method=method,
+        members=members,
+        structure=structure,
+        epochs=epochs,
+        seed=seed,
+        device=device,
+    )
     if nproc > 1:  # checked here, so that a mistake is one line rather than N ranks' failures
         check_run_dir(plan.config, plan.run_dir, plan.resume, processes=nproc)
         _launch_torchrun(
@@ -125,6 +147,7 @@ def train(
             resume=resume,
             method=method,
             members=members,
+            structure=structure,
             epochs=epochs,
             seed=seed,
             device=device,
@@ -135,20 +158,27 @@ def train(
     if metrics is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
     console = Console()
-    if metrics:
-        table = Table(title=f"{plan.config.ensemble.method} x{plan.config.ensemble.members}: clean test metrics")
+    ensemble = plan.config.ensemble
+    structure = "" if ensemble.structure == "independent" else f" {ensemble.structure}"
+    if set(metrics) - {"parameters"}:
+        table = Table(title=f"{ensemble.method}{structure} x{ensemble.members}: clean test metrics")
         calibrated = metrics.get("calibrated", {})
         table.add_column("metric")
         table.add_column("T = 1", justify="right")
         if calibrated:  # what `forde export` will serve: the temperature it fits on the validation split
             table.add_column(f"T = {calibrated['temperature']:.3g} (as exported)", justify="right")
         for name, value in metrics.items():
-            if name != "calibrated":
+            if name == "parameters":
+                table.add_row(name, f"{value:,}", *([""] if calibrated else []))
+            elif name != "calibrated":
                 served = [f"{calibrated[name]:.4f}" if name in calibrated else ""] if calibrated else []
                 table.add_row(name, f"{value:.4f}", *served)
         console.print(table)
     else:
-        console.print("no test split (the image folder has no test/): metrics.json is empty")
+        console.print(
+            f"no test split (the image folder has no test/): metrics.json holds only the {metrics['parameters']:,} "
+            "parameters"
+        )
     console.print(f"run folder: {plan.run_dir}")
 
 
@@ -264,7 +294,15 @@ def _held_out(target_risk, no_calibrate, conformal_score, alpha, raps_k_reg, rap
     help="Validation inputs on which both files are checked against the PyTorch ensemble.",
 )
 @_quantize_option
-def export(run: Path, out: Path, validation_inputs: int, quantize: str | None, **held_out) -> None:
+@click.option(
+    "--layout",
+    type=click.Choice(["auto", "native", "folded"]),
+    default="auto",
+    show_default=True,
+    help="Embedded ensembles: native (one shared network, the batch repeated per member: a file near one "
+    "network's size) or folded (per-member weights, one grouped graph); auto times both on this CPU.",
+)
+def export(run: Path, out: Path, validation_inputs: int, quantize: str | None, layout: str, **held_out) -> None:
     """Fuse a training RUN into one batched ONNX graph (NAME.onnx) and its explain twin.
 
     \b
@@ -289,7 +327,9 @@ def export(run: Path, out: Path, validation_inputs: int, quantize: str | None, *
         options = _held_out(**held_out)
     precision = quantize or "float32"
     check_precision(precision, has_validation=True)
-    export_run(run, out, options, validation_inputs=validation_inputs, echo=click.echo, precision=precision)
+    export_run(
+        run, out, options, validation_inputs=validation_inputs, echo=click.echo, precision=precision, layout=layout
+    )
 
 
 @click.command(**_COMMAND)

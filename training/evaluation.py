@@ -24,8 +24,9 @@ from forde_serve.validation import choose_on_validation
 from training import corruptions as rgb_corruptions
 from training.config import DataConfig
 from training.data import load_corrupted_cifar, load_dataset
+from training.diversity import run_diagnostics
 from training.forde import member_input_gradients
-from training.models import Ensemble
+from training.models import Ensemble, parameter_count
 from training.run import load_run
 
 __all__ = [
@@ -69,7 +70,8 @@ def predicted_class_input_gradients(ensemble: Ensemble, x: torch.Tensor, batch_s
 def clean_metrics(
     ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, validation: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> dict:
-    """accuracy, nll, ece, brier, mutual_information and gradient_cosine_distance on one split, at T = 1.
+    """accuracy, nll, ece, brier, mutual_information and gradient_cosine_distance on one split, at T = 1,
+    and the ensemble's `parameters` (distinct trained parameters: a weight shared by the members counts once).
 
     With `validation` (inputs, labels), also `calibrated`: accuracy, nll and ece at the temperature
     `forde export` will fit on that split (`choose_on_validation`, the same fit), and that temperature:
@@ -81,6 +83,7 @@ def clean_metrics(
     metrics = classification_metrics(member_softmax(logits), y.numpy())
     if ensemble.members > 1:
         metrics["gradient_cosine_distance"] = gradient_cosine_distance(predicted_class_input_gradients(ensemble, x))
+    metrics["parameters"] = parameter_count(ensemble)
     if validation is not None:
         temperature = choose_on_validation(
             member_logits(ensemble, validation[0]), validation[1].numpy()
@@ -140,6 +143,8 @@ class _Measured:
     # validation split exactly as `forde export` chooses them.
     choices: ValidationChoices | None
     data_config: dict  # the trained data section (an export from elsewhere: what its image spec says)
+    structure: str = "independent"
+    parameters: int | None = None  # distinct trained parameters (None: an export that did not record them)
 
 
 def _measured(source: Path) -> _Measured:
@@ -156,6 +161,8 @@ def _measured(source: Path) -> _Measured:
             run.config.data.split_seed,
             None,
             run.config.data.model_dump(),
+            run.config.ensemble.structure,
+            parameter_count(run.ensemble),
         )
     card = (runtime := EnsembleRuntime(source)).card
     trained = card.training_config.get("data") or {}
@@ -168,6 +175,8 @@ def _measured(source: Path) -> _Measured:
         trained.get("split_seed", 0),
         card.choices,
         trained or _data_config_from_image_spec(card.image),
+        card.structure,
+        card.parameters,
     )
 
 
@@ -274,9 +283,14 @@ def evaluate_job(job: EvaluationJob, on_set: Callable[[str], None] | None = None
         "name": Path(job.source).name,
         "path": str(job.source),
         "method": measured.method,
+        "structure": measured.structure,
         "members": measured.members,
         "engine": measured.engine,
         "data": f"{job.data} {job.split} split + {suite}",
     }
     evaluation.metrics["inputs"] = int(len(x))
+    evaluation.metrics["parameters"] = measured.parameters
+    if isinstance(measured.predictor, TorchPredictor) and "diversity" in evaluation.metrics:
+        entries, evaluation.trajectory = run_diagnostics(Path(job.source), measured.predictor.ensemble)
+        evaluation.metrics["diversity"] |= entries
     return evaluation

@@ -100,6 +100,8 @@ def new_ensemble(config: TrainConfig, info: DatasetInfo, load_init: bool = False
         kwargs=model.kwargs,
         factory=model.factory,
         init=model.init if load_init else None,
+        structure=config.ensemble.structure,
+        embedded=config.embedded,
     )
 
 
@@ -189,7 +191,7 @@ def plan_run(
     resume: str | Path | None = None,
     **overrides,
 ) -> RunPlan:
-    """A new run from a config file (with `overrides`: method, members, epochs, seed, device), or the
+    """A new run from a config file (with `overrides`: method, members, structure, epochs, seed, device), or the
     continuation of a killed run with its own resolved config (only the device may change)."""
     if resume is not None:
         changed = [name for name, value in overrides.items() if value is not None and name != "device"]
@@ -203,10 +205,12 @@ def plan_run(
     if config is None:
         raise ConfigError("missing CONFIG: give a TOML config (e.g. training/configs/digits.toml) or --resume RUN")
     resolved = with_overrides(load_config(config), **overrides)
+    ensemble = resolved.ensemble
+    structure = "" if ensemble.structure == "independent" else f"-{ensemble.structure}"
     run_dir = (
         Path(out)
         if out is not None
-        else Path("runs") / f"{Path(config).stem}-{resolved.ensemble.method}-seed{resolved.seed}"
+        else Path("runs") / f"{Path(config).stem}-{ensemble.method}{structure}-seed{resolved.seed}"
     )
     return RunPlan(resolved, run_dir, False)
 

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from forde_serve._io import atomic_write_text
 from forde_serve.errors import FordeError
 from forde_serve.metrics import classification_metrics
+from training import diversity
 from training import run as run_files
 from training.config import OptimConfig, TrainConfig
 from training.data import Dataset, load_dataset
@@ -47,7 +48,8 @@ from training.forde import (
     pca_basis,
     repulsion_with_bandwidth,
 )
-from training.models import Ensemble
+from training.models import Ensemble, parameter_count
+from training.optim import build_optimizer, set_learning_rate
 
 __all__ = [
     "Repulsion",
@@ -313,19 +315,19 @@ def _train(
     broadcast_state(ensemble, world)
     repulsion = _repulsion_for(config, data, ensemble, run_dir, resume, device, world)
     optim = config.optim
-    optimizer = torch.optim.SGD(
-        ensemble.parameters(),
-        lr=optim.lr,
-        momentum=optim.momentum,
-        nesterov=optim.nesterov,
-        weight_decay=optim.weight_decay,
-    )
+    optimizer = build_optimizer(ensemble, config)  # embedded ensembles: their own groups (training.optim)
     # Shuffling + augmentation, on the CPU; every rank draws the same global batches.
     generator = torch.Generator().manual_seed(config.seed)
     epochs_done, log = 0, []
+    # Members' probabilities on a fixed probe set, before training and after every epoch (a run
+    # resumed from before trajectories were kept records none).
+    probe, probe_split = diversity.probe_inputs(data)
+    frames = [diversity.probe_probabilities(ensemble, probe)]
     if resume:
         epochs_done = _load_checkpoint(run_dir, ensemble, optimizer, generator)
         log = _read_log(run_dir, epochs_done)
+        trajectory = diversity.read_trajectory(run_dir, epochs_done + 1)
+        frames = None if trajectory is None else list(torch.from_numpy(trajectory.probs))
         if world.is_main:
             console.print(f"resuming {run_dir} after epoch {epochs_done}/{optim.epochs}")
 
@@ -337,8 +339,7 @@ def _train(
         for epoch in range(epochs_done, optim.epochs):
             started = time.perf_counter()
             lr = learning_rate(optim, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(optimizer, lr)
             ensemble.train()
             ce_sum = rows = repulsion_sum = bandwidth_sum = 0.0
             repulsion_steps = 0
@@ -376,6 +377,9 @@ def _train(
                 log.append(entry)
                 # Log first, checkpoint second: a log line without its checkpoint is dropped on resume.
                 atomic_write_text(run_dir / run_files.LOG, "".join(json.dumps(line) + "\n" for line in log))
+                if frames is not None:  # like the log: frames past the last checkpoint are dropped on resume
+                    frames.append(diversity.probe_probabilities(ensemble, probe))
+                    diversity.write_trajectory(run_dir, frames, probe_split)
                 _save_checkpoint(run_dir, epoch + 1, ensemble, optimizer, generator)
                 if progress:
                     rep = "" if entry["repulsion"] is None else f" repulsion {entry['repulsion']:.4f}"
@@ -388,9 +392,12 @@ def _train(
     if not world.is_main:
         return None
     ensemble.eval()
-    # An image folder without test/ has no test metrics: metrics.json is then an empty object.
+    # An image folder without test/ has only the parameter count (shared weights counted once).
     validation = (data.val.x.to(device), data.val.y)
-    metrics = {} if data.test is None else clean_metrics(ensemble, data.test.x.to(device), data.test.y, validation)
+    if data.test is None:
+        metrics = {"parameters": parameter_count(ensemble)}
+    else:
+        metrics = clean_metrics(ensemble, data.test.x.to(device), data.test.y, validation)
     run_files.write_weights(run_dir, ensemble)
     atomic_write_text(run_dir / run_files.METRICS, json.dumps(metrics, indent=2))
     return metrics

@@ -19,6 +19,7 @@ from training.data import load_dataset
 from training.evaluation import member_logits
 from training.export.checks import ExportContract, validate_files
 from training.export.graphs import write_explain_graph, write_predict_graph
+from training.export.layouts import complete_card, graph_modules
 from training.export.quantize import LoweredGraph, check_precision, lower_ensemble, lowered_contract
 from training.forde import member_input_gradients
 from training.models import Ensemble
@@ -53,14 +54,17 @@ def export_ensemble(
     contract: ExportContract | None = None,
     echo=print,
     lowered: LoweredGraph | None = None,
+    layout: str = "auto",
 ) -> dict[str, Path]:
     """Write `path` (predict) and its `.explain.onnx` twin, then validate them; returns both paths.
 
-    Each file's metadata is `card.to_metadata(graph)`; both graphs divide the member logits by the
-    card's temperature. On a failed validation both files are removed. The ensemble is switched to
-    eval mode, float32, on the CPU (in place). With `lowered` (an int8 or fp16 predict graph at T = 1)
-    that graph is the predict file, checked with its precision's tolerances (`lowered_contract`);
-    the explain file stays float32 and says so in its metadata.
+    Each file's metadata is `card.to_metadata(graph)`, with the ensemble's structure, parameter count
+    and (embedded ensembles) layout filled in (`training.export.layouts.complete_card`: `layout`
+    auto | native | folded); both graphs divide the member logits by the card's temperature. On a
+    failed validation both files are removed. The ensemble is switched to eval mode, float32, on the
+    CPU (in place). With `lowered` (an int8 or fp16 predict graph at T = 1) that graph is the predict
+    file, checked with its precision's tolerances (`lowered_contract`); the explain file stays float32
+    and says so in its metadata.
     """
     contract = contract or ExportContract()
     temperature = card.temperature
@@ -69,15 +73,17 @@ def export_ensemble(
     paths = {"predict": path, "explain": Path(explain_path(str(path)))}
     path.parent.mkdir(parents=True, exist_ok=True)
     example = validation_x[:2].float()
+    card = complete_card(ensemble, card, validation_x.float(), layout, contract, echo)
+    modules = graph_modules(ensemble, card)  # the PyTorch reference below stays the ensemble as trained
     tmp = {graph: p.with_name(f".{p.name}.tmp") for graph, p in paths.items()}
     try:
         if lowered is None:
-            write_predict_graph(ensemble, tmp["predict"], card.to_metadata("predict"), contract, temperature)
+            write_predict_graph(modules["predict"], tmp["predict"], card.to_metadata("predict"), contract, temperature)
         else:
             lowered.write(tmp["predict"], card.to_metadata("predict"), temperature)
         explain_card = replace(card, precision="float32")
         write_explain_graph(
-            ensemble, example, tmp["explain"], explain_card.to_metadata("explain"), contract, temperature
+            modules["explain"], example, tmp["explain"], explain_card.to_metadata("explain"), contract, temperature
         )
         x = validation_x.float()
         feeds = {"predict": {INPUT: x.numpy()}, "explain": {INPUT: x.numpy(), TARGET: validation_target.numpy()}}
@@ -118,6 +124,7 @@ def export_validated(
     contract: ExportContract | None = None,
     echo=print,
     precision: str = "float32",
+    layout: str = "auto",
 ) -> dict:
     """Export `ensemble` with what its validation split decides, then check the files against PyTorch.
 
@@ -127,19 +134,26 @@ def export_validated(
     mutual information. Its first `check_inputs` rows are the export check's inputs. Without it
     (None) the file is not calibrated (T = 1), gives no prediction sets and never abstains, and the
     check runs on uniform random inputs in [0, 1]. `card` describes the model (class names, input
-    shape, members, method, ...); its `choices` are replaced by what the validation split decides.
+    shape, members, method, ...); its `choices` are replaced by what the validation split decides, its
+    structure, parameters and layout filled in from the ensemble (`layout`: see `export_ensemble`).
 
     `precision` int8 or fp16 lowers the predict graph (`training.export.quantize`; int8 calibrates on
     the validation inputs, so it needs them), and every choice above is fitted on the lowered graph's
-    own member logits; the explain graph stays float32.
+    own member logits; the explain graph stays float32. An embedded ensemble's predict graph is
+    lowered from the layout chosen for it (measured in float32).
     """
     options = options or HeldOutOptions()
     check_precision(precision, validation is not None)
+    ensemble = ensemble.eval().cpu().float()
+    # Structure, parameters and (embedded ensembles) layout first: a lowered graph is made in that layout.
+    example = torch.rand(check_inputs, *ensemble.input_shape, generator=torch.Generator().manual_seed(0))
+    card = complete_card(
+        ensemble, card, example if validation is None else validation[0][:check_inputs].float(), layout, contract, echo
+    )
     lowered = None
     if precision != "float32":
-        ensemble = ensemble.eval().cpu().float()
         calibration = None if validation is None else validation[0].float().numpy()
-        lowered = lower_ensemble(ensemble, precision, calibration, contract)
+        lowered = lower_ensemble(graph_modules(ensemble, card)["predict"], precision, calibration, contract)
         notes = ", ".join(f"{k} {v}" for k, v in lowered.notes.items())
         echo(f"{precision} predict graph: {notes}; the explain graph stays float32")
     if validation is not None:
@@ -208,9 +222,11 @@ def export_run(
     contract: ExportContract | None = None,
     echo=print,
     precision: str = "float32",
+    layout: str = "auto",
 ) -> dict:
     """Export a finished training run; what needs held-out data is chosen on its validation split
-    (on the lowered graph's outputs with `precision` int8 or fp16, see `export_validated`)."""
+    (on the lowered graph's outputs with `precision` int8 or fp16, see `export_validated`; `layout`,
+    of an embedded ensemble's graphs: auto | native | folded, see `export_ensemble`)."""
     run = load_run(run_dir)
     data = load_dataset(run.config.data, for_training=False)  # only the validation split is read
     forde = run.config.forde
@@ -235,5 +251,14 @@ def export_run(
     )
     echo(f"exporting {run_dir} ({run.ensemble.members} members) -> {path}")
     return export_validated(
-        run.ensemble, path, card, (data.val.x, data.val.y), options, validation_inputs, contract, echo, precision
+        run.ensemble,
+        path,
+        card,
+        (data.val.x, data.val.y),
+        options,
+        validation_inputs,
+        contract,
+        echo,
+        precision,
+        layout,
     )

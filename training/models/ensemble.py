@@ -13,13 +13,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["Ensemble", "member_state_dict"]
+__all__ = ["Ensemble", "member_state_dict", "parameter_count"]
 
 
 class Ensemble(nn.Module):
     """M fused members over raw inputs `[batch, *input_shape]`; normalization is part of the model.
 
     `body` takes the members folded into dimension 1, `[batch, M * C, ...]`, and returns `[batch, M * classes]`.
+    `structure` says how its members are built (`training.config.STRUCTURES`): independent (the fusion
+    pass's body) or embedded (batchensemble, mc_dropout: `training.models.embedded`).
     """
 
     def __init__(
@@ -30,9 +32,10 @@ class Ensemble(nn.Module):
         classes: int,
         mean: Sequence[float],
         std: Sequence[float],
+        structure: str = "independent",
     ):
         super().__init__()
-        self.body, self.members, self.classes = body, members, classes
+        self.body, self.members, self.classes, self.structure = body, members, classes, structure
         self.input_shape = tuple(input_shape)
         stats_shape = (-1,) + (1,) * (len(self.input_shape) - 1)  # per channel
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(stats_shape))
@@ -57,9 +60,17 @@ class Ensemble(nn.Module):
 
 
 def member_state_dict(ensemble: Ensemble, index: int) -> dict[str, torch.Tensor]:
-    """Member `index`'s weights as the state dict of a one-member ensemble of the same architecture."""
+    """Member `index`'s weights as the state dict of a one-member ensemble of the same architecture
+    (independent members: fold an embedded ensemble first, `training.models.folded_ensemble`)."""
+    if ensemble.structure != "independent":
+        raise ValueError(f"member_state_dict: a {ensemble.structure} ensemble shares its weights; fold it first")
     shared = {"mean", "std"}  # normalization statistics are not per member
     return {
         name: value if name in shared else value[index : index + 1].clone()
         for name, value in ensemble.state_dict().items()
     }
+
+
+def parameter_count(ensemble: nn.Module) -> int:
+    """Distinct trained parameters: a weight shared by the members counts once, fixed masks not at all."""
+    return sum(p.numel() for p in ensemble.parameters() if p.requires_grad)

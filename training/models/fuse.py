@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -219,7 +219,12 @@ def _fuse(modules: Sequence[nn.Module], path: str, rules: dict, kept: tuple) -> 
     return clone
 
 
-def fuse_members(copies: Sequence[nn.Module], example: torch.Tensor | None = None) -> nn.Module:
+def fuse_members(
+    copies: Sequence[nn.Module],
+    example: torch.Tensor | None = None,
+    rules: Mapping[type[nn.Module], Callable[[Sequence[nn.Module], Callable[[str], nn.Module]], nn.Module]]
+    | None = None,
+) -> nn.Module:
     """M separately built copies of the same module tree -> ONE fused module.
 
     The fused module takes the members folded into dimension 1, member-major (`fold_members`):
@@ -227,11 +232,12 @@ def fuse_members(copies: Sequence[nn.Module], example: torch.Tensor | None = Non
     `[batch, classes]`. Member m's plain state dict is `{key: value[m]}` of the fused one.
     With `example` (one plain input batch `[batch, *input_shape]`), checks in eval mode that the
     fused module computes what the copies compute; raises FusionError naming the first module
-    whose forward mixes members. The copies are left as they are.
+    whose forward mixes members. The copies are left as they are. `rules` replace the pass's own for
+    some exact layer types (the embedding pass, `training.models.embedded`, gives Conv2d and Linear its own).
     """
     if not copies:
         raise FusionError("model: fusing needs at least one member, got none")
-    fused = _fuse(list(copies), "", _rules(), _kept())
+    fused = _fuse(list(copies), "", _rules() | dict(rules or {}), _kept())
     fused.train(copies[0].training)
     if example is not None:
         check_fused(fused, copies, example)
