@@ -134,7 +134,8 @@ def test_evaluate_writes_the_diversity_block_and_figures(quickstart_runs, embedd
     assert embedded["diversity"]["trajectory"]["frames"] == 4
     plane = write_diversity_plane(list(reports.values()), tmp_path / "plane.png")
     assert plane is not None and plane.stat().st_size > 1000
-    run_forde("compare", *reports.values(), "--out", tmp_path / "comparison.md")
+    shown = run_forde("compare", *reports.values(), "--out", tmp_path / "comparison.md", "--figure", tmp_path / "p.png")
+    assert "diversity-accuracy plane" in shown.stdout and (tmp_path / "p.png").stat().st_size > 1000
     compared = (tmp_path / "comparison.md").read_text()
     assert "| disagreement / (1 - accuracy) |" in compared and "| distinct trained parameters |" in compared
 

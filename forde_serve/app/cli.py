@@ -114,11 +114,17 @@ def main() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the table as Markdown to this file (default: print it only, write nothing).",
 )
-def compare(reports: tuple[Path, ...], out: Path | None) -> None:
+@click.option(
+    "--figure",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw the reports on the diversity-accuracy plane (clean accuracy against mean pairwise "
+    "disagreement / error rate, Fort et al. 2019) into this PNG.",
+)
+def compare(reports: tuple[Path, ...], out: Path | None, figure: Path | None) -> None:
     """Put evaluation REPORTS (folders written by `forde evaluate`) side by side, with each one's
     difference to the first (e.g. `forde compare reports/de reports/forde --out comparison.md`)."""
     from forde_serve._io import atomic_write_text
-    from forde_serve.report import compare_reports
+    from forde_serve.report import compare_reports, write_diversity_plane
 
     if len(reports) < 2:
         raise _UserError(f"REPORTS: expected at least two report folders to compare, got {len(reports)}")
@@ -140,6 +146,13 @@ def compare(reports: tuple[Path, ...], out: Path | None) -> None:
     Console().print(table)
     if out is not None:
         click.echo(f"written to {out}")
+    if figure is not None:
+        if write_diversity_plane(list(reports), figure) is None:
+            raise _UserError(
+                f"--figure: no report among {', '.join(map(str, reports))} has a diversity block to draw "
+                "(evaluate the models again with a current `forde evaluate`)"
+            )
+        click.echo(f"diversity-accuracy plane: {figure}")
 
 
 SOME_ROWS_FAILED = 3  # `forde score` finished, but rows listed in the errors file were not scored

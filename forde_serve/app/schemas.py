@@ -389,6 +389,14 @@ def api_models(runtime: EnsembleRuntime, max_inputs: int, adaptive_refused: str 
         image: dict | None = Field(description="how an uploaded picture becomes an input; null: the model takes arrays")
         members: int
         method: str = Field(description="forde, de or external (fused from checkpoints)")
+        structure: str = Field(description="independent members, or embedded: batchensemble, mc_dropout")
+        parameters: int | None = Field(
+            description="distinct trained parameters (weights the members share count once); null: not recorded"
+        )
+        layout: dict | None = Field(
+            description="embedded ensembles: the graph layout chosen per graph (native, folded)"
+        )
+        precision: str = Field(description="the predict graph's arithmetic: float32, int8 or fp16")
         kernel: dict | None
         metrics: dict = Field(description="the run's clean test metrics (a value the file holds as NaN is null)")
         abstain_threshold: float | None = Field(
