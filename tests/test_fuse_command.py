@@ -81,7 +81,7 @@ def test_fused_checkpoints_equal_the_separate_models(checkpoints, tmp_path):
         (3, 32, 32),
     )
     assert card.training_config["fused_from"] == ["a.safetensors", "b.pt"]
-    assert card.abstain_target_risk == 0.01
+    assert card.choices.abstention.target_risk == 0.01
 
     assert card.temperature != 1.0 and set(card.coverage_levels) >= {0.8, 0.9, 0.95, 0.99}
     # the separate models, in PyTorch, on the raw inputs, with the fitted temperature: softmax and input gradients

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from forde_serve.contract import ImageSpec
 from forde_serve.images import image_to_input
 from forde_serve.runtime import EnsembleRuntime
 
@@ -98,14 +99,15 @@ def test_served_pictures_get_the_runtime_s_answers(trained, tmp_path):
     runtime = EnsembleRuntime(trained["model"])
     card = runtime.card
     assert card.input_shape == (3, 16, 16) and card.class_names == tuple(sorted(PICTURE_CLASSES))
-    assert card.image == {
+    assert card.image == ImageSpec(mode="RGB", size=(16, 16), scale=1 / 255, invert=False, resize=18)
+    assert card.image.to_metadata() == {  # as the file stores it
         "mode": "RGB",
         "size": [16, 16],
+        "scale": 1 / 255,
+        "invert": False,
         "resize": 18,
         "crop": [16, 16],
         "interpolation": "bilinear",
-        "scale": 1 / 255,
-        "invert": False,
     }
     assert set(card.metrics) >= {"accuracy", "nll", "gradient_cosine_distance"}
     paths = _upload_pictures(tmp_path / "uploads")
