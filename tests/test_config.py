@@ -36,6 +36,10 @@ def test_paper_settings_in_cifar_config():
         ("[data]\ndataset = 'cifar10'\n", "set data.root"),
         ("[forde]\nalpha = 2.0\n", "forde.alpha: input should be less than or equal to 1"),
         ("[optim\nlr = 1\n", "not valid TOML"),
+        (
+            "[model]\narch = 'torchvision:resnet18'\nwidth = 16\n",
+            "model.width: only the built-in architectures (mlp, cnn, resnet18, preact_resnet18) take it",
+        ),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, text, message):
@@ -68,3 +72,13 @@ def test_learning_rate_schedule():
     assert learning_rate(optim, 70) == pytest.approx(0.1 * (1 - 0.99 * 0.5))
     assert learning_rate(optim, 90) == pytest.approx(0.001)
     assert learning_rate(optim, 99) == pytest.approx(0.001)
+
+
+def test_a_run_folder_s_resolved_config_of_a_torchvision_arch_loads_again(tmp_path):
+    # the resolved config carries the built-ins' default width and depth: those are not refused
+    from training.config import TrainConfig
+
+    config = TrainConfig.model_validate({"model": {"arch": "torchvision:resnet18"}})
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json())
+    assert load_config(path) == config

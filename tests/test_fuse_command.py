@@ -138,9 +138,16 @@ def test_checkpoints_that_do_not_belong_together_are_named(checkpoints, tmp_path
 def test_bad_files_and_names_are_refused_by_the_command(checkpoints, tmp_path):
     folder, _ = checkpoints
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pt")  # a whole module, pickled: not read
     common = ["--input-shape", "3,32,32", "--out", tmp_path / "m.onnx"]
     cases = [
         ([tmp_path / "junk.pt", "--arch", "torchvision:resnet18"], "CKPT: "),
+        (
+            [tmp_path / "whole.pt", "--arch", "torchvision:resnet18"],
+            "holds pickled objects other than tensors (a whole model saved with torch.save(model), or an optimizer), "
+            "which are not read because unpickling them can run any code; save the weights with "
+            "torch.save(model.state_dict(), path) and give that file\n",
+        ),
         ([folder / "a.safetensors", "--arch", "torchvision:resnet81"], "close matches: torchvision:resnet18"),
         ([folder / "a.safetensors", "--arch", "torchvision:resnet18", "--classes", "a,b"], "--classes: 2 names"),
     ]

@@ -109,6 +109,16 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _buildable(self) -> ModelConfig:
         check_model(self.arch, self.kwargs, self.factory)
+        if self.arch not in BUILTIN_ARCHITECTURES:
+            # a value other than the default: a run folder's resolved config carries the defaults, which are harmless
+            defaults = type(self).model_fields
+            ignored = [name for name in ("width", "depth") if getattr(self, name) != defaults[name].default]
+            if ignored:
+                raise ValueError(
+                    f"model.{ignored[0]}: only the built-in architectures ({', '.join(BUILTIN_ARCHITECTURES)}) take "
+                    f"it; {self.arch} is built from model.kwargs, so a {ignored[0]} here would be ignored: remove it "
+                    "(or pass the builder's own argument in model.kwargs)"
+                )
         if self.init is not None and not self.init.endswith((".safetensors", ".pt", ".pth")):
             raise ValueError(f"model.init: expected a .safetensors, .pt or .pth file of weights, got {self.init!r}")
         return self

@@ -118,10 +118,17 @@ def read_state_dict(path: str | Path, field: str = "model.init") -> dict[str, to
         raise ModelError(f"{field}: expected a .safetensors, .pt or .pth file of weights, got {path.name!r}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    except pickle.UnpicklingError:
+        # torch's own text is paragraphs (with terminal escapes) on loading it unsafely: not advice to pass on
         raise ModelError(
-            f"{field}: {path} is not a state dict torch.load(weights_only=True) can read ({first}); "
+            f"{field}: {path} holds pickled objects other than tensors (a whole model saved with torch.save(model), "
+            "or an optimizer), which are not read because unpickling them can run any code; save the weights with "
+            "torch.save(model.state_dict(), path) and give that file"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        reason = str(err).strip().splitlines()[0].rstrip(". ") if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"{field}: {path} is not a state dict torch.load(weights_only=True) can read ({reason}); "
             "save weights with torch.save(model.state_dict(), path)"
         ) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
