@@ -175,3 +175,14 @@ def test_cifar_pipeline_with_augmentation_on_a_fake_folder(tmp_path):
 def test_resume_needs_a_run_folder(tmp_path):
     with pytest.raises(RunError, match="not a training run folder"):
         train(load_config(ROOT / "training/configs/digits.toml"), tmp_path, resume=True, progress=False)
+
+
+def test_a_rising_training_loss_is_said():
+    from training.trainer import _rising_loss
+
+    falling = [{"ce": c} for c in (2.0, 1.2, 0.9, 0.8)]
+    assert _rising_loss(falling, 0.05) is None
+    rising = [{"ce": c} for c in (1.27, 2.66, 4.02)]  # an image-folder run once printed this, without a word
+    assert _rising_loss(rising, 0.1).startswith("the training loss is rising (cross-entropy 1.270 -> 2.660 -> 4.020")
+    noisy = [{"ce": c} for c in (1.0, 0.5, 0.52, 0.55)]  # up twice, but within 25% of the lowest: noise
+    assert _rising_loss(noisy, 0.05) is None

@@ -260,6 +260,22 @@ def _prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool, world: Wo
         atomic_write_text(run_dir / run_files.CONFIG, config.to_json())
 
 
+def _rising_loss(log: list[dict], lr: float, factor: float = 1.25) -> str | None:
+    """A warning when the training loss has risen for two epochs running to above `factor` times its
+    lowest so far: SGD that is diverging slowly, which the non-finite check catches only at the end."""
+    if len(log) < 3:
+        return None
+    last, before, earlier = log[-1]["ce"], log[-2]["ce"], log[-3]["ce"]
+    lowest = min(entry["ce"] for entry in log)
+    if last > before > earlier and last > factor * lowest:
+        return (
+            f"the training loss is rising (cross-entropy {earlier:.3f} -> {before:.3f} -> {last:.3f} in epochs "
+            f"{len(log) - 2}-{len(log)}, lowest {lowest:.3f}): the run may be diverging; try a lower optim.lr "
+            f"(now {lr:g}), fewer members per batch, or check the data"
+        )
+    return None
+
+
 def train(
     config: TrainConfig,
     run_dir: str | Path,
@@ -336,6 +352,7 @@ def _train(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
         epoch_task = bar.add_task("epochs", total=optim.epochs, completed=epochs_done)
+        warned = False
         for epoch in range(epochs_done, optim.epochs):
             started = time.perf_counter()
             lr = learning_rate(optim, epoch)
@@ -375,6 +392,10 @@ def _train(
                     "seconds": time.perf_counter() - started,
                 }
                 log.append(entry)
+                warning = _rising_loss(log, optim.lr)
+                if warning is not None and not warned:
+                    warned = True  # once a run: the log has the rest
+                    Console(stderr=True).print(f"warning: {warning}", markup=False, highlight=False)
                 # Log first, checkpoint second: a log line without its checkpoint is dropped on resume.
                 atomic_write_text(run_dir / run_files.LOG, "".join(json.dumps(line) + "\n" for line in log))
                 if frames is not None:  # like the log: frames past the last checkpoint are dropped on resume
