@@ -53,6 +53,11 @@ def _median_ms(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
+def _median_ratio(numerators: np.ndarray, denominators: np.ndarray) -> float:
+    """Median over rounds of each round's own ratio (see the module docstring)."""
+    return round(float(np.median(numerators / denominators)), 3)
+
+
 def _per_member_branches(model, members: int) -> int:
     """Rewrite, in place, every Conv with one group per member (group = `members`) as Split -> `members`
     dense Convs -> Concat; returns how many were rewritten. Each output element is the same sum."""
