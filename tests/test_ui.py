@@ -233,3 +233,32 @@ def test_an_invalid_upload_shows_a_message_and_the_page_keeps_working(driver, tm
     ui_upload(driver, EXAMPLES / "digit-3.png")
     texts = ui_predict(driver, lambda t: _answered(t) and t["message"] == "")
     assert texts["label"].startswith("3 (")
+
+
+@pytest.mark.slow
+def test_the_monitor_tab_shows_the_server_s_alarm_window_and_labels(driver, page_server, digits):
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    x, y = digits
+    answers = httpx.post(f"{page_server}/predict", json={"inputs": [{"input": r.tolist()} for r in x[:6]]}).json()
+    labels = [{"id": a["id"], "label": int(label)} for a, label in zip(answers, y[:6], strict=True)]
+    assert httpx.post(f"{page_server}/feedback", json={"items": labels}).status_code == 200
+    document = httpx.get(f"{page_server}/monitor").json()
+
+    ui_tab(driver, "Monitor")
+
+    def shown(d):
+        texts = {k: d.find_element(By.ID, f"forde-monitor-{k}").text for k in ("shift", "window", "feedback")}
+        return texts if "labels" in texts["feedback"] and "rows" in texts["window"] else None
+
+    texts = WebDriverWait(driver, 60).until(shown)  # the tab fills itself within a few seconds
+    assert f"Over the newest {document['window']['rows']} rows, without labels" in texts["window"]
+    accuracy = document["feedback"]["accuracy"]
+    assert f"{document['feedback']['labels']} labels: realized accuracy {accuracy:.3f}" in texts["feedback"]
+    if document["shift"] is None:
+        assert "no validation reference" in texts["shift"]
+    else:
+        assert ("ALARM" in texts["shift"]) == document["shift"]["alarm"] and "threshold 100" in texts["shift"]
+    assert "estimated accuracy" in texts["window"] and "realized accuracy" in texts["feedback"]
