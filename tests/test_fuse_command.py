@@ -23,7 +23,7 @@ def _trained(builder, classes: int, seed: int) -> torch.nn.Module:
     """A couple of SGD steps on random data, as anyone's own training script would do them."""
     torch.manual_seed(seed)
     model = builder(num_classes=classes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     for _ in range(2):
         x, y = torch.rand(8, 3, 32, 32), torch.randint(0, classes, (8,))
@@ -50,7 +50,13 @@ def test_fused_checkpoints_equal_the_separate_models(checkpoints, tmp_path):
     folder, models = checkpoints
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (12, 3, 32, 32)).astype(np.float32)
-    np.savez(tmp_path / "val.npz", x=x, y=rng.integers(0, 4, 12))
+    # labels the ensemble gets 8 of 12 right: a temperature with a minimum inside the search (random labels
+    # would push it to the bound, where the file keeps 1 and says so)
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    with torch.no_grad():
+        top = sum(model((torch.from_numpy(x) - mean) / std).softmax(-1) for model in models).argmax(-1).numpy()
+    labels = np.where(np.arange(12) < 8, top, (top + 1) % 4)
+    np.savez(tmp_path / "val.npz", x=x, y=labels)
     result = run_forde(
         "fuse",
         folder / "a.safetensors",
@@ -83,10 +89,10 @@ def test_fused_checkpoints_equal_the_separate_models(checkpoints, tmp_path):
     assert card.training_config["fused_from"] == ["a.safetensors", "b.pt"]
     assert card.choices.abstention.target_risk == 0.01
 
-    assert card.temperature != 1.0 and set(card.coverage_levels) >= {0.8, 0.9, 0.95, 0.99}
+    assert card.temperature != 1.0  # fitted inside the search
+    assert set(card.coverage_levels) >= {0.8, 0.9, 0.95, 0.99}
     # the separate models, in PyTorch, on the raw inputs, with the fitted temperature: softmax and input gradients
     raw = torch.from_numpy(x[:5]).requires_grad_(True)
-    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     targets = torch.tensor([0, 1, 2, 3, 0])
     probs, grads = [], []
     for model in models:
