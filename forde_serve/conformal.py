@@ -44,6 +44,9 @@ uncertainty is high, which is where shifted inputs land: on digits-C of the vali
 selection data; the test split and the held-out shifts were not used to choose), 90% coverage at
 severity 3 / 5 rose from 0.730 / 0.409 with 5 equal groups of 36 to 0.865 / 0.722, with clean sets
 still about one class (benchmarks/bench_monitoring.py has the held-out and test-split figures).
+A level some group has too few rows for (at 0.99 a group needs 99: ceil((n_g + 1)(1 - alpha)) <= n_g)
+is not grouped: every group takes the marginal threshold there, the plain split-conformal sets with
+their marginal guarantee, rather than sets of every class for the confident inputs of that group.
 `groups=k` asks for k equal groups instead. The calibration also keeps its conformity scores
 (`ConformalCalibration.scores`) for adaptive conformal inference (forde_serve.monitoring.adaptive).
 Metadata without groups or scores (files written before them) reads back and gives the same sets.
@@ -186,6 +189,11 @@ class ConformalCalibration:
         if isinstance(group, bool) or not isinstance(group, int | np.integer) or not 0 <= group < self.groups:
             raise ConformalError(f"group: expected a group index in 0..{self.groups - 1}, got {group!r}")
         return self.group_thresholds[int(group)][index][1]
+
+    @staticmethod
+    def min_group_rows(coverage: float) -> int:
+        """The fewest calibration rows with a finite threshold at `coverage`: ceil((n + 1) c) <= n."""
+        return math.ceil(coverage / (1 - coverage) - _RANK_SLACK)
 
     def group_of(self, group_scores: np.ndarray) -> np.ndarray:
         """Mondrian group `[N]` (int) of inputs whose `group_score` output is `group_scores` `[N]`."""
@@ -406,13 +414,18 @@ def _mondrian(
             f"group_scores: too many equal values to split {n} inputs into {groups} groups "
             f"(rows per group {rows.tolist()}); ask for fewer groups"
         )
+    per_group = [[conformal_threshold(scores[member == g], c) for c in levels] for g in range(groups)]
+    for j, c in enumerate(levels):
+        if any(math.isinf(thresholds[j]) for thresholds in per_group):
+            # A group too small for this level would put every class in every set of its inputs, the
+            # confident ones included: at this level all groups take the marginal threshold instead.
+            for thresholds in per_group:
+                thresholds[j] = conformal_threshold(scores, c)
     return {
         "group_score": group_score,
         "group_edges": tuple(float(e) for e in edges),
         "group_rows": tuple(int(r) for r in rows),
-        "group_thresholds": tuple(
-            tuple((c, conformal_threshold(scores[member == g], c)) for c in levels) for g in range(groups)
-        ),
+        "group_thresholds": tuple(tuple(zip(levels, thresholds, strict=True)) for thresholds in per_group),
     }
 
 

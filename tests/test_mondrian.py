@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import onnx
 import pytest
 
 from forde_serve.conformal import (
@@ -108,7 +109,10 @@ def test_metadata_round_trip_with_groups_and_scores():
     probs, labels, u, _ = _heteroscedastic(5, 120)
     for score in ("lac", "aps", "raps"):
         cal = calibrate(probs, labels, score, group_scores=u, groups=2, group_score="predictive_entropy")
-        assert cal.threshold(0.99, 0) == math.inf  # 0.99 needs 99 rows per group
+        # 0.99 needs 99 rows per group, which 60 are not: that level takes the marginal threshold everywhere
+        assert cal.threshold(0.99, 0) == cal.threshold(0.99, 1) == cal.threshold(0.99)
+        assert score == "raps" or cal.threshold(0.99) < math.inf  # raps calibrates on 96 of the 120 rows
+        assert cal.threshold(0.9, 0) != cal.threshold(0.9, 1)
         text = json.dumps(cal.to_metadata(), allow_nan=False)
         back = ConformalCalibration.from_metadata(json.loads(text))
         assert back == cal and back.group_score == "predictive_entropy"
@@ -117,27 +121,32 @@ def test_metadata_round_trip_with_groups_and_scores():
         )
 
 
-def test_files_written_before_groups_and_scores_read_and_serve_the_same():
-    runtime = EnsembleRuntime(MODEL)  # the committed model: conformal metadata from before this change
+OLD_KEYS = {"version", "score", "k_reg", "lambda", "n_calibration", "n_tuning", "n_classes", "thresholds"}
+
+
+def test_files_written_before_groups_and_scores_read_and_serve_the_same(tmp_path):
+    """A copy of the committed file with its conformal metadata as files had it before groups and
+    scores (the keys of OLD_KEYS only) and no shift reference: it opens and serves plain LAC sets."""
+    model = onnx.load(str(MODEL))
+    for prop in model.metadata_props:
+        if prop.key == "forde.conformal":
+            prop.value = json.dumps({k: v for k, v in json.loads(prop.value).items() if k in OLD_KEYS})
+    kept = [prop for prop in model.metadata_props if prop.key != "forde.shift_reference"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    runtime = EnsembleRuntime(tmp_path / "old.onnx")
     old = runtime.card.conformal
-    assert old.scores is None and old.groups == 0
-    metadata = old.to_metadata()
-    assert set(metadata) == {
-        "version",
-        "score",
-        "k_reg",
-        "lambda",
-        "n_calibration",
-        "n_tuning",
-        "n_classes",
-        "thresholds",
-    }
-    assert ConformalCalibration.from_metadata(metadata) == old
+    assert old.scores is None and old.groups == 0 and runtime.card.choices.reference is None
+    assert set(old.to_metadata()) == OLD_KEYS
+    assert ConformalCalibration.from_metadata(old.to_metadata()) == old
     # its sets are still the LAC rule of the module docstring, {c : 1 - p_c <= t + 1e-8}
-    probs = runtime.predict(np.random.default_rng(0).uniform(0, 16, (64, 1, 8, 8)).astype(np.float32))["probs"]
+    x = np.random.default_rng(0).uniform(0, 16, (64, 1, 8, 8)).astype(np.float32)
+    probs = runtime.predict(x)["probs"]
     for coverage in old.coverages:
         by_hand = (1.0 - probs.astype(np.float64)) - old.threshold(coverage) <= 1e-8
         np.testing.assert_array_equal(prediction_sets(probs, old, coverage), by_hand)
+        np.testing.assert_array_equal(runtime.predict(x, coverage=coverage)["prediction_set"], by_hand)
 
 
 @pytest.mark.parametrize(

@@ -192,11 +192,15 @@ def export_validated(
             )
         levels = ", ".join(f"{c:g}" for c in chosen.conformal.coverages)
         conformal = chosen.conformal
-        grouped = (
-            f", in {conformal.groups} groups of {conformal.group_score.replace('_', ' ')} (Mondrian)"
-            if conformal.groups
-            else ""
-        )
+        grouped = ""
+        if conformal.groups:
+            plain = [f"{c:g}" for c in conformal.coverages if conformal.min_group_rows(c) > min(conformal.group_rows)]
+            grouped = f", in {conformal.groups} groups of {conformal.group_score.replace('_', ' ')} (Mondrian)" + (
+                f"; {', '.join(plain)} in one group (a group needs {conformal.min_group_rows(float(plain[0])):d} "
+                "rows for it)"
+                if plain
+                else ""
+            )
         echo(
             f"prediction sets ({conformal.score}) for coverage {levels}, on {conformal.n_calibration} validation "
             f"inputs{grouped}"
