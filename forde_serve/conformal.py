@@ -45,7 +45,8 @@ selection data; the test split and the held-out shifts were not used to choose),
 severity 3 / 5 rose from 0.730 / 0.409 with 5 equal groups of 36 to 0.865 / 0.722, with clean sets
 still about one class (benchmarks/bench_monitoring.py has the held-out and test-split figures).
 A level some group has too few rows for (at 0.99 a group needs 99: ceil((n_g + 1)(1 - alpha)) <= n_g)
-is not grouped: every group takes the marginal threshold there, the plain split-conformal sets with
+is not grouped: every group takes the marginal threshold there (or its own threshold of a lower level
+where that is higher, so sets stay nested), sets that contain the plain split-conformal ones and keep
 their marginal guarantee, rather than sets of every class for the confident inputs of that group.
 `groups=k` asks for k equal groups instead. The calibration also keeps its conformity scores
 (`ConformalCalibration.scores`) for adaptive conformal inference (forde_serve.monitoring.adaptive).
@@ -418,9 +419,13 @@ def _mondrian(
     for j, c in enumerate(levels):
         if any(math.isinf(thresholds[j]) for thresholds in per_group):
             # A group too small for this level would put every class in every set of its inputs, the
-            # confident ones included: at this level all groups take the marginal threshold instead.
+            # confident ones included: at this level each group takes the marginal threshold, or its
+            # own threshold of a lower level where that is higher, so sets stay nested across levels
+            # and contain the plain split-conformal sets (whose marginal guarantee they keep).
+            marginal = conformal_threshold(scores, c)
             for thresholds in per_group:
-                thresholds[j] = conformal_threshold(scores, c)
+                lower = [t for level, t in zip(levels, thresholds, strict=True) if level < c and math.isfinite(t)]
+                thresholds[j] = max([marginal, *lower])
     return {
         "group_score": group_score,
         "group_edges": tuple(float(e) for e in edges),

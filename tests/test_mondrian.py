@@ -110,7 +110,8 @@ def test_metadata_round_trip_with_groups_and_scores():
     for score in ("lac", "aps", "raps"):
         cal = calibrate(probs, labels, score, group_scores=u, groups=2, group_score="predictive_entropy")
         # 0.99 needs 99 rows per group, which 60 are not: that level takes the marginal threshold everywhere
-        assert cal.threshold(0.99, 0) == cal.threshold(0.99, 1) == cal.threshold(0.99)
+        for group in (0, 1):
+            assert cal.threshold(0.99, group) == max(cal.threshold(0.99), cal.threshold(0.95, group))
         assert score == "raps" or cal.threshold(0.99) < math.inf  # raps calibrates on 96 of the 120 rows
         assert cal.threshold(0.9, 0) != cal.threshold(0.9, 1)
         text = json.dumps(cal.to_metadata(), allow_nan=False)

@@ -100,9 +100,16 @@ def test_with_a_token_the_write_paths_answer_401_without_it_and_work_with_it(gua
     assert client.get("/monitor").status_code == 200 and client.post("/monitor", json={}).status_code == 200
     stored = client.post("/feedback", json=body, headers={"Authorization": "Bearer let-me-in"})
     assert stored.status_code == 200 and stored.json()["stored"] == 1
-    # the committed file has no shift reference: the reset, once authorized, is the API's 400
     reset = client.post("/monitor", json={"reset": True}, headers={"Authorization": "Bearer let-me-in"})
-    assert reset.status_code == 400 and "no validation reference" in reset.json()["error"]
+    assert reset.status_code == 200 and reset.json()["shift"]["alarm"] is False
+
+
+def test_a_reset_without_a_shift_reference_is_the_api_s_400(tmp_path):
+    bare = copy_with_metadata(MODEL, tmp_path, lambda props: props.pop("forde.shift_reference"))
+    with TestClient(in_process_app(make_service(ServeSettings(model=bare)))) as client:
+        assert client.get("/monitor").json()["shift"] is None
+        reset = client.post("/monitor", json={"reset": True})
+        assert reset.status_code == 400 and "no validation reference" in reset.json()["error"]
 
 
 @pytest.mark.parametrize(
