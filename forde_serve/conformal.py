@@ -77,6 +77,7 @@ from forde_serve._conformal_checks import (
     metadata_fields,
     sorted_pairs,
 )
+from forde_serve._conformal_split import MIN_TOP_ROWS, RANK_SLACK, conformal_threshold, mondrian_groups
 
 __all__ = [
     "DEFAULT_COVERAGES",
@@ -98,7 +99,6 @@ __all__ = [
 DEFAULT_COVERAGES = (0.8, 0.9, 0.95, 0.99)
 TOLERANCE = 1e-8  # MAPIE's EPSILON: float noise in probabilities and their sums
 LAMBDA_GRID = (0.001, 0.01, 0.1, 0.2, 0.5)  # Angelopoulos et al. 2021's grid for lambda
-MIN_TOP_ROWS = 20  # the dyadic default's most uncertain group keeps at least this many calibration rows
 METADATA_VERSION = 1
 
 # RAPS with k_reg or lambda left to the data: this share of the calibration inputs (MAPIE's
@@ -109,7 +109,6 @@ METADATA_VERSION = 1
 _TUNING_SHARE = 0.2
 _TUNING_SEED = 20210101
 _LEVEL_MATCH = 1e-6  # a requested coverage matches a stored one this close (0.9 vs 0.90000001)
-_RANK_SLACK = 1e-9  # (n + 1) * coverage computed in floats: 0.9 * 10 must give rank 9, not 10
 
 
 @dataclass(frozen=True)
@@ -194,7 +193,7 @@ class ConformalCalibration:
     @staticmethod
     def min_group_rows(coverage: float) -> int:
         """The fewest calibration rows with a finite threshold at `coverage`: ceil((n + 1) c) <= n."""
-        return math.ceil(coverage / (1 - coverage) - _RANK_SLACK)
+        return math.ceil(coverage / (1 - coverage) - RANK_SLACK)
 
     def group_of(self, group_scores: np.ndarray) -> np.ndarray:
         """Mondrian group `[N]` (int) of inputs whose `group_score` output is `group_scores` `[N]`."""
@@ -249,24 +248,6 @@ def conformity_scores(
     cumulative = _ranked_scores(np.take_along_axis(probs, order, axis=1), k_reg, lam)
     rank_of_label = np.argmax(order == labels[:, None], axis=1)  # 0-based
     return cumulative[np.arange(len(labels)), rank_of_label]
-
-
-def conformal_threshold(scores: np.ndarray, coverage: float) -> float:
-    """The ceil((n + 1) * coverage)-th smallest of n calibration `scores`; +inf when that rank exceeds n.
-
-    Equals numpy's quantile at level ceil((n + 1) * coverage) / n with method "lower" (MAPIE's
-    rule). The rank is computed as the decimal level means it: 0.9 with n = 9 gives rank 9.
-    """
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    if scores.size == 0:
-        raise ConformalError("scores: expected at least one calibration score, got none")
-    if not np.isfinite(scores).all():
-        raise ConformalError("scores: expected finite numbers, got NaN or infinity")
-    n = scores.size
-    rank = math.ceil((n + 1) * check_coverage(coverage) - _RANK_SLACK)
-    if rank > n:
-        return math.inf
-    return float(np.partition(scores, rank - 1)[rank - 1])
 
 
 def calibrate(
@@ -325,7 +306,7 @@ def calibrate(
         group_scores = None if group_scores is None else group_scores[rows]
     scores = conformity_scores(probs, labels, score, k_reg, lam)
     levels = tuple(dict.fromkeys(levels))
-    grouped = {} if group_scores is None else _mondrian(scores, group_scores, groups, group_score, levels)
+    grouped = {} if group_scores is None else mondrian_groups(scores, group_scores, groups, group_score, levels)
     if grouped:  # kept group by group, so adaptive sets can re-threshold each group's own scores
         member = np.searchsorted(np.array(grouped["group_edges"]), group_scores, side="right")
         scores = scores[np.argsort(member, kind="stable")]
@@ -386,52 +367,6 @@ def set_coverage_and_size(sets: np.ndarray, labels: np.ndarray) -> tuple[float, 
     labels = check_labels(labels, sets)
     covered = sets[np.arange(len(labels)), labels]
     return float(covered.mean()), float(sets.sum(axis=1).mean())
-
-
-def _mondrian(
-    scores: np.ndarray, group_scores: np.ndarray, groups: int | None, group_score: str, levels: tuple[float, ...]
-) -> dict:
-    """Mondrian fields of a ConformalCalibration (empty: one group, i.e. not grouped)."""
-    n = len(scores)
-    if groups is None:  # dyadic: the most uncertain half, then quarter, then eighth... each its own group
-        quantiles = []
-        while n * (1 - (quantiles[-1] if quantiles else 0.0)) / 2 >= MIN_TOP_ROWS:
-            quantiles.append(1 - (1 - (quantiles[-1] if quantiles else 0.0)) / 2)
-        groups = len(quantiles) + 1
-    else:
-        check_count("groups", groups, 1)
-        quantiles = list(np.arange(1, groups) / groups)
-    if groups > n:
-        raise ConformalError(f"groups: expected at most one group per calibration input ({n}), got {groups}")
-    if group_score not in GROUP_SCORES:
-        raise ConformalError(f"group_score: expected one of {', '.join(GROUP_SCORES)}, got {group_score!r}")
-    if groups == 1:
-        return {}
-    edges = np.quantile(group_scores, quantiles)
-    member = np.searchsorted(edges, group_scores, side="right")
-    rows = np.bincount(member, minlength=groups)
-    if np.any(np.diff(edges) <= 0) or rows.min() == 0:
-        raise ConformalError(
-            f"group_scores: too many equal values to split {n} inputs into {groups} groups "
-            f"(rows per group {rows.tolist()}); ask for fewer groups"
-        )
-    per_group = [[conformal_threshold(scores[member == g], c) for c in levels] for g in range(groups)]
-    for j, c in enumerate(levels):
-        if any(math.isinf(thresholds[j]) for thresholds in per_group):
-            # A group too small for this level would put every class in every set of its inputs, the
-            # confident ones included: at this level each group takes the marginal threshold, or its
-            # own threshold of a lower level where that is higher, so sets stay nested across levels
-            # and contain the plain split-conformal sets (whose marginal guarantee they keep).
-            marginal = conformal_threshold(scores, c)
-            for thresholds in per_group:
-                lower = [t for level, t in zip(levels, thresholds, strict=True) if level < c and math.isfinite(t)]
-                thresholds[j] = max([marginal, *lower])
-    return {
-        "group_score": group_score,
-        "group_edges": tuple(float(e) for e in edges),
-        "group_rows": tuple(int(r) for r in rows),
-        "group_thresholds": tuple(tuple(zip(levels, thresholds, strict=True)) for thresholds in per_group),
-    }
 
 
 def _ranked_scores(sorted_probs: np.ndarray, k_reg: int | None, lam: float | None) -> np.ndarray:
