@@ -56,10 +56,11 @@ def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path / 'state.sqlite3'}"
 
 
-def test_round_trip_through_a_reopened_file(sqlite_url):
+def _round_trip(url: str) -> None:
+    """Write states, predictions and labels, then read them back through a fresh engine."""
     kept = _prediction("a", group=2, input=np.arange(4, dtype=np.float32).tobytes())
     plain = _prediction("b", abstain=True, probs=np.array([0.5, 0.5, 0.0, 0.0]), set_sizes={})
-    store = StateStore(sqlite_url)
+    store = StateStore(url)
     with store.transaction() as tx:
         assert tx.get_state("martingale") is None and tx.counts() == {"predictions": 0, "labels": 0}
         tx.put_state("martingale", {"log_value": -1.5, "seen": 3})
@@ -71,7 +72,7 @@ def test_round_trip_through_a_reopened_file(sqlite_url):
         )
     store.dispose()
 
-    store = StateStore(sqlite_url)  # a fresh engine: everything came from the file
+    store = StateStore(url)  # a fresh engine: everything came from the database
     with store.transaction() as tx:
         assert tx.get_state("martingale") == {"log_value": 0.25, "seen": 4}
         got = tx.predictions(["a", "b", "never-served"])
@@ -86,6 +87,10 @@ def test_round_trip_through_a_reopened_file(sqlite_url):
         ]
         assert [r.id for r in tx.label_outcomes(1)] == ["b"]
         assert tx.counts() == {"predictions": 2, "labels": 2}
+
+
+def test_round_trip_through_a_reopened_file(sqlite_url):
+    _round_trip(sqlite_url)
     with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         # the raw input is stored only for the record that carries it
@@ -336,6 +341,12 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'state.sqlite3'}"
     return new_postgres_database(request.getfixturevalue("postgres_server"))
+
+
+@pytest.mark.slow  # a PostgreSQL server
+def test_round_trip_on_postgresql(postgres_server):
+    # the request path's statements run as the driver's own SQL: JSON goes in as text, comes back parsed
+    _round_trip(new_postgres_database(postgres_server))
 
 
 @pytest.mark.slow  # real processes (and a PostgreSQL server)

@@ -37,7 +37,6 @@ to keep inputs); everything else stored is derived from the model's outputs.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -46,16 +45,35 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
-from functools import partial
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import exc
 
 from forde_serve.errors import FordeError
+from forde_serve.monitoring._schema import (
+    INSERT_LABELS,
+    INSERT_STATE,
+    LABELLED_BY_ID,
+    LOCK_WRITERS,
+    PREDICTIONS_BY_ID,
+    PRUNE_BY_AGE,
+    PRUNE_BY_COUNT,
+    DriverStatement,
+    DriverStatements,
+    dumps,
+    json_value,
+    labels_table,
+    meta_table,
+    prediction_record,
+    prediction_row,
+    predictions_table,
+    tables,
+    writer_lock,
+)
+from forde_serve.monitoring.records import LabelRecord, PredictionRecord
 
 __all__ = [
     "DEFAULT_MAX_PREDICTIONS",
@@ -70,130 +88,16 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_PREDICTIONS = 100_000
-MAX_ID_LENGTH = 128
 _SQLITE_BUSY_TIMEOUT_S = 30.0  # a writer waits this long for another process's transaction, then fails
 _SQLITE_SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
 _IDS_PER_QUERY = 500  # ids per IN (...) list: far below every backend's limit on bound parameters
 _SCHEMA_LOCK = 0x666F726465  # PostgreSQL advisory lock ("forde") held while the tables are created
+_PRUNE_EVERY = 64  # rows a process inserts between two retention passes
 _MODEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # it names a file
-
-_tables = sa.MetaData()
-_meta = sa.Table(
-    "forde_meta",
-    _tables,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Text, nullable=False),
-)
-_writer_lock = sa.Table(
-    "forde_writer_lock", _tables, sa.Column("id", sa.Integer, primary_key=True, autoincrement=False)
-)
-_state = sa.Table(
-    "forde_state",
-    _tables,
-    sa.Column("name", sa.String(128), primary_key=True),
-    sa.Column("value", sa.JSON, nullable=False),
-    sa.Column("updated", sa.Double, nullable=False),  # unix seconds
-)
-# seq: insertion order (inserts are serialized by the writer lock), so "newest" and "keep the last N" are
-# index ranges; BIGINT elsewhere, INTEGER on SQLite (only INTEGER PRIMARY KEY is its auto-assigned rowid).
-_SEQ = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-_predictions = sa.Table(
-    "forde_predictions",
-    _tables,
-    sa.Column("seq", _SEQ, primary_key=True, autoincrement=True),
-    sa.Column("id", sa.String(MAX_ID_LENGTH), nullable=False, unique=True),
-    sa.Column("created", sa.Double, nullable=False, index=True),  # unix seconds; age retention
-    sa.Column("predicted_class", sa.Integer, nullable=False),
-    sa.Column("confidence", sa.Double, nullable=False),
-    sa.Column("mutual_information", sa.Double, nullable=False),  # nats
-    sa.Column("abstain", sa.Boolean, nullable=False),
-    sa.Column("probs", sa.LargeBinary, nullable=False),  # [classes] little-endian float32
-    sa.Column("uncertainty_group", sa.Integer, nullable=True),
-    sa.Column("set_sizes", sa.JSON, nullable=False),
-    sa.Column("served", sa.JSON, nullable=False),
-    sa.Column("input", sa.LargeBinary, nullable=True),  # raw float32 input bytes, only when asked to keep them
-)
-_labels = sa.Table(
-    "forde_labels",
-    _tables,
-    sa.Column("seq", _SEQ, primary_key=True, autoincrement=True),
-    sa.Column("id", sa.String(MAX_ID_LENGTH), nullable=False, unique=True),  # no foreign key: predictions get pruned
-    sa.Column("label", sa.Integer, nullable=False),
-    sa.Column("received", sa.Double, nullable=False),  # unix seconds
-    sa.Column("outcome", sa.JSON, nullable=False),
-)
-# The statements of the request path, built once (building a Core statement costs more than running it).
-_GET_STATE = sa.select(_state.c.value).where(_state.c.name == sa.bindparam("b_name"))
-_UPDATE_STATE = (
-    sa.update(_state)
-    .where(_state.c.name == sa.bindparam("b_name"))
-    .values(value=sa.bindparam("b_value", type_=sa.JSON), updated=sa.bindparam("b_updated"))
-)
-_INSERT_STATE, _INSERT_PREDICTIONS, _INSERT_LABELS = sa.insert(_state), sa.insert(_predictions), sa.insert(_labels)
-_NEWEST = sa.select(sa.func.max(_predictions.c.seq)).scalar_subquery()
-_PRUNE_BY_COUNT = sa.delete(_predictions).where(_predictions.c.seq <= _NEWEST - sa.bindparam("b_keep"))
-_PRUNE_BY_AGE = sa.delete(_predictions).where(_predictions.c.created < sa.bindparam("b_cutoff"))
-_LOCK_WRITERS = sa.select(_writer_lock.c.id).where(_writer_lock.c.id == 1).with_for_update()
-_PREDICTIONS_BY_ID = sa.select(_predictions).where(_predictions.c.id.in_(sa.bindparam("b_ids", expanding=True)))
-_LABELLED_BY_ID = sa.select(_labels.c.id).where(_labels.c.id.in_(sa.bindparam("b_ids", expanding=True)))
-_dumps = partial(json.dumps, allow_nan=False, separators=(",", ":"))
-_PRUNE_EVERY = 64  # rows a process inserts between two retention passes  # NaN is not JSON (PostgreSQL refuses it)
 
 
 class StateStoreError(FordeError):
     """The state database cannot be opened, created or written, or a state setting is invalid."""
-
-
-def _check_id(id: object) -> None:
-    if not isinstance(id, str) or not 0 < len(id) <= MAX_ID_LENGTH:
-        raise ValueError(f"id: expected a non-empty string of at most {MAX_ID_LENGTH} characters, got {id!r}")
-
-
-def _set_fields(record: object, **kinds) -> None:
-    for name, kind in kinds.items():
-        object.__setattr__(record, name, kind(getattr(record, name)))
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: `probs` is an array, whose == is not a truth value
-class PredictionRecord:
-    """One served row, as the monitor needs it when its label arrives (possibly much later)."""
-
-    id: str  # opaque string the service returns to the caller (unique)
-    created: float  # unix seconds
-    predicted_class: int
-    confidence: float  # max calibrated probability
-    mutual_information: float  # nats
-    abstain: bool
-    probs: np.ndarray  # [classes] float32 calibrated ensemble probabilities (read-only when read back)
-    group: int | None  # uncertainty group of a Mondrian calibration (None: not grouped)
-    set_sizes: dict[str, int]  # coverage level as str ("0.9") -> size of the static set served
-    served: dict  # JSON-able: what the monitor needs later (e.g. ACI alpha_t per level at serve time)
-    input: bytes | None = None  # raw input (float32 bytes), only when the operator asked to keep inputs
-
-    def __post_init__(self) -> None:  # plain Python types from here on (numpy scalars do not bind in sqlite3)
-        _check_id(self.id)
-        probs = np.asarray(self.probs, dtype=np.float32)
-        if probs.ndim != 1:
-            raise ValueError(f"probs: expected a [classes] vector, got shape {probs.shape}")
-        _set_fields(self, created=float, predicted_class=int, confidence=float, mutual_information=float, abstain=bool)
-        object.__setattr__(self, "probs", probs)
-        object.__setattr__(self, "group", None if self.group is None else int(self.group))
-        object.__setattr__(self, "set_sizes", {str(level): int(size) for level, size in self.set_sizes.items()})
-        object.__setattr__(self, "input", None if self.input is None else bytes(self.input))
-
-
-@dataclass(frozen=True)
-class LabelRecord:
-    """A label as stored: self-contained, so it outlives the pruning of its prediction."""
-
-    id: str  # the prediction's id
-    label: int
-    received: float  # unix seconds
-    outcome: dict  # JSON-able, e.g. {"correct": true, "covered": {"0.9": {"static": true, "adaptive": false}}}
-
-    def __post_init__(self) -> None:
-        _check_id(self.id)
-        _set_fields(self, label=int, received=float)
 
 
 def default_state_dir() -> Path:
@@ -253,6 +157,8 @@ class StateStore:
         if self.sqlite:
             self._prepare_sqlite_file()
         self._engine = self._create_engine(sqlite_synchronous)
+        self._driver = DriverStatements(self._engine.dialect)
+        self._driver_error = self._engine.dialect.loaded_dbapi.Error
         self._pid, self._one_thread, self._owner = os.getpid(), threading.Lock(), None
         self._initialize()
 
@@ -292,13 +198,13 @@ class StateStore:
             try:
                 with self._engine.begin() as connection:  # SQLite: BEGIN IMMEDIATE (see _create_engine)
                     if not self.sqlite:
-                        connection.execute(_LOCK_WRITERS)
+                        connection.execute(LOCK_WRITERS)
                     transaction = Transaction(connection, self)
                     try:
                         yield transaction
                     finally:
                         transaction._connection = None
-            except exc.DBAPIError as err:
+            except (exc.DBAPIError, self._driver_error) as err:
                 raise self._error("could not be written", err) from err
             finally:
                 self._owner = None
@@ -307,8 +213,10 @@ class StateStore:
         """Close this process's pooled connections (the next transaction opens new ones)."""
         self._engine.dispose()
 
-    def _error(self, what: str, err: exc.DBAPIError) -> StateStoreError:
-        reason = str(err.orig).strip().splitlines()[0] if err.orig is not None else str(err)
+    def _error(self, what: str, err: Exception) -> StateStoreError:
+        # SQLAlchemy wraps the driver's error (`orig`); the request path's own statements raise it bare
+        cause = getattr(err, "orig", err)
+        reason = str(err if cause is None else cause).strip().splitlines()[0]
         return StateStoreError(f"state database {self.shown_url} {what}: {reason}")
 
     def _prepare_sqlite_file(self) -> None:
@@ -329,10 +237,8 @@ class StateStore:
             if not self.sqlite:
                 isolation = {"isolation_level": "READ COMMITTED"} if self.url.get_backend_name() == "postgresql" else {}
                 # pre-ping: a connection the database server dropped (restart, idle timeout) is replaced, not failed
-                return sa.create_engine(self.url, json_serializer=_dumps, pool_pre_ping=True, **isolation)
-            engine = sa.create_engine(
-                self.url, json_serializer=_dumps, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S}
-            )
+                return sa.create_engine(self.url, json_serializer=dumps, pool_pre_ping=True, **isolation)
+            engine = sa.create_engine(self.url, json_serializer=dumps, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S})
         except (exc.ArgumentError, exc.NoSuchModuleError, ImportError, TypeError) as err:
             hint = " (PostgreSQL needs the `postgres` extra)" if "postgres" in self.url.drivername else ""
             raise StateStoreError(f"state database {self.shown_url}: cannot use this URL{hint}: {err}") from None
@@ -375,14 +281,14 @@ class StateStore:
                         )
                 elif self.url.get_backend_name() == "postgresql":
                     connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
-                _tables.create_all(connection, checkfirst=True)
-                stored = {k: v for k, v in connection.execute(sa.select(_meta.c.key, _meta.c.value))}
+                tables.create_all(connection, checkfirst=True)
+                stored = {k: v for k, v in connection.execute(sa.select(meta_table.c.key, meta_table.c.value))}
                 if not stored:
                     stored = {"schema_version": str(SCHEMA_VERSION), "created": repr(time.time())}
                     if self.model_key is not None:
                         stored["model_key"] = self.model_key
-                    connection.execute(sa.insert(_meta), [{"key": k, "value": v} for k, v in stored.items()])
-                    connection.execute(sa.insert(_writer_lock).values(id=1))
+                    connection.execute(sa.insert(meta_table), [{"key": k, "value": v} for k, v in stored.items()])
+                    connection.execute(sa.insert(writer_lock).values(id=1))
         except exc.DBAPIError as err:
             self._engine.dispose()
             raise self._error("cannot be opened, created or written", err) from err
@@ -404,25 +310,25 @@ def _chunks(ids: Sequence[str]) -> Iterator[list[str]]:
         yield ids[start : start + _IDS_PER_QUERY]
 
 
-def _prediction_row(record: PredictionRecord) -> dict[str, Any]:
-    row = {f.name: getattr(record, f.name) for f in fields(record)}
-    row["uncertainty_group"], row["probs"] = row.pop("group"), record.probs.astype("<f4").tobytes()
-    return row
-
-
-def _prediction_record(row: sa.Row) -> PredictionRecord:
-    values = dict(row._mapping)
-    del values["seq"]
-    values["group"], values["probs"] = values.pop("uncertainty_group"), np.frombuffer(values["probs"], "<f4")
-    return PredictionRecord(**values)
-
-
 class Transaction:
     """What one `StateStore.transaction()` block may read and write; unusable after the block."""
 
     def __init__(self, connection: sa.Connection, store: StateStore) -> None:
         self._connection: sa.Connection | None = connection
         self._store = store
+        self._cursor = None
+
+    def _run(self, statement: DriverStatement, values: dict[str, Any] | None, many: list | None = None):
+        """Execute a request-path statement on the driver's cursor of this transaction's connection (`many`:
+        one execution per item of driver parameters)."""
+        connection = self._db  # raises once the block has exited
+        if self._cursor is None:
+            self._cursor = connection.connection.cursor()
+        if many is not None:
+            self._cursor.executemany(statement.sql, many)
+        else:
+            self._cursor.execute(statement.sql, statement.parameters(values))
+        return self._cursor
 
     @property
     def _db(self) -> sa.Connection:
@@ -432,7 +338,8 @@ class Transaction:
 
     def get_state(self, name: str) -> dict | None:
         """The JSON document stored under `name`, or None."""
-        return self._db.execute(_GET_STATE, {"b_name": name}).scalar_one_or_none()
+        row = self._run(self._store._driver.get_state, {"b_name": name}).fetchone()
+        return None if row is None else json_value(row[0])
 
     def put_state(self, name: str, value: dict) -> None:
         """Store (insert or replace) the JSON document `value` under `name`."""
@@ -440,51 +347,54 @@ class Transaction:
             raise TypeError(f"value: expected a JSON-able dict for state {name!r}, got {type(value).__name__}")
         now = time.time()
         # update-then-insert is race-free here: this transaction holds the writer lock
-        if not self._db.execute(_UPDATE_STATE, {"b_name": name, "b_value": value, "b_updated": now}).rowcount:
-            self._db.execute(_INSERT_STATE, {"name": name, "value": value, "updated": now})
+        values = {"b_name": name, "b_value": dumps(value), "b_updated": now}
+        if not self._run(self._store._driver.update_state, values).rowcount:
+            self._db.execute(INSERT_STATE, {"name": name, "value": value, "updated": now})
 
     def insert_predictions(self, records: Sequence[PredictionRecord]) -> None:
         """Store new predictions (ids must be new), then prune to the store's count and age limits."""
         if not records:
             return
-        self._db.execute(_INSERT_PREDICTIONS, [_prediction_row(r) for r in records])
+        insert = self._store._driver.insert_predictions
+        texts: dict[int, str] = {}  # alive as long as the records, so no id is reused meanwhile
+        self._run(insert, None, many=[insert.parameters(prediction_row(r, texts)) for r in records])
         # Pruning is a DELETE over the table's newest-rows bound: done once per _PRUNE_EVERY rows this process
         # inserts, not per request, so the bounds are exceeded by at most that many rows per process.
         self._store._unpruned += len(records)
         if self._store._unpruned >= _PRUNE_EVERY:
             self._store._unpruned = 0
-            self._db.execute(_PRUNE_BY_COUNT, {"b_keep": self._store.max_predictions})
+            self._db.execute(PRUNE_BY_COUNT, {"b_keep": self._store.max_predictions})
             if self._store.max_age_s is not None:
-                self._db.execute(_PRUNE_BY_AGE, {"b_cutoff": time.time() - self._store.max_age_s})
+                self._db.execute(PRUNE_BY_AGE, {"b_cutoff": time.time() - self._store.max_age_s})
 
     def predictions(self, ids: Sequence[str]) -> dict[str, PredictionRecord]:
         """The stored predictions among `ids` (a pruned or unknown id is simply absent)."""
         found: dict[str, PredictionRecord] = {}
         for chunk in _chunks(ids):
-            for row in self._db.execute(_PREDICTIONS_BY_ID, {"b_ids": chunk}):
-                found[row.id] = _prediction_record(row)
+            for row in self._db.execute(PREDICTIONS_BY_ID, {"b_ids": chunk}):
+                found[row.id] = prediction_record(row)
         return found
 
     def labelled(self, ids: Sequence[str]) -> set[str]:
         """The ids among `ids` that already have a label."""
         found: set[str] = set()
         for chunk in _chunks(ids):
-            found.update(self._db.execute(_LABELLED_BY_ID, {"b_ids": chunk}).scalars())
+            found.update(self._db.execute(LABELLED_BY_ID, {"b_ids": chunk}).scalars())
         return found
 
     def insert_labels(self, records: Sequence[LabelRecord]) -> None:
         """Store labels (ids must not be labelled yet: check with `labelled` in the same transaction)."""
         if records:
-            self._db.execute(_INSERT_LABELS, [{f.name: getattr(r, f.name) for f in fields(r)} for r in records])
+            self._db.execute(INSERT_LABELS, [{f.name: getattr(r, f.name) for f in fields(r)} for r in records])
 
     def recent_predictions(self, n: int) -> list[PredictionRecord]:
         """The `n` most recently inserted predictions still stored, newest first."""
-        query = sa.select(_predictions).order_by(_predictions.c.seq.desc()).limit(n)
-        return [_prediction_record(row) for row in self._db.execute(query)]
+        query = sa.select(predictions_table).order_by(predictions_table.c.seq.desc()).limit(n)
+        return [prediction_record(row) for row in self._db.execute(query)]
 
     def label_outcomes(self, n: int | None = None) -> list[LabelRecord]:
         """The `n` most recently stored labels (None: all), newest first."""
-        query = sa.select(_labels).order_by(_labels.c.seq.desc())
+        query = sa.select(labels_table).order_by(labels_table.c.seq.desc())
         return [
             LabelRecord(**{k: v for k, v in row._mapping.items() if k != "seq"})
             for row in self._db.execute(query if n is None else query.limit(n))
@@ -494,6 +404,6 @@ class Transaction:
         """{"predictions": stored predictions, "labels": stored labels}."""
         count = sa.func.count()
         return {
-            "predictions": self._db.execute(sa.select(count).select_from(_predictions)).scalar_one(),
-            "labels": self._db.execute(sa.select(count).select_from(_labels)).scalar_one(),
+            "predictions": self._db.execute(sa.select(count).select_from(predictions_table)).scalar_one(),
+            "labels": self._db.execute(sa.select(count).select_from(labels_table)).scalar_one(),
         }
