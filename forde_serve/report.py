@@ -5,15 +5,36 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from forde_serve import diversity_report
 from forde_serve._io import atomic_path, atomic_write_text
 from forde_serve.errors import FordeError
-from forde_serve.evaluation import Evaluation
 
-__all__ = ["COMPARED", "ReportError", "compare_reports", "write_diversity_plane", "write_report"]
+if TYPE_CHECKING:
+    # Only annotations need it: `forde evaluate --help` imports this module for FIGURES, and the
+    # evaluation maths would add a tenth of a second to every `forde` start.
+    from forde_serve.evaluation import Evaluation
+
+__all__ = ["COMPARED", "FIGURES", "ReportError", "compare_reports", "write_diversity_plane", "write_report"]
+
+# Every figure `write_report` can draw, in the order report.md shows them, with what it shows. `forde
+# evaluate --help` lists them from here, and `write_report` refuses a name missing here, so the help
+# cannot fall behind the report.
+FIGURES = {
+    "reliability.png": "reliability diagram, clean and corrupted, before and after the temperature",
+    "risk_coverage.png": "error rate of the accepted inputs against the share accepted",
+    "severity.png": "accuracy and NLL per corruption severity",
+    "coverage.png": "prediction-set coverage and size per severity, at each stored level",
+    "saliency.png": "image inputs: members' input gradients on clean test inputs of different classes",
+    "diversity_disagreement.png": "two or more members: their pairwise disagreement (run folders: and their "
+    "weights' cosine similarity)",
+    "diversity_by_size.png": "two or more members: accuracy and NLL of k-member ensembles, k from 1 to M (the mean "
+    "over member subsets of each size)",
+    "trajectories_tsne.png": "run folders: t-SNE of the members' predictions along training",
+}
 
 # (label, path into metrics.json) of the rows `forde compare` shows.
 COMPARED = (
@@ -323,6 +344,8 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
         drawings["diversity_by_size.png"] = diversity_report.by_size_figure(metrics["diversity"])
     if evaluation.trajectory is not None:
         drawings["trajectories_tsne.png"] = diversity_report.trajectory_figure(evaluation.trajectory)
+    # in FIGURES' order; a name missing there fails here, before anything is written
+    drawings = {name: drawings[name] for name in sorted(drawings, key=list(FIGURES).index)}
     paths = {}
     for name, draw in drawings.items():
         _figure(out_dir / name, draw)

@@ -1,8 +1,12 @@
 """The `forde` command as a user meets it: help that teaches, one-line errors with exit code 2."""
 
+import ast
+
 import pytest
 
-from helpers import MODEL, run_forde
+from forde_serve.report import FIGURES
+
+from helpers import MODEL, ROOT, run_forde
 
 
 def test_help_explains_every_option():
@@ -44,8 +48,6 @@ def test_bad_config_file_is_one_line(tmp_path):
 
 
 def test_ci_runs_the_readme_test_command():
-    from helpers import ROOT
-
     readme = (ROOT / "README.md").read_text()
     command = "python3 -m venv .venv && .venv/bin/pip install -e '.[train,dev]' && .venv/bin/pytest"
     assert f"```bash\n{command}\n```" in readme
@@ -149,3 +151,22 @@ def test_export_and_evaluate_outputs_respect_the_umask(tmp_path, tiny_config):
     assert any(p.suffix == ".png" for p in written)
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, (path.name, oct(path.stat().st_mode))
+
+
+def test_evaluate_help_and_docs_name_every_figure_the_report_writes():
+    # every figure file the report modules name must be one of FIGURES (write_report refuses others)
+    named = set()
+    for module in ("report.py", "diversity_report.py"):
+        tree = ast.parse((ROOT / "forde_serve" / module).read_text())
+        named |= {
+            node.value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".png")
+        }
+    assert named == set(FIGURES), f"figures the report names but FIGURES does not: {named ^ set(FIGURES)}"
+    assert {"diversity_disagreement.png", "diversity_by_size.png", "trajectories_tsne.png"} <= set(FIGURES)
+    help_text = run_forde("evaluate", "--help").stdout
+    docs = (ROOT / "docs" / "evaluation.md").read_text()
+    for figure in FIGURES:
+        assert f" {figure} " in help_text, f"forde evaluate --help does not name {figure}"
+        assert f"`{figure}`" in docs, f"docs/evaluation.md does not name {figure}"

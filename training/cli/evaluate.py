@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -9,10 +10,55 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from forde_serve.report import FIGURES
 from training.cli._common import COMMAND, training_extra
 
+_WIDTH = max(map(len, FIGURES)) + 2  # the name column of the files the report writes
 
-@click.command(**COMMAND)
+
+def _entry(name: str, what: str) -> str:
+    """One file of the report in the help: its name, then what it holds, wrapped under itself."""
+    lines = textwrap.wrap(what, width=100 - 6 - _WIDTH)
+    return "\n".join([f"      {name:<{_WIDTH}}{lines[0]}"] + [" " * (6 + _WIDTH) + line for line in lines[1:]])
+
+
+_FILES = "\n".join(
+    [
+        _entry(
+            "metrics.json",
+            "accuracy, NLL, ECE, Brier, uncertainty decomposition, gradient cosine distance, risk-coverage "
+            "area, accuracy at the model's abstention threshold, OOD AUROC; `corrupted`, `per_severity`, "
+            "`per_corruption`, `per_set` and (two or more members) `diversity`",
+        ),
+        _entry("report.md", "the same as tables, with the figures"),
+    ]
+    + [_entry(name, what) for name, what in FIGURES.items()]
+)
+
+_HELP = f"""Measure an ensemble's robustness: SOURCE is a training run folder or an exported NAME.onnx.
+
+    \b
+    Clean and corrupted test data (digits: the digits-C suite, 11 corruptions x 5 severities;
+    CIFAR: CIFAR-10-C / CIFAR-100-C from a local folder; an image folder: its test/ split through
+    an RGB suite in the spirit of CIFAR-10-C, 15 corruptions x 5 severities, seeded by --seed),
+    averaged over all corruption types and severities. Writes to REPORT_DIR (--out):
+{_FILES}
+
+    An exported file is measured through the serving runtime, a run folder through PyTorch; the
+    two agree on the same model. Compare reports with `forde compare`.
+
+    \b
+    With --stream (an exported file; no torch needed), the file's rows are replayed instead, one
+    per request, through the same monitor the server runs (each replay on its own SQLite store):
+      stream.json, stream.md   false alarms over --permutations clean orders; rows until the alarm
+                               over --orders orders of each digits-C set and held-out shift; 90%
+                               coverage of static, label-free (Mondrian) and adaptive sets
+      martingale*.png          the shift statistic over rows, with the alarm threshold
+      coverage-*.png           running coverage of the three kinds of sets, clean and per shift
+    """
+
+
+@click.command(**COMMAND, help=_HELP)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
     "--data",
@@ -97,35 +143,7 @@ def evaluate(
     permutations: int,
     quiet: bool,
 ) -> None:
-    """Measure an ensemble's robustness: SOURCE is a training run folder or an exported NAME.onnx.
-
-    \b
-    Clean and corrupted test data (digits: the digits-C suite, 11 corruptions x 5 severities;
-    CIFAR: CIFAR-10-C / CIFAR-100-C from a local folder; an image folder: its test/ split through
-    an RGB suite in the spirit of CIFAR-10-C, 15 corruptions x 5 severities, seeded by --seed),
-    averaged over all corruption types and severities. Writes to REPORT_DIR (--out):
-      metrics.json    accuracy, NLL, ECE, Brier, uncertainty decomposition, gradient cosine
-                      distance, risk-coverage area, accuracy at the model's abstention threshold,
-                      OOD AUROC; `corrupted`, `per_severity`, `per_corruption` and `per_set`
-      report.md       the same as tables, with the figures
-      reliability.png    reliability diagram, clean and corrupted, before and after the temperature
-      severity.png       accuracy and NLL per corruption severity
-      coverage.png       prediction-set coverage and size per severity, at each stored level
-      risk_coverage.png  error rate of the accepted inputs against the share accepted
-      saliency.png       members' input gradients on clean test inputs of different classes
-
-    An exported file is measured through the serving runtime, a run folder through PyTorch; the
-    two agree on the same model. Compare reports with `forde compare`.
-
-    \b
-    With --stream (an exported file; no torch needed), the file's rows are replayed instead, one
-    per request, through the same monitor the server runs (each replay on its own SQLite store):
-      stream.json, stream.md   false alarms over --permutations clean orders; rows until the alarm
-                               over --orders orders of each digits-C set and held-out shift; 90%
-                               coverage of static, label-free (Mondrian) and adaptive sets
-      martingale*.png          the shift statistic over rows, with the alarm threshold
-      coverage-*.png           running coverage of the three kinds of sets, clean and per shift
-    """
+    """`forde evaluate`: its help (`_HELP`) lists the figures from `forde_serve.report.FIGURES`."""
     if stream:
         from training.streams import StreamJob, stream_report
 
