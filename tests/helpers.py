@@ -186,6 +186,43 @@ def without_ids(answer):
     return {k: v for k, v in answer.items() if k != "id"}
 
 
+def nullable_fields(schema: dict, spec: dict) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Where each route's request and answer may hold null, by field path ("monitor answer: shift.fired_at"),
+    as /schema.json says it (`anyOf [.., null]`, what BentoML's client reads) and as /docs.json says it
+    (`nullable: true`, OpenAPI 3.0), walked through every nested object, list item and dict value."""
+    components = spec.get("components", {}).get("schemas", {})
+
+    def walk(node, path: str, found: set[str], in_spec: bool, defs: dict) -> None:
+        if not isinstance(node, dict):
+            return
+        if node.get("nullable") if in_spec else {"type": "null"} in node.get("anyOf", []):
+            found.add(path)
+        if "$ref" in node:  # the spec's components, or a /schema.json root's own $defs
+            walk(defs[node["$ref"].rsplit("/", 1)[-1]], path, found, in_spec, defs)
+            return
+        for option in node.get("anyOf", []):
+            walk(option, path, found, in_spec, defs)
+        for name, prop in (node.get("properties") or {}).items():
+            walk(prop, f"{path}.{name}", found, in_spec, defs)
+        for key, step in (("items", "[]"), ("additionalProperties", "{}")):
+            walk(node.get(key), path + step, found, in_spec, defs)
+
+    in_schema: dict[str, set[str]] = {}
+    in_spec: dict[str, set[str]] = {}
+    for route in schema["routes"]:
+        operation = spec["paths"][route["route"]]["post"]
+        sides = {
+            "request": (route["input"], operation.get("requestBody", {}).get("content", {})),
+            "answer": (route["output"], operation["responses"]["200"]["content"]),
+        }
+        for side, (client, content) in sides.items():
+            key = f"{route['name']} {side}"
+            walk(client, "", in_schema.setdefault(key, set()), False, client.get("$defs", {}))
+            for media in content.values():
+                walk(media["schema"], "", in_spec.setdefault(key, set()), True, components)
+    return in_schema, in_spec
+
+
 def in_process_app(service):
     """BentoML's ASGI app of `service` (a `make_service` class) for starlette's TestClient, without BentoML's
     own request metrics: those register once per process, so a second service's app would clash."""

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from forde_serve.app.service import make_service
+from forde_serve.app.service import FordeEnsemble, make_service
 from forde_serve.app.settings import ServeSettings, SettingsError
 from forde_serve.contract import ModelFileError
 
-from helpers import MODEL, copy_with_metadata, in_process_app, run_forde
+from helpers import MODEL, copy_with_metadata, in_process_app, nullable_fields, run_forde
 
 ROW = np.zeros((1, 8, 8)).tolist()
 
@@ -153,3 +153,27 @@ def test_the_swagger_page_loads_nothing_from_elsewhere_and_the_spec_is_the_proje
     spec = in_process.get("/docs.json").json()
     assert spec["components"]["schemas"]["PredictInput"]["additionalProperties"] is False
     assert "get" in spec["paths"]["/monitor"] and "401" in spec["paths"]["/feedback"]["post"]["responses"]
+
+
+def test_schema_json_and_docs_json_say_null_in_the_same_places_in_every_model(in_process):
+    """BentoML's client reads /schema.json (null as `anyOf [.., null]`), Swagger and schemathesis /docs.json
+    (OpenAPI 3.0's `nullable: true`): every route's request and answer, nested models and list items
+    included, may hold null in the same fields by both."""
+    schema = in_process.get("/schema.json").json()
+    in_schema, in_spec = nullable_fields(schema, in_process.get("/docs.json").json())
+    assert set(in_schema) == {f"{api} {side}" for api in FordeEnsemble.apis for side in ("request", "answer")}
+    for route in sorted(in_schema):
+        assert in_schema[route] == in_spec[route], route
+    # the fields the client once read as plain numbers, lists or integers
+    assert in_schema["monitor answer"] >= {
+        ".shift",
+        ".shift.fired_at",
+        ".window.estimated_accuracy",
+        ".window.mean_mutual_information",
+        ".window.abstain_rate",
+        ".feedback.accuracy",
+        ".feedback.adaptive",
+    }
+    assert ".inputs[].target" in in_schema["explain request"] and ".coverage" in in_schema["predict_image request"]
+    assert {"[].member_probs", "[].prediction_set"} <= in_schema["predict answer"]
+    assert '"nullable"' not in json.dumps(schema), "/schema.json says null as anyOf [.., null], which the client reads"

@@ -67,15 +67,13 @@ class RequestEdge:
         service,
         max_body_bytes: int,
         info: dict[str, str] | None = None,
-        models: dict[str, type] | None = None,
         guarded: dict[str, Callable[[bytes], bool]] | None = None,
         token: str | None = None,
     ):
-        """`info`: the spec's title, version, description; `models`: the response and request models by
-        title (for /schema.json's nulls); `guarded`: API name -> whether a request body (bytes) is a write
-        that needs the admin `token` (401 in the spec; no token: nothing is guarded)."""
+        """`info`: the spec's title, version, description; `guarded`: API name -> whether a request body
+        (bytes) is a write that needs the admin `token` (401 in the spec; no token: nothing is guarded)."""
         self.app, self.service, self.max_body_bytes, self.info = app, service, max_body_bytes, info
-        self.models, self.guarded, self.token = models or {}, guarded or {}, token
+        self.guarded, self.token = guarded or {}, token
         self._routes: dict[str, Route] | None = None
 
     @property
@@ -116,11 +114,16 @@ class RequestEdge:
     def title(self) -> str:
         return (self.info or {}).get("title", "API")
 
+    @property
+    def apis(self) -> dict[str, tuple[type, type]]:
+        """API name -> (input model, output model), which the spec and schema are corrected by."""
+        return {name: (api.input_spec, api.output_spec) for name, api in self.service.apis.items()}
+
     def _schema(self, status: int, body: bytes) -> bytes:
-        return json.dumps(truthful_schema(json.loads(body), self.models)).encode()
+        return json.dumps(truthful_schema(json.loads(body), self.apis)).encode()
 
     def _spec(self, status: int, body: bytes) -> bytes:
-        return json.dumps(truthful_spec(json.loads(body), self.routes, self.info, READABLE)).encode()
+        return json.dumps(truthful_spec(json.loads(body), self.routes, self.info, READABLE, self.apis)).encode()
 
     async def _within_limit(self, scope, receive, buffer: bool):
         """`receive` for the app: refuses a body over the limit, by its content-length before reading it,

@@ -34,11 +34,20 @@ SWAGGER_PAGE = """<!DOCTYPE html>
 _REF = "#/components/schemas/{model}"
 
 
+# API name -> (its input model, its output model): what BentoML generated its spec and schema from.
+Apis = dict[str, tuple[type[BaseModel], type[BaseModel]]]
+
+
 def truthful_spec(
-    spec: dict[str, Any], routes: dict[str, Route], info: dict[str, str] | None = None, readable: tuple[str, ...] = ()
+    spec: dict[str, Any],
+    routes: dict[str, Route],
+    info: dict[str, str] | None = None,
+    readable: tuple[str, ...] = (),
+    apis: Apis | None = None,
 ) -> dict[str, Any]:
     """BentoML's generated OpenAPI 3.0 spec, corrected to say what the service does: the errors each API
-    route answers, all as ErrorBody; null where a field can be null (`nullable`, as 3.0 says it);
+    route answers, all as ErrorBody; null where a field can be null (`nullable`, as 3.0 says it; in a
+    request body written in place, such as /predict_image's form, from the route's model in `apis`);
     `Prediction` for /predict_image's answer rather than a copy of it; the service's own `info` (title,
     version, description) rather than BentoML's placeholders."""
     spec = copy.deepcopy(spec)
@@ -68,9 +77,12 @@ def truthful_spec(
                 "operationId": f"get_{route.name}",
                 "responses": {k: v for k, v in responses.items() if k not in ("413", "415", "401")},
             }
-        if route.media_type == MULTIPART:  # the edge refuses any other part
-            for media in operation.get("requestBody", {}).get("content", {}).values():
+        for media in operation.get("requestBody", {}).get("content", {}).values():
+            if route.media_type == MULTIPART:  # the edge refuses any other part
                 media.get("schema", {})["additionalProperties"] = False
+            if route.name in (apis or {}) and isinstance(media.get("schema"), dict):
+                full = apis[route.name][0].model_json_schema()
+                media["schema"] = _restore(media["schema"], full, full.get("$defs", {}), _NULLABLE, top=True)
     _use_originals(spec, schemas)
     _nullable(schemas)
     return spec
@@ -125,13 +137,15 @@ def _nullable(node) -> None:
         _nullable(value)
 
 
-def truthful_schema(schema: dict[str, Any], models: dict[str, type[BaseModel]]) -> dict[str, Any]:
-    """BentoML's `/schema.json` (what its own clients read), with null where the service sends null.
+def truthful_schema(schema: dict[str, Any], apis: Apis) -> dict[str, Any]:
+    """BentoML's `/schema.json` (what its own clients read), with null where the service sends or takes null.
 
-    BentoML flattens `X | None` to the first of its options, so a client decoding an answer by that
-    schema iterates a null `member_probs` as a list and fails. Every object schema titled after one
-    of `models` (title -> model; BentoML's `<Name>IODescriptor` copies included) gets its nullable
-    properties back as `anyOf [X, null]`, which the client passes through as sent.
+    BentoML flattens `X | None` to the first of its options, at every depth, so a client decoding an
+    answer by that schema iterates a null `member_probs` (or a monitor's null `fired_at`) as a list or a
+    number and fails. Each route's input and output are walked beside the pydantic models they were
+    flattened from (`apis`: API name -> (input model, output model)), and every property or item that
+    can be null gets it back as `anyOf [X, null]`, which the client passes through as sent (a model's
+    own `nullable: true`, as ExplainRow's target writes it, comes back in that form too).
 
     The client also walks a request by its schema: nested lists of numbers of the wrong shape (an
     input row of the wrong size) make it fail with a TypeError before anything is sent. Such
@@ -139,26 +153,62 @@ def truthful_schema(schema: dict[str, Any], models: dict[str, type[BaseModel]]) 
     server's 400 says what is wrong.
     """
     schema = copy.deepcopy(schema)
-
-    def visit(node):
-        if isinstance(node, list):
-            for value in node:
-                visit(value)
-            return
-        if not isinstance(node, dict):
-            return
-        model = models.get(str(node.get("title", "")).removesuffix("IODescriptor"))
-        if model is not None and isinstance(node.get("properties"), dict):
-            own = model.model_json_schema()["properties"]
-            for name, prop in node["properties"].items():
-                options = own.get(name, {}).get("anyOf", [])
-                nested = prop.get("type") == "array" and prop.get("items", {}).get("type") == "array"
-                if ({"type": "null"} in options or nested) and "anyOf" not in prop:
-                    kept = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
-                    choices = [prop, {"type": "null"}] if {"type": "null"} in options else [prop]
-                    node["properties"][name] = {"anyOf": choices, **kept}
-        for value in node.values():
-            visit(value)
-
-    visit(schema)
+    for route in schema.get("routes", []):
+        models = apis.get(route.get("name"))
+        if models is None:
+            continue
+        for key, model in zip(("input", "output"), models, strict=True):
+            if isinstance(route.get(key), dict):
+                full = model.model_json_schema()  # what BentoML flattened (`_flatten_model_schema`)
+                route[key] = _restore(route[key], full, full.get("$defs", {}), _ANY_OF, top=True)
     return schema
+
+
+def _resolved(node: dict, defs: dict) -> tuple[dict, bool]:
+    """A pydantic schema node as BentoML flattens it (allOf and anyOf to their first option, `$ref` to
+    its definition), and whether it allows null."""
+    node = dict(node)
+    nullable = node.pop("nullable", None) is True
+    if "allOf" in node:
+        node.update(node.pop("allOf")[0])
+    if "anyOf" in node:
+        options = node.pop("anyOf")
+        nullable = nullable or {"type": "null"} in options
+        node.update(options[0])
+    if "$ref" in node:
+        inner, inner_nullable = _resolved(defs.get(node.pop("$ref").rsplit("/", 1)[-1], {}), defs)
+        node.update(inner)
+        nullable = nullable or inner_nullable
+    return node, nullable
+
+
+_ANY_OF, _NULLABLE = "anyOf", "nullable"  # how null is said: JSON Schema (the client's) or OpenAPI 3.0
+
+
+def _restore(flat: dict, full: dict, defs: dict, form: str, top: bool = False) -> dict:
+    """`flat`, BentoML's flattening of the pydantic schema node `full`, with null back wherever `full`
+    (at any depth) allows it, said in `form`; for the client (`_ANY_OF`), nested lists of numbers as
+    `anyOf [X]` too."""
+    full, nullable = _resolved(full, defs)
+    if "anyOf" in flat:  # left unflattened: it already says what it allows
+        return flat
+    if isinstance(flat.get("properties"), dict) and isinstance(full.get("properties"), dict):
+        for name, prop in flat["properties"].items():
+            if isinstance(prop, dict) and isinstance(full["properties"].get(name), dict):
+                prop = _restore(prop, full["properties"][name], defs, form)
+                nested = prop.get("type") == "array" and prop.get("items", {}).get("type") == "array"
+                if form == _ANY_OF and nested and "anyOf" not in prop:
+                    kept = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
+                    prop = {"anyOf": [prop], **kept}
+                flat["properties"][name] = prop
+    if isinstance(flat.get("items"), dict) and isinstance(full.get("items"), dict):
+        flat["items"] = _restore(flat["items"], full["items"], defs, form)
+    if form == _NULLABLE:
+        if nullable and not top:
+            flat["nullable"] = True
+        return flat
+    flat.pop("nullable", None)  # OpenAPI 3.0's word (ExplainRow's target writes it), which the client does not read
+    if nullable and not top:
+        kept = {k: flat.pop(k) for k in ("title", "description", "default") if k in flat}
+        return {"anyOf": [flat, {"type": "null"}], **kept}
+    return flat

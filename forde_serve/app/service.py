@@ -275,13 +275,11 @@ def make_service(settings: ServeSettings):
             return MonitorDocument(monitoring=True, **json_safe(self.watch.snapshot()))
 
     info = {"title": "forde-serve", "version": __version__, "description": _DESCRIPTION}
-    titled = (models.predict_row, models.explain_row, Prediction, Explanation, ModelInfo, MonitorDocument)
     FordeEnsemble.add_asgi_middleware(
         RequestEdge,
         service=FordeEnsemble,
         max_body_bytes=settings.max_body_bytes,
         info=info,
-        models={model.__name__: model for model in titled},
         # the write paths (labels, the alarm's reset), refused there without the token when one is set
         guarded={"feedback": lambda body: True, "monitor": _asks_reset},
         token=settings.token(),
