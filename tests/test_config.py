@@ -38,7 +38,8 @@ def test_paper_settings_in_cifar_config():
         ("[optim\nlr = 1\n", "not valid TOML"),
         (
             "[model]\narch = 'torchvision:resnet18'\nwidth = 16\n",
-            "model.width: only the built-in architectures (mlp, cnn, resnet18, preact_resnet18) take it",
+            "model.width: expected none for arch 'torchvision:resnet18', which ignores it (a builder takes its "
+            "arguments in model.kwargs), got 16: remove it",
         ),
     ],
 )
@@ -74,11 +75,68 @@ def test_learning_rate_schedule():
     assert learning_rate(optim, 99) == pytest.approx(0.001)
 
 
-def test_a_run_folder_s_resolved_config_of_a_torchvision_arch_loads_again(tmp_path):
-    # the resolved config carries the built-ins' default width and depth: those are not refused
+ARCHS = ["mlp", "cnn", "resnet18", "preact_resnet18", "torchvision:resnet18", "factory"]
+READS = {"mlp": {"width", "depth"}, "cnn": {"width"}}  # the others read neither
+
+
+def _model_toml(arch: str, keys: dict) -> str:
+    factory = "\nfactory = 'my_models:build'" if arch == "factory" else ""
+    return f"[model]\narch = '{arch}'{factory}\n" + "".join(f"{key} = {value}\n" for key, value in keys.items())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("key", ["width", "depth"])
+def test_a_key_the_arch_ignores_is_refused_when_set_even_at_its_default(tmp_path, arch, key):
+    path = tmp_path / "model.toml"
+    for value in (7, {"width": 32, "depth": 2}[key]):  # the default, written out, is refused as well
+        path.write_text(_model_toml(arch, {key: value}))
+        if key in READS.get(arch, set()):
+            assert getattr(load_config(path).model, key) == value
+            continue
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        message = str(err.value)
+        assert f"model.{key}: expected none for arch {arch!r}, which ignores it (" in message
+        assert message.endswith(f"got {value}: remove it")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_key_left_out_is_not_refused_and_overrides_keep_what_was_set(tmp_path, arch):
+    path = tmp_path / "model.toml"
+    path.write_text(_model_toml(arch, {}) + "[ensemble]\nmembers = 3\n")
+    config = with_overrides(load_config(path), members=4, epochs=2)
+    assert (config.model.arch, config.ensemble.members, config.optim.epochs) == (arch, 4, 2)
+    assert (config.model.width, config.model.depth) == (32, 2)  # the defaults, unread
+    path.write_text(_model_toml("cnn", {"depth": 3}))
+    with pytest.raises(ConfigError, match="model.depth: expected none for arch 'cnn'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_run_folder_s_resolved_config_loads_again_and_resumes(tmp_path, arch):
+    # the resolved config gives every key, the width and depth its arch ignores too: those are dropped
     from training.config import TrainConfig
 
-    config = TrainConfig.model_validate({"model": {"arch": "torchvision:resnet18"}})
+    model = {"arch": arch, **({"factory": "my_models:build"} if arch == "factory" else {})}
+    model |= {key: {"width": 8, "depth": 3}[key] for key in READS.get(arch, set())}
+    config = TrainConfig.model_validate({"model": model, "seed": 5})
     path = tmp_path / "config.json"
     path.write_text(config.to_json())
-    assert load_config(path) == config
+    assert '"depth": ' in path.read_text() and '"width": ' in path.read_text()
+    loaded = load_config(path)
+    assert loaded == config
+    resumed = with_overrides(loaded, device="cpu")  # what `forde train --resume RUN --device cpu` does
+    assert (resumed.model, resumed.seed, resumed.device) == (config.model, 5, "cpu")
+
+
+def test_a_resolved_config_that_kept_a_value_its_arch_ignores_still_loads(tmp_path):
+    # earlier versions let a resnet18 config set a width (unread), and its run folder kept it
+    from training.config import TrainConfig
+
+    path = tmp_path / "config.json"
+    path.write_text(
+        TrainConfig().to_json().replace('"arch": "cnn"', '"arch": "resnet18"').replace('"width": 32', '"width": 64')
+    )
+    assert '"width": 64' in path.read_text()
+    model = load_config(path).model
+    assert (model.arch, model.width, model.depth) == ("resnet18", 32, 2)

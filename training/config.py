@@ -77,13 +77,27 @@ def check_model(arch: str, kwargs: Mapping[str, Any] | None = None, factory: str
             f"model.arch: expected one of {', '.join(BUILTIN_ARCHITECTURES)}, torchvision:NAME or factory, got {arch!r}"
         )
     elif kwargs:
-        raise ConfigError(f"model.kwargs: the built-in {arch!r} takes model.width and model.depth, not kwargs")
+        takes = {"mlp": "model.width and model.depth", "cnn": "model.width"}.get(arch, "no arguments (fixed widths)")
+        raise ConfigError(f"model.kwargs: the built-in {arch!r} takes {takes}, not kwargs, got {sorted(kwargs)}")
     if "weights" in kwargs:
         raise ConfigError(
             "model.kwargs.weights: nothing is downloaded; start the members from a local file with model.init = PATH"
         )
     if "num_classes" in kwargs:
         raise ConfigError("model.kwargs.num_classes: the class count comes from the data, leave it out")
+
+
+def _ignored_keys(arch: str) -> tuple[str, ...]:
+    """The keys of `model.width` and `model.depth` that `arch` does not read: the mlp reads both, the cnn
+    its width (its depth is fixed), the ResNets neither (fixed widths), nor the builders (torchvision:NAME,
+    factory), which take their own arguments in model.kwargs."""
+    return {"mlp": (), "cnn": ("depth",)}.get(arch, ("width", "depth"))
+
+
+def _what_reads(arch: str, key: str) -> str:
+    if arch.startswith(TORCHVISION) or arch == FACTORY:
+        return "a builder takes its arguments in model.kwargs"
+    return "only the mlp reads it" if key == "depth" else "only the mlp and the cnn read it"
 
 
 class _Section(BaseModel):
@@ -93,8 +107,9 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     # mlp | cnn | resnet18 | preact_resnet18 | torchvision:NAME (any torchvision classifier) | factory
     arch: str = "cnn"
-    width: int = Field(32, gt=0)  # built-ins: channels of the first conv (cnn) or hidden units (mlp)
-    depth: int = Field(2, gt=0)  # built-ins: hidden layers of the mlp; ignored by the others
+    # Only for the architectures that read them (`_ignored_keys`); given for another one, they are refused.
+    width: int = Field(32, gt=0)  # channels of the first conv (cnn) or hidden units (mlp)
+    depth: int = Field(2, gt=0)  # hidden layers of the mlp
     kwargs: dict[str, Any] = {}  # torchvision:NAME and factory: the builder's keyword arguments
     factory: str | None = None  # "package.module:function", called as function(num_classes, **kwargs)
     init: str | None = None  # one member's weights (.safetensors, .pt, .pth) every member starts from
@@ -109,16 +124,15 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _buildable(self) -> ModelConfig:
         check_model(self.arch, self.kwargs, self.factory)
-        if self.arch not in BUILTIN_ARCHITECTURES:
-            # a value other than the default: a run folder's resolved config carries the defaults, which are harmless
-            defaults = type(self).model_fields
-            ignored = [name for name in ("width", "depth") if getattr(self, name) != defaults[name].default]
-            if ignored:
-                raise ValueError(
-                    f"model.{ignored[0]}: only the built-in architectures ({', '.join(BUILTIN_ARCHITECTURES)}) take "
-                    f"it; {self.arch} is built from model.kwargs, so a {ignored[0]} here would be ignored: remove it "
-                    "(or pass the builder's own argument in model.kwargs)"
-                )
+        # Only keys the config gives: the defaults of width and depth sit in every config, read or not. (A run
+        # folder's resolved config gives every key; `load_config` drops those its arch ignores.)
+        given = [key for key in _ignored_keys(self.arch) if key in self.model_fields_set]
+        if given:
+            key = given[0]
+            raise ValueError(
+                f"model.{key}: expected none for arch {self.arch!r}, which ignores it ({_what_reads(self.arch, key)}), "
+                f"got {getattr(self, key)}: remove it"
+            )
         if self.init is not None and not self.init.endswith((".safetensors", ".pt", ".pth")):
             raise ValueError(f"model.init: expected a .safetensors, .pt or .pth file of weights, got {self.init!r}")
         return self
@@ -291,8 +305,20 @@ def _validate(data: dict[str, Any], source: str) -> TrainConfig:
         raise ConfigError(_describe(err, source)) from None
 
 
+def _resolved(data: Any) -> Any:
+    """A run folder's resolved config (JSON) without the model keys its arch ignores: it gives every key,
+    width and depth too (filled in with their defaults, or as an earlier version kept them), and they
+    were no choice of the user's to refuse."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("arch"), str):
+        return data
+    ignored = _ignored_keys(model["arch"])
+    return {**data, "model": {key: value for key, value in model.items() if key not in ignored}}
+
+
 def load_config(path: str | Path) -> TrainConfig:
-    """Read and validate a TOML (or a run folder's resolved JSON) training config."""
+    """Read and validate a TOML training config, or a run folder's resolved JSON one (which gives every key:
+    the keys its architecture ignores are dropped, not refused)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -301,15 +327,16 @@ def load_config(path: str | Path) -> TrainConfig:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {err}") from None
-    return _validate(data, str(path))
+    return _validate(_resolved(data) if path.suffix == ".json" else data, str(path))
 
 
 def with_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
     """Apply command-line overrides (`method`, `members`, `structure`, `epochs`, `seed`, `device`); None = keep."""
-    data = config.model_dump()
+    # only what was given, so that the check of ignored keys sees what the user set, not every default
+    data = config.model_dump(exclude_unset=True)
     for name, value in overrides.items():
         if value is None:
             continue
         section, field = _OVERRIDE_FIELDS[name]
-        (data[section] if section else data)[field] = value
+        (data.setdefault(section, {}) if section else data)[field] = value
     return _validate(data, "command-line overrides")
