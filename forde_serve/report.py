@@ -51,8 +51,10 @@ COMPARED = (
     ("corrupted Brier", ("corrupted", "brier")),
     ("corrupted mutual information", ("corrupted", "mutual_information")),
     ("corrupted AURC", ("corrupted", "aurc")),
+    ("clean accuracy at T = 1", ("accuracy_uncalibrated",)),
     ("clean NLL at T = 1", ("nll_uncalibrated",)),
     ("clean ECE at T = 1", ("ece_uncalibrated",)),
+    ("corrupted accuracy at T = 1", ("corrupted", "accuracy_uncalibrated")),
     ("corrupted ECE at T = 1", ("corrupted", "ece_uncalibrated")),
     ("clean coverage of the 90% sets", ("set_coverage@0.9",)),
     ("clean size of the 90% sets", ("set_size@0.9",)),
@@ -273,22 +275,23 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
 
 def _calibration_section(metrics: dict) -> list[str]:
     corrupted = metrics.get("corrupted") or {}
+
+    def row(name: str, values: dict) -> str:
+        # each metric at T = 1 beside its value as served: the temperature can move accuracy too (it
+        # rescales each member's softmax before the mean), not only NLL and ECE
+        cells = [
+            _fmt(values.get(f"{key}{suffix}")) for key in ("accuracy", "nll", "ece") for suffix in ("_uncalibrated", "")
+        ]
+        return f"| {name} | " + " | ".join(cells) + " |"
+
     return [
         "",
         f"## Calibration (temperature {metrics.get('temperature', 1.0):.4g}, fitted on the validation split)",
         "",
-        "| | NLL at T = 1 | NLL as served | ECE at T = 1 | ECE as served |",
-        "| --- | --- | --- | --- | --- |",
-        f"| clean | {_fmt(metrics.get('nll_uncalibrated'))} | {_fmt(metrics.get('nll'))} | "
-        f"{_fmt(metrics.get('ece_uncalibrated'))} | {_fmt(metrics.get('ece'))} |",
-        *(
-            [
-                f"| corrupted | {_fmt(corrupted.get('nll_uncalibrated'))} | {_fmt(corrupted.get('nll'))} | "
-                f"{_fmt(corrupted.get('ece_uncalibrated'))} | {_fmt(corrupted.get('ece'))} |"
-            ]
-            if corrupted
-            else []
-        ),
+        "| | accuracy at T = 1 | accuracy as served | NLL at T = 1 | NLL as served | ECE at T = 1 | ECE as served |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        row("clean", metrics),
+        *([row("corrupted", corrupted)] if corrupted else []),
     ]
 
 

@@ -100,6 +100,7 @@ def test_report_folder_holds_metrics_markdown_and_figures(reports, quickstart_ru
             assert image.format == "PNG" and image.width > 300
     assert "| gaussian_noise |" in report and "epistemic (mutual information)" in report
     assert "## Calibration (temperature" in report and "## Conformal prediction sets (lac score)" in report
+    assert f"| clean | {metrics['accuracy_uncalibrated']:.4f} | {metrics['accuracy']:.4f} | " in report
     assert "corrupted" in results["forde-run"].stdout and "report:" in results["forde-run"].stdout
 
 
@@ -301,4 +302,23 @@ def test_the_saliency_grid_shows_one_input_of_each_class(runtime, digits):
     np.testing.assert_array_equal(evaluation.saliency_inputs, x[first])
     assert evaluation.saliency_gradients.shape == (6, runtime.card.members, 1, 8, 8)
     np.testing.assert_allclose(evaluation.saliency_gradients, runtime.explain(x[first])["input_gradients"], rtol=1e-6)
-    assert evaluation.metrics["accuracy_uncalibrated"] is not None
+    assert evaluation.metrics["accuracy_uncalibrated"] == 118 / 120  # the committed model at T = 1
+
+
+def test_report_md_shows_accuracy_at_t_1_beside_accuracy_as_served(runtime, digits, tmp_path):
+    """Bundled digit 891 (a 2) is right at T = 1 and read as a 3 at the file's temperature, so on these 120
+    digits the temperature costs one: report.md's calibration table shows both accuracies."""
+    from forde_serve.calibration import member_probs
+    from forde_serve.evaluation import RuntimePredictor, evaluate
+    from forde_serve.report import write_report
+
+    x, y = digits[0][840:960], digits[1][840:960]
+    evaluation = evaluate(RuntimePredictor(runtime), x, y, choices=runtime.card.choices, gradient_rows=0)
+    metrics = evaluation.metrics
+    # recomputed from the members' logits at T = 1 (the graph divides them by the temperature)
+    logits = runtime.predict(x)["member_logits"].astype(np.float64) * runtime.card.temperature
+    assert metrics["accuracy_uncalibrated"] == np.mean(member_probs(logits).mean(1).argmax(1) == y) == 119 / 120
+    assert metrics["accuracy"] == np.mean(runtime.predict(x)["predicted_class"] == y) == 118 / 120
+    report = write_report(evaluation, tmp_path)["report.md"].read_text()
+    assert "| | accuracy at T = 1 | accuracy as served | NLL at T = 1 | NLL as served |" in report
+    assert "\n| clean | 0.9917 | 0.9833 | " in report
