@@ -17,11 +17,6 @@ from helpers import MODEL, copy_with_metadata, run_forde
 OLD_KEYS = ("forde.calibration", "forde.conformal")
 
 
-@pytest.fixture(scope="module")
-def committed_runtime():
-    return EnsembleRuntime(MODEL)
-
-
 def test_choices_are_made_in_order_on_the_same_inputs():
     # Three-member ensemble on synthetic data whose labels follow softmax(logits / 2): the fitted
     # temperature is near 2, the conformal thresholds are those of the probabilities at that
@@ -113,30 +108,29 @@ def test_export_options_no_calibrate_and_extra_levels(quickstart_runs, tmp_path)
     assert bad.returncode == 2 and "only for --conformal-score raps" in bad.stderr
 
 
-def test_the_runtime_serves_sets_for_stored_levels(committed_runtime):
+def test_the_runtime_serves_sets_for_stored_levels(runtime):
     x = np.random.default_rng(1).uniform(0, 16, (6, 1, 8, 8)).astype(np.float32)
-    plain = committed_runtime.predict(x)
-    out = committed_runtime.predict(x, coverage=0.95)
+    plain = runtime.predict(x)
+    out = runtime.predict(x, coverage=0.95)
     np.testing.assert_array_equal(out["probs"], plain["probs"])
-    conformal = committed_runtime.card.conformal  # Mondrian: each input's group by its predictive entropy
+    conformal = runtime.card.conformal  # Mondrian: each input's group by its predictive entropy
     by_group = prediction_sets(plain["probs"], conformal, 0.95, group_scores=plain[conformal.group_score])
     np.testing.assert_array_equal(out["prediction_set"], by_group)
     np.testing.assert_array_equal(out["set_size"], out["prediction_set"].sum(1))
-    wider = committed_runtime.predict(x, coverage=0.99)["prediction_set"]
+    wider = runtime.predict(x, coverage=0.99)["prediction_set"]
     assert (wider >= out["prediction_set"]).all()  # a higher level's sets contain a lower one's
     with pytest.raises(InvalidInput, match=r"coverage: this model is calibrated for 0.8, 0.9, 0.95, 0.99, got 0.5"):
-        committed_runtime.predict(x, coverage=0.5)
-    assert "prediction_set" in committed_runtime.explain(x[:2], coverage=0.9)
+        runtime.predict(x, coverage=0.5)
+    assert "prediction_set" in runtime.explain(x[:2], coverage=0.9)
 
 
-def test_a_file_exported_before_calibration_serves_as_before(committed_runtime, tmp_path):
-    old = copy_with_metadata(MODEL, tmp_path, lambda props: [props.pop(k, None) for k in OLD_KEYS])
-    runtime = EnsembleRuntime(old)
-    assert runtime.card.calibration is None and runtime.card.coverage_levels == ()
+def test_a_file_exported_before_calibration_serves_as_before(runtime, tmp_path):
+    old = EnsembleRuntime(copy_with_metadata(MODEL, tmp_path, lambda props: [props.pop(k, None) for k in OLD_KEYS]))
+    assert old.card.calibration is None and old.card.coverage_levels == ()
     x = np.random.default_rng(2).uniform(0, 16, (4, 1, 8, 8)).astype(np.float32)
-    np.testing.assert_array_equal(runtime.predict(x)["probs"], committed_runtime.predict(x)["probs"])
+    np.testing.assert_array_equal(old.predict(x)["probs"], runtime.predict(x)["probs"])
     with pytest.raises(InvalidInput, match="this model file has no conformal thresholds"):
-        runtime.predict(x, coverage=0.9)
+        old.predict(x, coverage=0.9)
 
 
 def test_broken_conformal_metadata_is_a_model_file_error(tmp_path):
@@ -147,8 +141,8 @@ def test_broken_conformal_metadata_is_a_model_file_error(tmp_path):
         EnsembleRuntime(path)
 
 
-def test_the_committed_file_is_calibrated_and_stores_thresholds(committed_runtime):
-    card = committed_runtime.card
+def test_the_committed_file_is_calibrated_and_stores_thresholds(runtime):
+    card = runtime.card
     assert card.temperature != 1.0 and card.coverage_levels == (0.8, 0.9, 0.95, 0.99)
     meta = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
-    assert json.loads(meta["forde.calibration"])["temperature"] == committed_runtime.card.temperature
+    assert json.loads(meta["forde.calibration"])["temperature"] == runtime.card.temperature

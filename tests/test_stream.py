@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 from monitor_fakes import MemoryStore, fake_outputs
-from sklearn.datasets import load_digits
 
 from forde_serve.conformal import calibrate, prediction_sets
 from forde_serve.corruptions import CORRUPTIONS, HELD_OUT_SHIFTS, SEVERITIES, corrupt, shift
@@ -21,19 +20,11 @@ from forde_serve.monitoring.stream import (
     replay,
 )
 from forde_serve.reference import MonitorReference
-from forde_serve.runtime import EnsembleRuntime
-
-from helpers import MODEL
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits().images[:, None].astype(np.float32)  # [N, 1, 8, 8], 0..16
 
 
 @pytest.mark.parametrize("name", sorted(HELD_OUT_SHIFTS))
 def test_every_held_out_shift_is_deterministic_in_range_and_new(digits, name):
-    x = digits[:50]
+    x = digits[0][:50]
     out = shift(x, name)
     assert out.dtype == np.float32 and out.shape == x.shape
     assert out.min() >= 0.0 and out.max() <= 16.0
@@ -136,12 +127,11 @@ def test_clopper_pearson_upper_bound_by_hand():
     assert _clopper_pearson_upper(5, 5) == 1.0
 
 
-def test_evaluate_streams_on_the_committed_model(digits):
+def test_evaluate_streams_on_the_committed_model(digits, runtime):
     # Not the project's split (that needs torch): the first 300 bundled digits as validation, the next
     # 120 as the clean stream, and one held-out shift of them.
-    labels = load_digits().target
-    runtime = EnsembleRuntime(MODEL)
-    validation = runtime.predict(digits[:300])
+    images, labels = digits
+    validation = runtime.predict(images[:300])
     calibration = calibrate(
         validation["probs"],
         labels[:300],
@@ -149,7 +139,7 @@ def test_evaluate_streams_on_the_committed_model(digits):
         group_score="predictive_entropy",
     )
     reference = MonitorReference.from_scores(validation["mutual_information"])
-    clean = (digits[300:420], labels[300:420])
+    clean = (images[300:420], labels[300:420])
     report = evaluate_streams(
         runtime, clean, {"zoom_out": (shift(clean[0], "zoom_out"), clean[1])},
         store_factory=MemoryStore, reference=reference, calibration=calibration, orders=2, permutations=3,
