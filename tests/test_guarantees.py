@@ -7,8 +7,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from forde_serve.calibration import ensemble_probs
+from forde_serve.calibration import ensemble_probs, member_probs
 from forde_serve.conformal import prediction_sets, set_coverage_and_size
+from forde_serve.metrics import uncertainty
 from forde_serve.runtime import EnsembleRuntime, InvalidInput
 from forde_serve.validation import choose_on_validation
 
@@ -69,6 +70,21 @@ def test_an_abstention_rule_that_accepts_almost_nothing_is_said():
     chosen = choose_on_validation(logits, labels, calibrate_temperature=False)
     assert chosen.abstention.coverage < 0.05
     assert any(w.startswith("the abstention threshold accepts 0.0% of the validation inputs") for w in chosen.warnings)
+
+
+def test_an_abstention_rule_that_accepts_everything_is_said():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 3, (200, 4, 10))
+    labels = ensemble_probs(logits).argmax(1)
+    labels[0] = (labels[0] + 1) % 10  # one wrong of 200: 0.5% error, within the 1% target at every threshold
+    chosen = choose_on_validation(logits, labels, calibrate_temperature=False, target_risk=0.01)
+    assert (chosen.abstention.coverage, chosen.abstention.validation_risk) == (1.0, 0.005)
+    # set at the largest mutual information among the validation inputs: nothing stranger was seen
+    assert chosen.abstention.threshold == uncertainty(member_probs(logits))["mutual_information"].max()
+    assert chosen.warnings == (
+        "the abstention threshold accepts every validation input (their error rate 0.5% is within the target "
+        "1.0%), so it was set at the largest mutual information seen and says little about stranger inputs",
+    )
 
 
 @pytest.mark.slow
