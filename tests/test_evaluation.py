@@ -67,7 +67,7 @@ def reports(quickstart_runs, digits_export, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_report_folder_holds_metrics_markdown_and_figures(reports, quickstart_runs):
+def test_report_folder_holds_metrics_markdown_and_figures(reports, quickstart_runs, digits_export, digits_split):
     out, results = reports
     folder = out / "forde-run"
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -91,7 +91,11 @@ def test_report_folder_holds_metrics_markdown_and_figures(reports, quickstart_ru
     assert metrics["corrupted"]["accuracy"] < metrics["accuracy"]
     assert metrics["expected_entropy"] + metrics["mutual_information"] == pytest.approx(metrics["predictive_entropy"])
     assert 0.5 < metrics["ood"]["auroc_mutual_information"] <= 1.0
-    assert 0 < metrics["abstain_coverage"] <= 1
+    # The share of the test split accepted at the threshold the validation split chose: what the run's
+    # export accepts of it (no test digit's mutual information is within float32 rounding of the threshold)
+    x, y = digits_split["test"]
+    accepted = ~EnsembleRuntime(digits_export[0]).predict(x)["abstain"]
+    assert metrics["abstain_coverage"] == np.mean(accepted) and 0 < accepted.sum() < len(y)
 
     report = (folder / "report.md").read_text()
     for figure in ("reliability.png", "severity.png", "risk_coverage.png", "saliency.png", "coverage.png"):
@@ -303,6 +307,9 @@ def test_the_saliency_grid_shows_one_input_of_each_class(runtime, digits):
     assert evaluation.saliency_gradients.shape == (6, runtime.card.members, 1, 8, 8)
     np.testing.assert_allclose(evaluation.saliency_gradients, runtime.explain(x[first])["input_gradients"], rtol=1e-6)
     assert evaluation.metrics["accuracy_uncalibrated"] == 118 / 120  # the committed model at T = 1
+    # golden, the committed model: 111 of these 120 accepted at its abstention threshold, 110 of them right
+    metrics = evaluation.metrics
+    assert (metrics["abstain_coverage"], metrics["accuracy_when_accepted"]) == (111 / 120, 110 / 111)
 
 
 def test_report_md_shows_accuracy_at_t_1_beside_accuracy_as_served(runtime, digits, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from forde_serve.contract import EXPLAIN_OUTPUTS, PREDICT_OUTPUTS, ModelCard
+from forde_serve.metrics import validation_abstention
 from forde_serve.runtime import EnsembleRuntime
 from training.export import ExportContract, OutputCheck, ToleranceError, export_ensemble
 from training.models import build_ensemble
@@ -82,7 +83,7 @@ def test_batch_axis_is_symbolic(digits_export):
     assert runtime.explain(x[:1])["input_gradients"].shape == (1, 8, 1, 8, 8)
 
 
-def test_metadata_holds_what_a_server_needs(digits_export, quickstart_runs):
+def test_metadata_holds_what_a_server_needs(digits_export, quickstart_runs, digits_split):
     path, _ = digits_export
     run = quickstart_runs["forde"]
     card = EnsembleRuntime(path).card
@@ -99,7 +100,13 @@ def test_metadata_holds_what_a_server_needs(digits_export, quickstart_runs):
     # distinct trained parameters, as training counted them; independent members have no layout to record
     assert card.structure == "independent" and card.parameters == card.metrics["parameters"] and card.layout is None
     rule = card.choices.abstention
-    assert rule.target_risk == 0.01 and 0 < rule.coverage <= 1 and 0 <= rule.validation_risk <= 0.01
+    # the rule the export chose on the validation split (through PyTorch), chosen again from what the
+    # exported file answers on that split: the same share accepted, the same errors among them
+    x, y = digits_split["val"]
+    again = validation_abstention(EnsembleRuntime(path).predict(x)["member_probs"].astype(np.float64), y, 0.01)
+    assert rule.target_risk == 0.01 and 0 < rule.coverage < 1 and 0 <= rule.validation_risk <= 0.01
+    assert (rule.coverage, rule.validation_risk) == (again["coverage"], again["risk"])
+    assert rule.threshold == pytest.approx(again["threshold"], rel=1e-5)
     assert card.calibration is not None and card.conformal is not None
     assert "0 to 16" in card.input_space
 
