@@ -1,9 +1,11 @@
 """The `forde` command as a user meets it: help that teaches, one-line errors with exit code 2."""
 
 import ast
+import tomllib
 
 import pytest
 
+from forde_serve import __version__
 from forde_serve.report import FIGURES
 
 from helpers import MODEL, ROOT, run_forde
@@ -170,3 +172,11 @@ def test_evaluate_help_and_docs_name_every_figure_the_report_writes():
     for figure in FIGURES:
         assert f" {figure} " in help_text, f"forde evaluate --help does not name {figure}"
         assert f"`{figure}`" in docs, f"docs/evaluation.md does not name {figure}"
+
+
+def test_the_version_is_written_once_and_forde_says_it():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "forde_serve.__version__"}
+    # the installed package's metadata, which `pip install -e .` took from forde_serve.__version__
+    assert run_forde("--version").stdout.split() == ["forde,", "version", __version__]
