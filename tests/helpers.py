@@ -119,6 +119,23 @@ def start_server(env_extra: dict | None = None, timeout: float = 90.0, command: 
     raise AssertionError("bentoml serve did not become ready in time")
 
 
+def kill_whole_server(process) -> None:
+    """SIGKILL a server from `start_server` and every process under it, as a crash would, and wait until
+    they are gone. A signal to its process group is not enough: BentoML's process manager starts each
+    worker in a session of its own."""
+    import psutil
+
+    children = psutil.Process(process.pid).children(recursive=True)
+    for victim in (psutil.Process(process.pid), *children):  # the manager first: it cannot restart a worker
+        try:
+            victim.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"still running after SIGKILL: {alive}"
+
+
 def stop_server(process) -> None:
     """Stop a server from `start_server` and everything left in its process group; remove its log and home."""
     try:

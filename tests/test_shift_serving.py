@@ -16,7 +16,7 @@ import pytest
 
 from forde_serve.corruptions import HELD_OUT_SHIFTS, shift
 
-from helpers import FORDE, free_port, new_postgres_database, start_server, stop_server
+from helpers import FORDE, free_port, kill_whole_server, new_postgres_database, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -151,13 +151,12 @@ def test_every_acknowledged_label_survives_a_kill_of_the_whole_server(digits_exp
             deadline = time.monotonic() + 60
             while len(acknowledged) < 20 and time.monotonic() < deadline:
                 time.sleep(0.005)
-            os.killpg(process.pid, signal.SIGKILL)  # every process of the server, mid-traffic
+            kill_whole_server(process)  # every process of the server, its workers too, mid-traffic
             for future in futures:
                 try:
                     future.result(timeout=30)
                 except httpx.HTTPError:
                     pass  # cut off by the kill: never acknowledged
-        process.wait()
     finally:
         stop_server(process)
     process, url = start_server(env)
