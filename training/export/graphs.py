@@ -140,28 +140,39 @@ def _max_pool2d_backward(grad_output, input, kernel_size, stride, padding, dilat
         and width % kernel[1] == 0
     )
     if tiles:
-        # Non-overlapping square windows (MaxPool2d(k) with stride k): route each pooled gradient to
-        # the first maximum of its window in row-major order, as PyTorch's kernel picks it, without
-        # the indices. The forward then needs no indices, whose ONNX form costs a second MaxPool over
-        # the whole input plus a scatter (together 3x the rest of the pooling here).
-        # Window position (a, b) of every window is the strided slice input[..., a::k, b::k]: each
-        # step is a same-shape comparison at the pooled size (onnxruntime's fast elementwise path),
-        # and pixel_shuffle (DepthToSpace) puts the routed gradients back in place; a 6-d
-        # view/permute would be Transposes, which onnxruntime runs slowly.
-        k = kernel[0]
-        pooled = aten.max_pool2d_with_indices(input, kernel, kernel)[0]
-        taken = None
-        routed = []
-        for a in range(k):
-            for b in range(k):
-                is_max = input[:, :, a::k, b::k] == pooled
-                first = is_max if taken is None else is_max & ~taken
-                taken = is_max if taken is None else taken | is_max
-                routed.append(grad_output * first.to(grad_output.dtype))
-        # [B, C, k * k, rows, cols] -> [B, C * k * k, rows, cols] is pixel_shuffle's channel order.
-        stacked = torch.stack(routed, 2).view(batch, channels * k * k, height // k, width // k)
-        return aten.pixel_shuffle(stacked, k)
+        # Non-overlapping square windows (MaxPool2d(k) with stride k): one op, which the export writes
+        # as onnxruntime's own MaxPool with indices and MaxUnpool (see _max_pool2d_input_grad).
+        return torch.ops.forde.max_pool2d_input_grad(grad_output, input, kernel[0])
     return _scatter_to_maxima(grad_output, input, indices)
+
+
+@torch.library.custom_op("forde::max_pool2d_input_grad", mutates_args=())
+def _max_pool2d_input_grad(grad_output: torch.Tensor, input: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Input gradient of MaxPool2d(kernel) (stride = kernel, no padding, windows tiling the input):
+    each pooled gradient goes to the first maximum of its window in row-major order, as PyTorch routes it.
+
+    Exported as ONNX MaxPool (its Indices output) + MaxUnpool (`_max_pool2d_input_grad_onnx`): onnxruntime's
+    MaxPool scans each window in row-major order and keeps the first strict maximum, so both pick the same
+    element, ties included. Measured against the strided-slice routing this replaces (four comparisons at
+    the pooled size, then DepthToSpace), on [64, 128, 8, 8]: 2.8 against 4.7 ms, and 10.2 against 26.9 ms
+    at batch 256 (a one-off onnxruntime micro-benchmark). MaxUnpool writes (does not add), which is exact
+    only because tiling windows never share an element; overlapping pools take `_scatter_to_maxima`."""
+    window = [kernel, kernel]
+    indices = aten.max_pool2d_with_indices(input, window, window)[1]
+    return aten.max_pool2d_with_indices_backward(grad_output, input, window, window, [0, 0], [1, 1], False, indices)
+
+
+@_max_pool2d_input_grad.register_fake
+def _(grad_output: torch.Tensor, input: torch.Tensor, kernel: int) -> torch.Tensor:
+    return torch.empty_like(input)
+
+
+def _max_pool2d_input_grad_onnx(grad_output, input, kernel: int):
+    from onnxscript import opset18 as op
+
+    window = [kernel, kernel]
+    _, indices = op.MaxPool(input, kernel_shape=window, strides=window)
+    return op.MaxUnpool(grad_output, indices, op.Shape(input), kernel_shape=window, strides=window)
 
 
 def _scatter_to_maxima(grad_output, input, indices):
@@ -259,7 +270,6 @@ def trace_explain(ensemble: Ensemble, example: torch.Tensor, temperature: float 
     table[aten.convolution_backward.default] = _convolution_backward
     table[aten.max_pool2d_with_indices_backward.default] = _max_pool2d_backward
     table[aten.threshold_backward.default] = _threshold_backward
-    table.pop(aten.pixel_shuffle.default, None)  # kept whole: it exports as one DepthToSpace
     table[aten.adaptive_max_pool2d_backward.default] = _adaptive_max_pool2d_backward
     table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
     table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_backward
@@ -320,6 +330,7 @@ def _write_onnx(
             output_names=list(output_names),
             dynamic_shapes=dynamic,
             opset_version=contract.opset,
+            custom_translation_table={torch.ops.forde.max_pool2d_input_grad.default: _max_pool2d_input_grad_onnx},
             verbose=False,
         )
     model = program.model_proto
