@@ -98,15 +98,65 @@ def test_a_member_that_mixes_copies_is_left_alone():
     assert [n.op_type for n in model.graph.node] == ["Mul", "Conv"]
 
 
+@pytest.mark.slow  # exports graphs
 @pytest.mark.parametrize("kernel", [2, 3])
-def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(kernel):
-    from training.export.graphs import _max_pool2d_backward
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window_in_onnx(kernel, tmp_path):
+    # The explain graph's max-pool backward as exported (onnxruntime's MaxPool indices + MaxUnpool)
+    # against PyTorch's autograd, on rounded ReLU outputs: many ties (whole windows of zeros, repeated
+    # values), where PyTorch routes the gradient to the first maximum in row-major order.
+    from training.export.graphs import ONNX_TRANSLATIONS, _max_pool2d_backward
+
+    class Backward(torch.nn.Module):
+        def forward(self, grad_output, x):
+            return _max_pool2d_backward(grad_output, x, [kernel], [kernel], [0], [1], False, None)
 
     torch.manual_seed(0)
-    # Rounded ReLU outputs: many ties (whole windows of zeros), where PyTorch picks the first maximum.
-    x = torch.randn(3, 4, 6 * kernel // 2 * 2, 6 * kernel // 2 * 2).round().clamp_min(0).requires_grad_(True)
+    x = torch.randn(3, 4, 6 * kernel, 4 * kernel).round().clamp_min(0).requires_grad_(True)
     out = torch.nn.functional.max_pool2d(x, kernel)
     grad_output = torch.randn_like(out)
     (want,) = torch.autograd.grad(out, x, grad_output)
-    got = _max_pool2d_backward(grad_output, x.detach(), [kernel], [kernel], [0], [1], False, None)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    program = torch.onnx.export(
+        Backward().eval(), (grad_output, x.detach()), dynamo=True, custom_translation_table=ONNX_TRANSLATIONS
+    )
+    program.save(str(tmp_path / "backward.onnx"))
+    assert [n.op_type for n in onnx.load(str(tmp_path / "backward.onnx")).graph.node].count("MaxUnpool") == 1
+    (got,) = _run(tmp_path / "backward.onnx", {"grad_output": grad_output.numpy(), "x": x.detach().numpy()})
+    np.testing.assert_array_equal(got, want.numpy())
+
+
+@pytest.mark.slow  # exports graphs
+def test_explain_rewrites_give_the_same_gradients_and_route_ties_like_pytorch(tmp_path, monkeypatch):
+    # The explain graph's global-average-pool backward (Expand -> MatMul with ones) and its max-pool
+    # backward (MaxPool indices + MaxUnpool, the ReLU mask moved before it) against the graph without the
+    # two rewrites, and against PyTorch's autograd on inputs full of ties: a blank image gives every
+    # window the same bias-valued activations, where both must pick the first maximum.
+    ensemble, shape = _ensemble(1)
+    example = torch.rand(2, *shape)
+    write_explain_graph(ensemble, example, tmp_path / "rewritten.explain.onnx")
+    monkeypatch.setattr(layout, "upsample_expands_by_matmul", lambda model: 0)
+    monkeypatch.setattr(layout, "mask_before_unpool", lambda model: 0)
+    write_explain_graph(ensemble, example, tmp_path / "plain.explain.onnx")
+
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "rewritten.explain.onnx")).graph.node]
+    plain = [n.op_type for n in onnx.load(str(tmp_path / "plain.explain.onnx")).graph.node]
+    assert "MaxUnpool" in ops and ops.count("Expand") == plain.count("Expand") - 1
+    assert ops.count("MatMul") == plain.count("MatMul") + 1
+    unpool = ops.index("MaxUnpool")
+    assert ops[unpool - 3 : unpool] == ["Greater", "Cast", "Mul"]  # the mask, now at the pooled size
+
+    rng = np.random.default_rng(0)
+    for batch in (1, 5, 64):
+        x = rng.uniform(0, 1, (batch, *shape)).astype(np.float32)
+        x[0] = 0.0  # blank: ties in every window
+        feeds = {"input": x, "target": np.full(batch, -1, np.int64)}
+        got = _run(tmp_path / "rewritten.explain.onnx", feeds)
+        for a, b in zip(got, _run(tmp_path / "plain.explain.onnx", feeds), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        inputs = torch.from_numpy(x).unsqueeze(1).expand(-1, ensemble.members, *shape).contiguous()
+        inputs.requires_grad_(True)
+        logits = ensemble.forward_members(ensemble.normalize(inputs))
+        chosen = logits.softmax(-1).mean(1).argmax(-1)
+        (want,) = torch.autograd.grad(
+            logits.gather(2, chosen.view(-1, 1, 1).expand(-1, ensemble.members, 1)).sum(), inputs
+        )
+        np.testing.assert_allclose(got[-1], want.numpy(), rtol=1e-4, atol=1e-6)

@@ -100,11 +100,14 @@ def _convolution_backward(
                 .flip(3, 4)
                 .reshape(groups * in_per_group * per_group, 1, *kernel)
             )
-            # Each group's gradient channels repeat once per input channel they feed.
-            grad = grad_output.view(grad_output.shape[0], groups, 1, per_group, *grad_output.shape[2:])
-            grad = grad.expand(-1, -1, in_per_group, -1, -1, -1).reshape(
-                grad_output.shape[0], groups * in_per_group * per_group, *grad_output.shape[2:]
-            )
+            # Each group's gradient channels repeat once per input channel they feed (with one input
+            # channel, as for grayscale, they are already in place: an Expand to the same shape is a copy).
+            grad = grad_output
+            if in_per_group > 1:
+                grad = grad_output.view(grad_output.shape[0], groups, 1, per_group, *grad_output.shape[2:])
+                grad = grad.expand(-1, -1, in_per_group, -1, -1, -1).reshape(
+                    grad_output.shape[0], groups * in_per_group * per_group, *grad_output.shape[2:]
+                )
             partial = aten.convolution(grad, depthwise, None, [1, 1], pad, [1, 1], False, [0, 0], grad.shape[1])
             grad_input = partial.view(partial.shape[0], groups * in_per_group, per_group, *partial.shape[2:]).sum(2)
             return grad_input, None, None
@@ -173,6 +176,10 @@ def _max_pool2d_input_grad_onnx(grad_output, input, kernel: int):
     window = [kernel, kernel]
     _, indices = op.MaxPool(input, kernel_shape=window, strides=window)
     return op.MaxUnpool(grad_output, indices, op.Shape(input), kernel_shape=window, strides=window)
+
+
+# The ONNX form of this module's own ops, for torch.onnx.export
+ONNX_TRANSLATIONS = {torch.ops.forde.max_pool2d_input_grad.default: _max_pool2d_input_grad_onnx}
 
 
 def _scatter_to_maxima(grad_output, input, indices):
@@ -315,7 +322,7 @@ def _write_onnx(
 ) -> None:
     import onnx
 
-    from training.export.layout import dense_input_convs
+    from training.export.layout import dense_input_convs, mask_before_unpool, upsample_expands_by_matmul
 
     batch = torch.export.Dim(contract.batch_axis, min=1)
     dynamic = {name: {0: batch} for name in input_names}
@@ -330,12 +337,14 @@ def _write_onnx(
             output_names=list(output_names),
             dynamic_shapes=dynamic,
             opset_version=contract.opset,
-            custom_translation_table={torch.ops.forde.max_pool2d_input_grad.default: _max_pool2d_input_grad_onnx},
+            custom_translation_table=ONNX_TRANSLATIONS,
             verbose=False,
         )
     model = program.model_proto
     # The first convolution reads the input once, not once per member (exact; see layout.py).
     dense_input_convs(model, members)
+    upsample_expands_by_matmul(model)
+    mask_before_unpool(model)
     del model.metadata_props[:]
     for key, value in metadata.items():
         entry = model.metadata_props.add()
