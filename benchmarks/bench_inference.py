@@ -4,7 +4,7 @@
     python benchmarks/bench_inference.py exported/digits.onnx         # fused + explain only
 
 Prints one JSON object. For each batch size every variant runs once per round, interleaved
-(the order rotated each round),
+(in a new random order each round),
 after warm-up; figures are medians in milliseconds:
 
 - fused_ms: the exported predict graph (all members in one graph), onnxruntime
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -40,6 +41,10 @@ import numpy as np
 import onnxruntime as ort
 
 from forde_serve.runtime import EnsembleRuntime
+
+# torch's OpenMP threads spin after each eager call, taking the cores from whatever runs next: they
+# sleep instead (read when torch starts its threads, so before it is imported), as onnxruntime's do.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 BATCHES = (1, 8, 64, 256)
 
@@ -222,11 +227,12 @@ def main() -> None:
                     fn()
             rounds = max(5, args.rounds // (4 if batch >= 256 else 1))
             times: dict[str, list[float]] = {name: [] for name in variants}
-            order = list(variants)
-            for r in range(rounds):
-                # Rotated each round, so that no variant always runs right after the same other one
-                # (after torch's eager calls, say) and carries what that leaves behind in every round.
-                for name in order[r % len(order) :] + order[: r % len(order)]:
+            shuffle = np.random.default_rng(batch)
+            for _ in range(rounds):
+                # A new random order each round, so that no variant always runs right after the same other
+                # one and carries what that one leaves behind (torch's OpenMP threads keep spinning after an
+                # eager call). A rotated order would not do: it keeps every variant's neighbours.
+                for name in shuffle.permutation(list(variants)):
                     times[name].append(_median_ms(variants[name], 1))
             row = {"batch": batch, **{name: round(statistics.median(v), 3) for name, v in times.items()}}
             if is_run:
