@@ -9,8 +9,8 @@ folder and prints one JSON object:
 
 - sizes: bytes of each predict file, and `size_ratio` (lowered / float32)
 - timing: for each thread setting (onnxruntime's default, and 1 intra-op thread) and batch size,
-  `EnsembleRuntime.predict` of every file once per round, interleaved (the order rotated each
-  round), after warm-up; medians in milliseconds, and `speedup` = float32 / lowered measured in
+  `EnsembleRuntime.predict` of every file once per round, interleaved (in a new random order
+  each round), after warm-up; medians in milliseconds, and `speedup` = float32 / lowered measured in
   the same run. fp16 is timed on the CPU only with --time-fp16 (it is meant for the CUDA provider),
   always with --device cuda (onnxruntime's CUDA provider; only the default thread setting is timed).
 - test: on the run's test split, through the runtime, for each file: accuracy, NLL, ECE, Brier,
@@ -49,12 +49,13 @@ def _rounds_of(batch: int, rounds: int) -> int:
 
 
 def _interleaved(tasks: dict, rounds: int) -> dict[str, float]:
-    """Median ms of each task, all run once per round in a rotated order, after 5 warm-up rounds."""
+    """Median ms of each task, all run once per round in a new random order (a rotated order would keep
+    every task's neighbours), after 5 warm-up rounds."""
     names = list(tasks)
     times = {name: [] for name in names}
+    shuffle = np.random.default_rng(0)
     for round_index in range(rounds + 5):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in shuffle.permutation(names):
             start = time.perf_counter()
             tasks[name]()
             if round_index >= 5:
