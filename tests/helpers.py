@@ -32,6 +32,20 @@ def run_forde(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+def invoke_forde(*args):
+    """Run `forde ARGS` in this process with click's test runner, from the repository root: the same
+    group and commands as the console script (`run_forde`), without a new interpreter importing torch
+    for every call. Returns click's Result (exit_code, stdout, stderr, exception)."""
+    import contextlib
+
+    from click.testing import CliRunner
+
+    from forde_serve.app.cli import main
+
+    with contextlib.chdir(ROOT):
+        return CliRunner().invoke(main, [str(a) for a in args], prog_name="forde")
+
+
 TINY = """
 seed = 3
 device = "cpu"

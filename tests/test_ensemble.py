@@ -13,6 +13,10 @@ def test_every_architecture_has_a_test_shape():
     assert set(SHAPES) == set(ARCHITECTURES)
 
 
+# The ResNets take seconds each in float64: the full suite runs them, the fast tier the small archs.
+ARCHS = [pytest.param(a, marks=pytest.mark.slow) if "resnet" in a else a for a in ARCHITECTURES]
+
+
 def _pair(arch, members=3):
     torch.manual_seed(0)
     shape = SHAPES[arch]
@@ -26,7 +30,7 @@ def _pair(arch, members=3):
     return fused, singles, torch.randn(4, *shape, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("train_mode", [False, True])
 def test_fused_matches_separate_members(arch, train_mode):
     fused, singles, x = _pair(arch)
@@ -38,7 +42,7 @@ def test_fused_matches_separate_members(arch, train_mode):
         torch.testing.assert_close(logits[:, m], single(x)[:, 0], rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_each_member_gets_its_own_input_gradient(arch):
     fused, singles, x = _pair(arch)
     fused.eval()

@@ -17,25 +17,23 @@ from forde_serve.metrics import classification_metrics
 from forde_serve.runtime import EnsembleRuntime
 from forde_serve.validation import choose_on_validation
 
-from helpers import run_forde
+from helpers import invoke_forde, run_forde
 
 slow = pytest.mark.slow  # trains (the session's quickstart run) and exports
 CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def _one_line_error(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
-
-
 def test_bad_quantize_values_exit_2_with_one_line(tmp_path):
-    line = _one_line_error(
-        run_forde("export", tmp_path, "--out", tmp_path / "m.onnx", "--quantize", "int4", check=False)
-    )
+    def one_line_error(*args) -> str:  # the command in process (click's runner), as a user would meet it
+        result = invoke_forde(*args)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit) and len(lines) == 1, result.output
+        return lines[0]
+
+    line = one_line_error("export", tmp_path, "--out", tmp_path / "m.onnx", "--quantize", "int4")
     assert "--quantize: expected one of float32, int8, fp16, got 'int4'" in line
     fuse = ["fuse", tmp_path / "a.pt", "--arch", "cnn", "--input-shape", "1,8,8", "--out", tmp_path / "m.onnx"]
-    line = _one_line_error(run_forde(*fuse, "--quantize", "int8", check=False))
+    line = one_line_error(*fuse, "--quantize", "int8")
     assert "--quantize int8: needs validation data" in line and "--validation" in line
 
 
