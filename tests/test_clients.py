@@ -72,18 +72,25 @@ def test_a_wrong_shape_is_the_server_s_400_not_a_client_side_crash(client):
 def test_the_async_client_answers_the_same(server, client, digits):
     x, _ = digits
 
-    async def both():
+    async def every_endpoint():
         async with bentoml.AsyncHTTPClient(server) as asynchronous:
+            predicted = await asynchronous.predict(inputs=[{"input": x[5].tolist()}])
             return (
-                await asynchronous.predict(inputs=[{"input": x[5].tolist()}]),
+                predicted,
+                await asynchronous.explain(inputs=[{"input": x[5].tolist(), "target": 5}]),
                 await asynchronous.predict_image(image=Path(PNG), members=True),
                 await asynchronous.metadata(),
+                await asynchronous.feedback(items=[{"id": predicted[0]["id"], "label": 5}]),
+                await asynchronous.monitor(),
             )
 
-    predicted, pictured, card = asyncio.run(both())
+    predicted, explained, pictured, card, stored, document = asyncio.run(every_endpoint())
     assert without_ids(predicted) == without_ids(client.predict(inputs=[{"input": x[5].tolist()}]))
+    assert without_ids(explained) == without_ids(client.explain(inputs=[{"input": x[5].tolist(), "target": 5}]))
     assert without_ids(pictured) == without_ids(client.predict_image(image=PNG, members=True))
     assert card == client.metadata()
+    assert stored["stored"] == 1 and stored["duplicates"] == [] and stored["labels"] == document["feedback"]["labels"]
+    assert document["monitoring"] is True and document["shift"]["rows"] >= 3  # predict, explain, predict_image
 
 
 def test_schema_json_and_docs_json_say_null_in_the_same_places(server):
