@@ -20,7 +20,7 @@ from forde_serve.contract import (
 )
 from forde_serve.runtime import EnsembleRuntime
 
-from helpers import MODEL
+from helpers import MODEL, ROOT
 
 
 def _full_card() -> ModelCard:
@@ -122,3 +122,22 @@ def test_batch_scoring_writes_the_contract_s_row_as_columns(tmp_path):
         score(ScoreJob(model=MODEL, input=tmp_path / "x.npy", out=out, coverage=coverage))
         names = [f.name for f in PREDICTION_FIELDS if not f.on_request] + list(extra)
         assert pq.read_table(out).column_names == ["row_id", *names]
+
+
+def test_no_metadata_key_is_spelled_outside_the_contract():
+    # Every writer and reader of the exported files goes through ModelCard: a metadata key written as a
+    # string anywhere else would be a second copy of the contract, free to drift from it.
+    import ast
+
+    from forde_serve.contract import _KEY
+
+    keys, root = set(_KEY.values()), ROOT
+    found = []
+    for folder in ("forde_serve", "training", "benchmarks"):
+        for path in sorted((root / folder).rglob("*.py")):
+            if path == root / "forde_serve" / "contract.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in keys:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
+    assert not found, found
