@@ -160,3 +160,37 @@ def test_explain_rewrites_give_the_same_gradients_and_route_ties_like_pytorch(tm
             logits.gather(2, chosen.view(-1, 1, 1).expand(-1, ensemble.members, 1)).sum(), inputs
         )
         np.testing.assert_allclose(got[-1], want.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_every_expand_of_a_graph_is_rewritten_and_the_graph_stays_valid():
+    # Two global-average-pool backwards in one graph (a squeeze-excite network has one per block): each
+    # Expand, with the scalar Div after it whose constant is defined later in the graph, becomes a column
+    # times a row of ones, and the graph still runs and answers as before.
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], [numpy_helper.from_array(np.array([1, 3, 4, 4], np.int64), "full")]
+    for k in (1, 2):
+        nodes += [
+            helper.make_node("Expand", [f"x{k}", "full"], [f"e{k}"]),
+            helper.make_node("Constant", [], [f"n{k}"], value=numpy_helper.from_array(np.array(16.0, np.float32))),
+            helper.make_node("Div", [f"e{k}", f"n{k}"], [f"d{k}"]),
+            helper.make_node("Mul", [f"d{k}", "mask"], [f"m{k}"]),
+        ]
+    nodes.append(helper.make_node("Add", ["m1", "m2"], ["output"]))
+    inputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, ["batch", 3, 1, 1]) for k in (1, 2)]
+    inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 3, 4, 4]))
+    graph = helper.make_graph(
+        nodes, "g", inputs, [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3, 4, 4])], inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    assert layout.upsample_expands_by_matmul(model) == 2
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node].count("Expand") == 0
+    rng = np.random.default_rng(0)
+    feeds = {name: rng.normal(size=(5, 3, *s)).astype(np.float32) for name, s in (("x1", (1, 1)), ("x2", (1, 1)))}
+    feeds["mask"] = (rng.uniform(size=(5, 3, 4, 4)) > 0.5).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    want = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_array_equal(got[0], want[0])

@@ -189,7 +189,10 @@ def upsample_expands_by_matmul(model: onnx.ModelProto) -> int:
         if info.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     }
     rewritten = 0
-    for expand in [n for n in graph.node if n.op_type == "Expand"]:
+    # By output name: rewriting rebuilds graph.node, whose messages protobuf copies, so node objects held
+    # from before a rewrite no longer are the graph's.
+    for output in [n.output[0] for n in graph.node if n.op_type == "Expand"]:
+        expand = _producers(graph)[output]
         small, full = shapes.get(expand.input[0]), shapes.get(expand.output[0])
         if small is None or full is None or len(small) != len(full) or expand.input[0] not in float_values:
             continue
@@ -234,10 +237,11 @@ def upsample_expands_by_matmul(model: onnx.ModelProto) -> int:
             helper.make_node("MatMul", [current, f"{name}/ones"], [f"{name}/rows"], name=f"{name}/rows"),
             helper.make_node("Reshape", [f"{name}/rows", f"{name}/shape"], [value], name=f"{name}/up"),
         ]
-        replaced = {id(expand), *(id(op) for op in chain)}
+        # at the last replaced op: every input of the new ops (a scalar's Constant too) is defined by then
+        anchor, replaced = (chain or [expand])[-1], {id(expand), *(id(op) for op in chain)}
         nodes = []
         for node in graph.node:
-            if node is expand:
+            if node is anchor:
                 nodes += new
             elif id(node) not in replaced:
                 nodes.append(node)
@@ -259,7 +263,8 @@ def mask_before_unpool(model: onnx.ModelProto) -> int:
     graph = model.graph
     producers = _producers(graph)
     moved = 0
-    for unpool in [n for n in graph.node if n.op_type == "MaxUnpool"]:
+    for output in [n.output[0] for n in graph.node if n.op_type == "MaxUnpool"]:  # by name: see above
+        unpool = producers[output]
         pool = producers.get(unpool.input[1])
         users = _consumers(graph, unpool.output[0])
         if pool is None or pool.op_type != "MaxPool" or len(pool.output) < 2 or not pool.output[0]:
@@ -284,14 +289,15 @@ def mask_before_unpool(model: onnx.ModelProto) -> int:
         pooled_multiply = helper.make_node(
             "Mul", [unpool.input[0], f"{name}/mask"], [f"{name}/masked"], name=f"{name}/masked"
         )
+        # where the mask was applied: the pooled values, the threshold and the unpooled gradient are defined
+        unpooled = onnx.NodeProto()
+        unpooled.CopyFrom(unpool)
+        unpooled.input[0], unpooled.output[0] = f"{name}/masked", multiply.output[0]
         nodes = []
         for node in graph.node:
-            if node is unpool:
-                nodes += [pooled_greater, pooled_cast, pooled_multiply]
-                node.input[0] = f"{name}/masked"
-                node.output[0] = multiply.output[0]
-                nodes.append(node)
-            elif node is not multiply:
+            if node is multiply:
+                nodes += [pooled_greater, pooled_cast, pooled_multiply, unpooled]
+            elif node is not unpool:
                 nodes.append(node)
         del graph.node[:]
         graph.node.extend(nodes)
