@@ -39,4 +39,8 @@ if __name__ == "__main__":
     result = one_step(sys.argv[1], world)
     if world.is_main:
         save_file({k: v.contiguous() for k, v in result.items()}, sys.argv[2])
+    # Both ranks reach the end before either tears the group down: a rank that destroys it while its peer
+    # is still connected can make Gloo's thread in the peer abort ("terminate called without an active
+    # exception", seen once in CI), as the trainer's own barrier before teardown avoids.
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
