@@ -121,8 +121,11 @@ def test_evaluate_writes_the_diversity_block_and_figures(quickstart_runs, embedd
     assert np.abs(cosine[~np.eye(8, dtype=bool)]).max() < 0.2  # independent members: near 0
     accuracy = np.asarray(diversity["accuracy_by_size"])
     assert accuracy[-1] == pytest.approx(de["accuracy"]) and diversity["nll_by_size"][-1] == pytest.approx(de["nll"])
-    assert np.all(np.diff(accuracy) > -0.005) and accuracy[-1] > accuracy[0]  # more members never worse
+    # The mean NLL over k-member subsets cannot rise with k (the NLL is convex in the averaged
+    # probabilities); accuracy has no such law, and the last steps move by a few of the 360 test inputs
+    # (seen: 0.9747 at 7 members, 0.9694 at 8), so it is held to a clear rise with no real fall.
     assert np.all(np.diff(diversity["nll_by_size"]) < 0)
+    assert np.all(np.diff(accuracy) > -0.01) and accuracy[-1] > accuracy[0] + 0.01
     # trained members disagree more where the inputs are corrupted
     assert diversity["js_divergence"]["corrupted"] > diversity["js_divergence"]["clean"] > 0
     assert diversity["normalized_disagreement"] == pytest.approx(diversity["mean_disagreement"] / (1 - de["accuracy"]))

@@ -179,6 +179,30 @@ def test_mlp_graph_uses_one_matmul_per_layer(untrained_exports):
     assert sum(n.op_type == "MatMul" for n in _ops(untrained_exports["mlp"]["predict"])) == layers
 
 
+def test_the_gradient_references_are_torch_float32_and_float64_and_the_ensemble_stays_float32():
+    # At a ReLU kink float32 rounding picks a side, and onnxruntime's picks no less rightly than
+    # torch's: the export check takes both torch's float32 gradient and a float64 copy's (an export was
+    # refused once over a map 5% off the one and 2e-7 off the other, the other way round another time).
+    from training.export.exporter import _reference
+    from training.forde import member_input_gradients
+
+    torch.manual_seed(0)
+    ensemble = build_ensemble("cnn", 2, (1, 8, 8), 10, [0.5], [0.25], width=8).eval()
+    x, target = torch.rand(5, 1, 8, 8) * 16, torch.tensor([-1, 3, -1, 0, 9])
+    reference = _reference(ensemble, x, target, temperature=0.5)
+    assert next(ensemble.parameters()).dtype == torch.float32  # the caller's ensemble is not converted
+    chosen = torch.from_numpy(np.where(target.numpy() < 0, reference["probs"].argmax(1), target.numpy()))
+    exact = build_ensemble("cnn", 2, (1, 8, 8), 10, [0.5], [0.25], width=8).double()
+    exact.load_state_dict(ensemble.state_dict())
+    for model, z, got in (
+        (ensemble, x, reference["input_gradients"][0]),
+        (exact, x.double(), reference["input_gradients"][1]),
+    ):
+        _, want = member_input_gradients(model.eval(), model.normalize(z), chosen)
+        np.testing.assert_array_equal(got, (want / model.std / 0.5).double().numpy())
+    assert reference["input_gradients"][1].dtype == np.float64
+
+
 def test_a_failed_check_removes_the_files_and_lists_every_failure(tmp_path):
     torch.manual_seed(0)
     ensemble = build_ensemble("mlp", 2, (1, 8, 8), 10, [0.0], [1.0], width=8)

@@ -64,7 +64,8 @@ class OutputCheck:
 
     max_abs: max |got - want| <= atol + rtol * max |want|.
     gradient_maps: the relative L2 error of every (input, member) map `[batch, members, ...]` must
-    stay under rtol, except a share of outliers (ReLU kinks, see ExportContract) under a looser limit.
+    stay under rtol, except a share of outliers (ReLU kinks, see ExportContract) under a looser limit;
+    with several references (a tuple), each map is measured against the closest.
     """
 
     kind: Literal["max_abs", "gradient_maps"] = "max_abs"
@@ -93,8 +94,10 @@ class ExportContract:
     # A ReLU network's gradient jumps where a unit sits at its kink, and float32 rounding decides
     # the side: a few member gradients may differ by a few percent (torch itself does, float32 vs
     # float64). A wrong graph is off on every input, so a small share of such outliers is allowed.
+    # One kink's jump has no bound; seen: 5.07% on an untrained ResNet18 BatchEnsemble, where moving
+    # the input by 1e-6 moved torch's own float64 gradient by the same 5.07% (so 5% refused a right file).
     gradient_outlier_share: float = 0.25
-    gradient_outlier_limit: float = 0.05
+    gradient_outlier_limit: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -114,11 +117,17 @@ def _max_abs(got: np.ndarray, want: np.ndarray, check: OutputCheck) -> tuple[flo
 
 
 def _gradient_maps(
-    got: np.ndarray, want: np.ndarray, check: OutputCheck, contract: ExportContract
+    got: np.ndarray, wants: tuple[np.ndarray, ...], check: OutputCheck, contract: ExportContract
 ) -> tuple[float, float, bool, str]:
     count = got.shape[0] * got.shape[1]
-    difference = np.linalg.norm((got - want).reshape(count, -1), axis=1)
-    relative = difference / (np.linalg.norm(want.reshape(count, -1), axis=1) + 1e-12)
+    relative = np.min(
+        [
+            np.linalg.norm((got - want).reshape(count, -1), axis=1)
+            / (np.linalg.norm(want.reshape(count, -1), axis=1) + 1e-12)
+            for want in wants
+        ],
+        axis=0,
+    )
     outliers = int(np.sum(relative > check.rtol))
     allowed_outliers = max(1, int(contract.gradient_outlier_share * count))
     passed = outliers <= allowed_outliers and float(relative.max()) <= contract.gradient_outlier_limit
@@ -135,12 +144,13 @@ def _gradient_maps(
 def validate_files(
     paths: dict[str, Path],
     feeds: dict[str, dict[str, np.ndarray]],
-    reference: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray | tuple[np.ndarray, ...]],
     contract: ExportContract,
     echo: Callable[[str], None] = print,
 ) -> None:
     """Run each file (`paths`: graph kind -> file) on its `feeds` in onnxruntime and compare every
-    output with `reference` (output name -> expected array). Raises one error listing all failures."""
+    output with `reference` (output name -> expected array, or for a gradient-maps check a tuple of
+    equally right arrays, each map measured against the closest). Raises one error listing all failures."""
     import onnxruntime as ort
 
     failures: list[tuple[type[ExportValidationError], str]] = []
@@ -162,7 +172,8 @@ def validate_files(
                     )
                 )
         for name, got in zip(names, session.run(None, feeds[graph]), strict=True):
-            want = reference[name]
+            wants = reference[name] if isinstance(reference[name], tuple) else (reference[name],)
+            want = wants[0]
             if got.shape != want.shape:
                 failures.append(
                     (ShapeError, f"{path.name}: {name} has shape {list(got.shape)}, expected {list(want.shape)}")
@@ -170,7 +181,7 @@ def validate_files(
                 continue
             check = contract.checks[name]
             if check.kind == "gradient_maps":
-                difference, tolerance, passed, note = _gradient_maps(got, want, check, contract)
+                difference, tolerance, passed, note = _gradient_maps(got, wants, check, contract)
             else:
                 difference, tolerance, passed, note = _max_abs(got, want, check)
             rows.append(_Row(graph, name, difference, tolerance, passed, note))
